@@ -1,0 +1,84 @@
+"""What replicas say to each other: the unit of replication and the peer protocol's messages.
+
+These are plain values. The core produces and consumes them; a transport only encodes them
+(gRPC/protobuf, NATS) and moves them. Nothing here does I/O.
+
+Protocol between two nodes, over one ordered, bidirectional link:
+
+    both sides      Hello        who I am (node id, incarnation) and which maps I sync, with sizes
+    sender          Batch        records, numbered per sender: seq 1, 2, 3, ... within one incarnation
+    receiver        Ack          highest seq received and applied without a gap
+    either side     Digest       per-bucket hashes of one map's replicated state
+    either side     Pull         "send me every record in these buckets" (answered with a Batch)
+
+A reconnecting sender resends batches above the last Ack; a gap it cannot fill (its outbox was
+bounded, or the peer restarted) is repaired by Digest/Pull. Records are state, not operations:
+applying one twice, or out of order, gives the same result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class Stamp:
+    """A hybrid logical clock timestamp with the node that made it: a total order over writes."""
+
+    wall: int  # physical time, ns since the epoch (never behind any stamp this node has seen)
+    logical: int  # counter that orders stamps sharing ``wall``
+    node: str  # the origin node; breaks ties, so no two nodes' stamps are ever equal
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One key's state as its origin last wrote it. ``value`` None is a tombstone (a delete)."""
+
+    map: str
+    key: bytes
+    value: bytes | None
+    stamp: Stamp
+
+
+@dataclass(frozen=True, slots=True)
+class MapSchema:
+    """What both ends must agree on for a map to be synced between them."""
+
+    name: str
+    key_size: int
+    value_size: int  # one value as the program sees it (one CPU's share for per-CPU maps)
+    policy: str = "lww"
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    node: str
+    incarnation: int  # changes at every start; a new incarnation restarts seq numbering
+    maps: tuple[MapSchema, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    sender: str  # the node that sent this batch (may relay records of other origins)
+    seq: int  # 1, 2, 3, ... per sender incarnation; 0 for repair batches that are never acked
+    records: tuple[Record, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Digest:
+    map: str
+    buckets: tuple[int, ...]  # one 64-bit hash per bucket; equal states give equal digests
+
+
+@dataclass(frozen=True, slots=True)
+class Pull:
+    map: str
+    buckets: tuple[int, ...]  # indexes into Digest.buckets
+
+
+Message = Hello | Batch | Ack | Digest | Pull
