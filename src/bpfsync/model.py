@@ -43,7 +43,7 @@ class Change:
 
 @dataclass(frozen=True, slots=True)
 class Overflow:
-    """The watcher missed ``dropped`` events (0 if unknown) and will rescan ``map`` (all if None)."""
+    """The watcher missed ``dropped`` events (0 if unknown) and rescans ``map`` (all if None)."""
 
     map: str | None
     dropped: int

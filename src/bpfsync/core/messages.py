@@ -6,13 +6,13 @@ These are plain values. The core produces and consumes them; a transport only en
 Protocol between two nodes, over one ordered, bidirectional link:
 
     both sides      Hello        who I am (node id, incarnation) and which maps I sync, with sizes
-    sender          Batch        records, numbered per sender: seq 1, 2, 3, ... within one incarnation
+    sender          Batch        records, numbered per sender: seq 1, 2, 3, ... per incarnation
     receiver        Ack          highest seq received and applied without a gap
     either side     Digest       per-bucket hashes of one map's replicated state
     either side     Pull         "send me every record in these buckets" (answered with a Batch)
 
-A reconnecting sender resends batches above the last Ack; a gap it cannot fill (its outbox was
-bounded, or the peer restarted) is repaired by Digest/Pull. Records are state, not operations:
+A reconnecting sender resends batches above the last Ack; a gap it cannot fill (its outbox
+was bounded, or the peer restarted) is repaired by Digest/Pull. Records are state, not operations:
 applying one twice, or out of order, gives the same result.
 """
 

@@ -1,1 +1,36 @@
+"""Moving protocol messages between nodes: the Transport interface and its implementations.
 
+    base.py        Transport (what the agent drives), its events and PeerState
+    codec.py       protocol values <-> protobuf frames, validating what peers send
+    grpc_mesh.py   GrpcMesh, the embedded full mesh (server.py accepts, peer.py dials)
+    memory.py      an in-process network of transports, for tests of the layers above
+"""
+
+from bpfsync.transport.base import (
+    Event,
+    OversizedMessageError,
+    PeerDown,
+    PeerState,
+    PeerUp,
+    Received,
+    Transport,
+)
+from bpfsync.transport.codec import Limits, decode, encode
+from bpfsync.transport.grpc_mesh import GrpcMesh
+from bpfsync.transport.options import MeshOptions, TlsFiles
+
+__all__ = [
+    "Event",
+    "GrpcMesh",
+    "Limits",
+    "MeshOptions",
+    "OversizedMessageError",
+    "PeerDown",
+    "PeerState",
+    "PeerUp",
+    "Received",
+    "TlsFiles",
+    "Transport",
+    "decode",
+    "encode",
+]

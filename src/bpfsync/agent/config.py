@@ -1,0 +1,157 @@
+"""The agent's configuration: a YAML file or command-line flags, validated by pydantic.
+
+A bad field is reported as a ConfigError that names the field and says how to fix it, never as a
+traceback from deep inside the agent.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bpfsync.errors import ConfigError
+
+_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_MAP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _check_hostport(value: str, what: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{what} must be HOST:PORT with a port in 1-65535, got {value!r}")
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MapConfig(_Strict):
+    """One synced map: the same pin path (or name) on every node."""
+
+    path: str = Field(description="pin path under /sys/fs/bpf, or name:NAME of a loaded map")
+    name: str | None = Field(default=None, description="name peers know the map by")
+    policy: Literal["lww"] = "lww"
+
+    @field_validator("path")
+    @classmethod
+    def _path_is_pin_or_name(cls, v: str) -> str:
+        if v.startswith("name:"):
+            if not _MAP_NAME.match(v[5:]):
+                raise ValueError("name:NAME needs a map name of 1-64 letters, digits, _ . -")
+            return v
+        if v.startswith("id:"):
+            raise ValueError(
+                "map ids differ on every node; give a pin path or name:NAME instead of id:N"
+            )
+        if not v.startswith("/"):
+            raise ValueError(f"expected an absolute pin path like /sys/fs/bpf/app/map, got {v!r}")
+        return v
+
+    @property
+    def sync_name(self) -> str:
+        if self.name:
+            return self.name
+        return self.path[5:] if self.path.startswith("name:") else os.path.basename(self.path)
+
+
+class WatchConfig(_Strict):
+    mode: Literal["auto", "trace", "poll"] = "auto"
+    poll_interval: Annotated[float, Field(gt=0, le=3600)] = 0.25
+    auto_poll_interval: Annotated[float, Field(gt=0, le=3600)] = 2.0
+
+
+class SyncConfig(_Strict):
+    batch_window_ms: Annotated[float, Field(ge=0, le=1000)] = 1.0
+    max_batch_records: Annotated[int, Field(ge=1, le=1_000_000)] = 8192
+    tombstone_ttl_s: Annotated[float, Field(gt=0)] = 3600.0
+    anti_entropy_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    catchup_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    digest_buckets: Annotated[int, Field(ge=1, le=65536)] = 1024
+    max_message_bytes: Annotated[int, Field(ge=4096, le=1 << 30)] = 16 << 20
+
+
+class AgentConfig(_Strict):
+    node_id: str
+    listen: str = "127.0.0.1:7001"
+    peers: tuple[str, ...] = ()
+    peers_dns: str | None = Field(default=None, description="HOST:PORT resolving to every peer")
+    http_listen: str | None = Field(default=None, description="HOST:PORT for /metrics, /status")
+    maps: tuple[MapConfig, ...]
+    watch: WatchConfig = WatchConfig()
+    sync: SyncConfig = SyncConfig()
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, v: str) -> str:
+        if not _NODE_ID.match(v):
+            raise ValueError("node_id must be 1-63 letters, digits, . _ - (starting alphanumeric)")
+        return v
+
+    @field_validator("listen", "http_listen", "peers_dns")
+    @classmethod
+    def _hostport(cls, v: str | None) -> str | None:
+        return None if v is None else _check_hostport(v, "address")
+
+    @field_validator("peers")
+    @classmethod
+    def _peers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for p in v:
+            _check_hostport(p, "each peer")
+        if len(set(v)) != len(v):
+            raise ValueError("a peer is listed twice")
+        return v
+
+    @model_validator(mode="after")
+    def _whole(self) -> AgentConfig:
+        if not self.maps:
+            raise ValueError("maps: give at least one map to sync, e.g. /sys/fs/bpf/app/m")
+        names = [m.sync_name for m in self.maps]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"maps: maps share the sync name {sorted(dup)}; set `name:` on one")
+        if self.listen in self.peers:
+            raise ValueError("peers: this node's own listen address is in its peer list")
+        return self
+
+
+def _explain(err: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field; check its spelling (see `bpfsync run --help`)"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        lines.append(f"  {where}: {msg}")
+    return ConfigError(f"invalid configuration in {source}:\n" + "\n".join(lines))
+
+
+def parse_config(data: Any, source: str = "config") -> AgentConfig:
+    """Validate an already-parsed mapping (from YAML or flags)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of fields at the top level")
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as err:
+        raise _explain(err, source) from err
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Read and validate a YAML config file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {p}: {err.strerror}") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p} is not valid YAML: {err}") from err
+    return parse_config(data or {}, str(p))

@@ -1,0 +1,45 @@
+"""Prometheus metrics, one registry per agent so several agents can share a test process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class AgentMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.local_changes = Counter(
+            "bpfsync_local_changes", "Changes seen in local maps and sent to peers",
+            ["map", "seen"], registry=r,
+        )
+        self.echoes = Counter(
+            "bpfsync_echoes_suppressed", "Watcher reports of this agent's own writes, ignored",
+            ["map"], registry=r,
+        )
+        self.applied = Counter(
+            "bpfsync_applied", "Peer records written to the local kernel map", ["map", "op"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "bpfsync_rejected", "Peer input refused before reaching the kernel", ["reason"],
+            registry=r,
+        )
+        self.overflows = Counter(
+            "bpfsync_watch_overflows", "Ring-buffer overflows that forced a rescan", registry=r,
+        )
+        self.repairs = Counter(
+            "bpfsync_repair_buckets", "Digest buckets found different and pulled", ["map"],
+            registry=r,
+        )
+        self.entries = Gauge(
+            "bpfsync_map_entries", "Keys per synced map, tombstones included", ["map"], registry=r
+        )
+        self.ready = Gauge("bpfsync_ready", "1 once the first catch-up is done", registry=r)
+        self.peer_connected = Gauge(
+            "bpfsync_peer_connected", "1 while a stream to the peer is up", ["peer"], registry=r,
+        )
+        self.apply_seconds = Histogram(
+            "bpfsync_apply_seconds", "Time to write one inbound batch to the kernel", registry=r,
+            buckets=(1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0),
+        )

@@ -1,0 +1,292 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/*
+ * trace.bpf.c — report every successful update and delete of the watched maps.
+ *
+ * There is no tracepoint for map writes, so this attaches fexit programs to the kernel functions
+ * that implement them: the map ops that both bpf(2) and BPF programs reach
+ * (htab_*_update_elem/_delete_elem, array_map_update_elem), and the two syscall-only paths that
+ * per-CPU maps take from user space (bpf_percpu_hash_update, bpf_percpu_array_update). fexit sees
+ * the return value, so failed ops (-EEXIST, -ENOENT, -E2BIG) are never reported. User space
+ * probes the running kernel's BTF and turns autoload off for functions it lacks.
+ *
+ * Not seen, by construction: writes through a pointer returned by a lookup (in-place updates,
+ * atomics), LRU evictions, and elements removed by BPF_MAP_LOOKUP_AND_DELETE_BATCH. The poll
+ * watcher covers those.
+ *
+ * Every record is a fixed-size struct trace_record (trace.h) in a BPF ring buffer; a full ring
+ * drops the record and counts it, per map, so user space can rescan instead of losing a change.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include "trace.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, TRACE_RING_BYTES);
+} events SEC(".maps");
+
+/* Map ids to report (a map id is local to this kernel; user space maps it back to a name). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, TRACE_WATCH_MAX);
+	__type(key, __u32);
+	__type(value, struct trace_watch);
+} watched SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct trace_config);
+} trace_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, TRACE_CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+/* Agent threads currently inside a map-writing bpf(2) command (key: thread id). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u32);
+} agent_calls SEC(".maps");
+
+/* ---- interrupt context ---------------------------------------------------------------------
+ *
+ * The preempt count's softirq/hardirq/NMI bits say whether the CPU is serving an interrupt (or
+ * runs with bottom halves disabled) on behalf of whatever task happens to be current. Its home
+ * moved between kernels, so both places are weak typed ksyms: the one the running kernel lacks
+ * resolves to NULL and the verifier prunes its branch.
+ *   - 6.1 and 6.15+: the per-CPU int __preempt_count;
+ *   - 6.2 – 6.14:    the per-CPU struct pcpu_hot, field preempt_count.
+ * PREEMPT_RT kernels keep the softirq count in task_struct::softirq_disable_cnt instead (a field
+ * that exists only there, so CO-RE field existence doubles as the RT test).
+ * User space refuses own-write suppression when neither symbol exists (see TraceWatcher).
+ */
+#define TRACE_SOFTIRQ_MASK 0x0000ff00U
+#define TRACE_HARDIRQ_MASK 0x000f0000U
+#define TRACE_NMI_MASK 0x00f00000U
+
+extern const int __preempt_count __ksym __weak;
+
+struct pcpu_hot___bpfsync {
+	int preempt_count;
+} __attribute__((preserve_access_index));
+
+extern const struct pcpu_hot___bpfsync pcpu_hot __ksym __weak;
+
+struct task_struct___rt {
+	int softirq_disable_cnt;
+} __attribute__((preserve_access_index));
+
+/* Non-zero when in interrupt context, or when the context cannot be told (never suppress). */
+static __always_inline __u32 in_interrupt(void)
+{
+	__u32 pc, softirq;
+
+	if (&__preempt_count)
+		pc = *(int *)bpf_this_cpu_ptr(&__preempt_count);
+	else if (&pcpu_hot && bpf_core_field_exists(struct pcpu_hot___bpfsync, preempt_count))
+		pc = ((struct pcpu_hot___bpfsync *)bpf_this_cpu_ptr(&pcpu_hot))->preempt_count;
+	else
+		return 1;
+
+	softirq = pc & TRACE_SOFTIRQ_MASK;
+	if (bpf_core_field_exists(struct task_struct___rt, softirq_disable_cnt)) {
+		struct task_struct___rt *task = (void *)bpf_get_current_task();
+
+		softirq = BPF_CORE_READ(task, softirq_disable_cnt) & TRACE_SOFTIRQ_MASK;
+	}
+	return (pc & (TRACE_HARDIRQ_MASK | TRACE_NMI_MASK)) | softirq;
+}
+
+/* ---- own writes ----------------------------------------------------------------------------
+ *
+ * The agent applies peers' changes to the same maps; reporting those would echo them back to
+ * the cluster. The task's tgid alone cannot identify them: an XDP/TC program runs in softirq on
+ * behalf of whichever task was interrupted, the agent included, and hiding that write would lose
+ * a data-plane change. So a write is the agent's own only when
+ *   1. the current task belongs to the agent's process (trace_config.agent_tgid), and
+ *   2. the CPU is in task context: no softirq (served or bottom halves disabled), hardirq or NMI
+ *      bits in the preempt count, and
+ *   3. (TRACE_OWN_SYSCALL) this very thread is inside a bpf(2) command that writes maps — marked
+ *      by the fentry/fexit pair on __x64_sys_bpf below.
+ * Remaining blind spot: a BPF program that runs synchronously in the agent's own thread, in task
+ * context, while that thread is inside a map-writing bpf(2) call (e.g. a kprobe on a function the
+ * update calls). TRACE_OWN_TGID (no syscall hook) widens it to any such program run by any agent
+ * thread (cgroup sock_addr hooks on the agent's connects, BPF_PROG_TEST_RUN by the agent).
+ */
+static __always_inline bool is_agent(const struct trace_config *cfg, __u64 pid_tgid)
+{
+	return cfg->own_mode != TRACE_OWN_OFF && cfg->agent_tgid == (__u32)(pid_tgid >> 32);
+}
+
+static __always_inline bool own_write(__u64 pid_tgid, __u32 irq)
+{
+	__u32 zero = 0, tid;
+	struct trace_config *cfg = bpf_map_lookup_elem(&trace_config, &zero);
+
+	if (!cfg || !is_agent(cfg, pid_tgid) || irq)
+		return false;
+	if (cfg->own_mode == TRACE_OWN_TGID)
+		return true;
+	tid = (__u32)pid_tgid;
+	return bpf_map_lookup_elem(&agent_calls, &tid) != NULL;
+}
+
+static __always_inline bool is_map_write_cmd(__u64 cmd)
+{
+	return cmd == BPF_MAP_UPDATE_ELEM || cmd == BPF_MAP_DELETE_ELEM ||
+	       cmd == BPF_MAP_LOOKUP_AND_DELETE_ELEM || cmd == BPF_MAP_UPDATE_BATCH ||
+	       cmd == BPF_MAP_DELETE_BATCH || cmd == BPF_MAP_LOOKUP_AND_DELETE_BATCH;
+}
+
+SEC("fentry/__x64_sys_bpf")
+int BPF_PROG(agent_bpf_enter, const struct pt_regs *regs)
+{
+	__u32 zero = 0, tid, cmd;
+	struct trace_config *cfg = bpf_map_lookup_elem(&trace_config, &zero);
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+
+	if (!cfg || !is_agent(cfg, pid_tgid))
+		return 0;
+	cmd = BPF_CORE_READ(regs, di);
+	if (!is_map_write_cmd(cmd))
+		return 0;
+	tid = (__u32)pid_tgid;
+	bpf_map_update_elem(&agent_calls, &tid, &cmd, BPF_ANY);
+	return 0;
+}
+
+SEC("fexit/__x64_sys_bpf")
+int BPF_PROG(agent_bpf_exit, const struct pt_regs *regs, long ret)
+{
+	__u32 zero = 0, tid;
+	struct trace_config *cfg = bpf_map_lookup_elem(&trace_config, &zero);
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+
+	if (!cfg || !is_agent(cfg, pid_tgid) || !is_map_write_cmd(BPF_CORE_READ(regs, di)))
+		return 0;
+	tid = (__u32)pid_tgid;
+	bpf_map_delete_elem(&agent_calls, &tid);
+	return 0;
+}
+
+/* ---- reporting ----------------------------------------------------------------------------- */
+
+static __always_inline void count(__u32 slot)
+{
+	__u64 *c = bpf_map_lookup_elem(&counters, &slot);
+
+	/* atomic: another of these programs can interrupt this one on the same CPU */
+	if (c)
+		__sync_fetch_and_add(c, 1);
+}
+
+static __always_inline bool is_percpu(struct bpf_map *map)
+{
+	enum bpf_map_type type = BPF_CORE_READ(map, map_type);
+
+	return type == BPF_MAP_TYPE_PERCPU_HASH || type == BPF_MAP_TYPE_PERCPU_ARRAY ||
+	       type == BPF_MAP_TYPE_LRU_PERCPU_HASH;
+}
+
+static __always_inline int report(struct bpf_map *map, const void *key, const void *value,
+				  __u8 op)
+{
+	__u32 id = BPF_CORE_READ(map, id), ks, vs = 0, irq;
+	struct trace_watch *w = bpf_map_lookup_elem(&watched, &id);
+	struct trace_record *rec;
+	__u64 pid_tgid;
+	__u8 flags = 0;
+
+	if (!w)
+		return 0;
+	pid_tgid = bpf_get_current_pid_tgid();
+	irq = in_interrupt();
+	if (irq)
+		flags |= TRACE_F_INTERRUPT;
+	if (own_write(pid_tgid, irq)) {
+		count(TRACE_CNT_SUPPRESSED);
+		return 0;
+	}
+	rec = bpf_ringbuf_reserve(&events, sizeof(*rec), 0);
+	if (!rec) {
+		__sync_fetch_and_add(&w->dropped, 1);
+		count(TRACE_CNT_DROPPED);
+		return 0;
+	}
+	ks = BPF_CORE_READ(map, key_size);
+	if (ks > TRACE_KEY_MAX)
+		ks = TRACE_KEY_MAX;
+	bpf_probe_read_kernel(rec->key, ks, key);
+	if (op == TRACE_OP_UPDATE) {
+		if (!value || is_percpu(map)) {
+			flags |= TRACE_F_VALUE_NOT_CAPTURED;
+		} else {
+			vs = BPF_CORE_READ(map, value_size);
+			if (vs > TRACE_VALUE_MAX)
+				vs = TRACE_VALUE_MAX;
+			bpf_probe_read_kernel(rec->value, vs, value);
+		}
+	}
+	rec->map_id = id;
+	rec->key_len = ks;
+	rec->value_len = vs;
+	rec->op = op;
+	rec->flags = flags;
+	rec->cpu = bpf_get_smp_processor_id();
+	rec->tgid = pid_tgid >> 32;
+	bpf_ringbuf_submit(rec, 0);
+	count(TRACE_CNT_SUBMITTED);
+	return 0;
+}
+
+/* `ret` is read as int: 6.1 returns int, later kernels long; 0 is success in both. */
+#define TRACE_UPDATE(fn)                                                                     \
+	SEC("fexit/" #fn)                                                                    \
+	int BPF_PROG(fn##_exit, struct bpf_map *map, void *key, void *value, __u64 flags,     \
+		     int ret)                                                                 \
+	{                                                                                    \
+		return ret ? 0 : report(map, key, value, TRACE_OP_UPDATE);                   \
+	}
+
+#define TRACE_DELETE(fn)                                                                     \
+	SEC("fexit/" #fn)                                                                    \
+	int BPF_PROG(fn##_exit, struct bpf_map *map, void *key, int ret)                      \
+	{                                                                                    \
+		return ret ? 0 : report(map, key, NULL, TRACE_OP_DELETE);                    \
+	}
+
+#define TRACE_LOOKUP_AND_DELETE(fn)                                                          \
+	SEC("fexit/" #fn)                                                                    \
+	int BPF_PROG(fn##_exit, struct bpf_map *map, void *key, void *value, __u64 flags,     \
+		     int ret)                                                                 \
+	{                                                                                    \
+		return ret ? 0 : report(map, key, NULL, TRACE_OP_DELETE);                    \
+	}
+
+/* map ops: reached by bpf(2) and by BPF programs */
+TRACE_UPDATE(htab_map_update_elem)
+TRACE_UPDATE(htab_lru_map_update_elem)
+TRACE_UPDATE(htab_percpu_map_update_elem)
+TRACE_UPDATE(htab_lru_percpu_map_update_elem)
+TRACE_UPDATE(array_map_update_elem)
+TRACE_DELETE(htab_map_delete_elem)
+TRACE_DELETE(htab_lru_map_delete_elem)
+/* bpf(2) BPF_MAP_LOOKUP_AND_DELETE_ELEM on hashes (5.14+) */
+TRACE_LOOKUP_AND_DELETE(htab_map_lookup_and_delete_elem)
+TRACE_LOOKUP_AND_DELETE(htab_lru_map_lookup_and_delete_elem)
+TRACE_LOOKUP_AND_DELETE(htab_percpu_map_lookup_and_delete_elem)
+TRACE_LOOKUP_AND_DELETE(htab_lru_percpu_map_lookup_and_delete_elem)
+/* bpf(2) updates of per-CPU maps bypass the map ops */
+TRACE_UPDATE(bpf_percpu_hash_update)
+TRACE_UPDATE(bpf_percpu_array_update)

@@ -1,0 +1,176 @@
+"""The `bpfsync` command line: watch a map, run the agent, ask a running agent for its status."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bpfsync.errors import BpfsyncError
+
+app = typer.Typer(
+    help=(
+        "Keep eBPF maps consistent across the nodes of a cluster.\n\n"
+        "MAP arguments are a pin path (/sys/fs/bpf/app/map), name:NAME or id:N."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err = Console(stderr=True)
+
+
+def _fail(e: BaseException) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {e}", highlight=False)
+    return typer.Exit(2)
+
+
+@app.command()
+def watch(
+    map_spec: Annotated[str, typer.Argument(metavar="MAP", help="pin path, name:NAME or id:N")],
+    mode: Annotated[
+        str, typer.Option(help="auto: trace where the kernel allows it plus a slow poll; "
+                          "trace: fexit programs only; poll: batch scans only")
+    ] = "auto",
+    interval: Annotated[float, typer.Option(help="poll interval in seconds")] = 0.5,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+    count: Annotated[int, typer.Option(help="stop after this many changes (0: run until ^C)")] = 0,
+) -> None:
+    """Print every change to a map as it happens, decoded by the map's BTF where it has one.
+
+    Example: bpfsync watch /sys/fs/bpf/xdp/blocklist --json
+    """
+    from bpfsync.cli.watching import run_watch
+
+    try:
+        run_watch(map_spec, mode=mode, interval=interval, as_json=as_json, count=count)
+    except BpfsyncError as e:
+        raise _fail(e) from e
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def dump(
+    map_spec: Annotated[str, typer.Argument(metavar="MAP", help="pin path, name:NAME or id:N")],
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+) -> None:
+    """Print every entry of a map, fields decoded by BTF."""
+    from bpfsync.cli.watching import run_dump
+
+    try:
+        run_dump(map_spec, as_json=as_json)
+    except BpfsyncError as e:
+        raise _fail(e) from e
+
+
+@app.command()
+def run(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML config file (see README)")
+    ] = None,
+    node_id: Annotated[str | None, typer.Option(help="this node's unique id")] = None,
+    listen: Annotated[str | None, typer.Option(help="HOST:PORT to accept peers on")] = None,
+    peer: Annotated[
+        list[str] | None, typer.Option(help="HOST:PORT of a peer; repeat for each peer")
+    ] = None,
+    peers_dns: Annotated[
+        str | None, typer.Option(help="HOST:PORT whose name resolves to every peer")
+    ] = None,
+    map_path: Annotated[
+        list[str] | None,
+        typer.Option("--map", help="pin path of a map to sync (same map on every node); repeat"),
+    ] = None,
+    http: Annotated[
+        str | None, typer.Option(help="HOST:PORT for /metrics, /healthz, /readyz, /status")
+    ] = None,
+    watch_mode: Annotated[
+        str | None, typer.Option("--watch", help="auto | trace | poll (default auto)")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
+) -> None:
+    """Run the sync agent until SIGTERM or SIGINT.
+
+    From a file: bpfsync run --config /etc/bpfsync.yaml
+
+    From flags: bpfsync run --node-id a --listen 127.0.0.1:7001 --peer 127.0.0.1:7002
+    --peer 127.0.0.1:7003 --map /sys/fs/bpf/demo/m
+
+    Flags given together with --config override the file's fields.
+    """
+    # gRPC's C core logs every GOAWAY of a restarting peer at INFO; our own logs say what matters
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    from bpfsync.agent.config import load_config, parse_config
+    from bpfsync.agent.daemon import run_agent
+    from bpfsync.agent.logs import setup_logging
+
+    try:
+        setup_logging(log_level)
+        data: dict[str, Any] = {}
+        if config is not None:
+            data = load_config(config).model_dump(exclude_unset=True)
+        overrides = {
+            "node_id": node_id, "listen": listen, "peers_dns": peers_dns, "http_listen": http,
+            "peers": tuple(peer) if peer else None,
+            "maps": [{"path": p} for p in map_path] if map_path else None,
+        }
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        if watch_mode:
+            data["watch"] = {**data.get("watch", {}), "mode": watch_mode}
+        if "node_id" not in data:
+            raise typer.BadParameter("give --node-id or a --config file with node_id")
+        cfg = parse_config(data, str(config) if config else "command line")
+        sys.exit(run_agent(cfg))
+    except BpfsyncError as e:
+        raise _fail(e) from e
+
+
+@app.command()
+def status(
+    http: Annotated[str, typer.Option(help="the agent's --http address")] = "127.0.0.1:9100",
+    as_json: Annotated[bool, typer.Option("--json", help="raw JSON")] = False,
+) -> None:
+    """Show a running agent's peers (connected, lag, last error), maps and readiness."""
+    try:
+        with urllib.request.urlopen(f"http://{http}/status", timeout=5) as resp:
+            state = json.load(resp)
+    except (urllib.error.URLError, OSError) as e:
+        raise _fail(
+            BpfsyncError(f"no agent answers on http://{http}/status ({e}); is it running with "
+                         f"--http {http}?")
+        ) from e
+    if as_json:
+        print(json.dumps(state, indent=1))
+        return
+    out = Console()
+    ready = "[green]ready[/]" if state.get("ready") else "[yellow]catching up[/]"
+    out.print(f"node [bold]{state.get('node')}[/] — {ready}")
+    peers = Table("peer", "node", "connected", "sent", "received", "reconnects", "last error")
+    for p in state.get("peers", []):
+        peers.add_row(
+            str(p.get("address")), str(p.get("node") or "?"),
+            "[green]yes[/]" if p.get("connected") else "[red]no[/]",
+            str(p.get("sent", 0)), str(p.get("received", 0)), str(p.get("reconnects", 0)),
+            str(p.get("last_error") or ""),
+        )
+    out.print(peers)
+    maps = Table("map", "path", "keys (incl. tombstones)", "local changes", "applied",
+                 "rejected")
+    for m in state.get("maps", []):
+        maps.add_row(
+            str(m.get("name")), str(m.get("path")), str(m.get("registers")),
+            str(m.get("local_changes")), str(m.get("applied")), str(m.get("rejected")),
+        )
+    out.print(maps)
+
+
+if __name__ == "__main__":
+    app()

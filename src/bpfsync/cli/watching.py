@@ -1,0 +1,129 @@
+"""`bpfsync watch` and `bpfsync dump`: a map's changes and entries, decoded by its BTF."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+
+from bpfsync.errors import ConfigError
+from bpfsync.kernel.btf import map_layouts_or_raw
+from bpfsync.kernel.maps import Map
+from bpfsync.layout import Layout
+from bpfsync.model import Change, Overflow
+from bpfsync.watch.auto import AutoWatcher
+from bpfsync.watch.trace import TraceWatcher
+
+_MODES = ("auto", "trace", "poll")
+
+
+class Decoder:
+    """Keys and values of one map as JSON-ready fields; per-CPU values one list item per CPU."""
+
+    def __init__(self, m: Map) -> None:
+        self.key_layout, self.value_layout = map_layouts_or_raw(m.info)
+        self.percpu = m.percpu
+        self.ncpus = m.ncpus
+        self.stride = m.value_stride // m.ncpus if m.percpu else m.value_size
+
+    def key(self, raw: bytes) -> Any:
+        return _fields(self.key_layout, raw)
+
+    def value(self, raw: bytes) -> Any:
+        if not self.percpu:
+            return _fields(self.value_layout, raw)
+        size = self.value_layout.size
+        return [
+            _fields(self.value_layout, raw[i * self.stride : i * self.stride + size])
+            for i in range(self.ncpus)
+        ]
+
+
+def _fields(layout: Layout, raw: bytes) -> Any:
+    if layout.is_raw:
+        return raw.hex()
+    return layout.decode(raw)
+
+
+def run_watch(spec: str, *, mode: str, interval: float, as_json: bool, count: int) -> None:
+    if mode not in _MODES:
+        raise ConfigError(f"--mode must be one of {', '.join(_MODES)}, not {mode!r}")
+    if interval <= 0:
+        raise ConfigError("--interval must be a positive number of seconds")
+    out = Console(highlight=False)
+    with Map.open(spec) as m:
+        dec = Decoder(m)
+        name = m.name or spec
+        maps = {name: m}
+        watcher: AutoWatcher | TraceWatcher
+        if mode == "trace":
+            watcher = TraceWatcher(maps, agent_tgid=0)
+        else:
+            watcher = AutoWatcher(maps, poll_interval=interval, tracing=mode == "auto",
+                                  agent_tgid=0)
+        watcher.start()
+        if not as_json:
+            how = getattr(watcher, "mode", "trace")
+            out.print(f"watching {m!r} ({how}); ^C to stop", style="dim")
+        seen = 0
+        try:
+            while count == 0 or seen < count:
+                for ev in watcher.read(0.5):
+                    if isinstance(ev, Overflow):
+                        _print_overflow(ev, as_json, out)
+                        continue
+                    assert isinstance(ev, Change)
+                    _print_change(ev, dec, as_json, out)
+                    seen += 1
+                    if count and seen >= count:
+                        break
+        finally:
+            watcher.close()
+
+
+def _print_change(ev: Change, dec: Decoder, as_json: bool, out: Console) -> None:
+    rec: dict[str, Any] = {
+        "op": ev.op.value, "map": ev.map, "seen": ev.seen.value, "key": ev.key.hex(),
+        "value": None if ev.value is None else ev.value.hex(),
+    }
+    if not dec.key_layout.is_raw:
+        rec["key_fields"] = dec.key(ev.key)
+    if ev.value is not None and not dec.value_layout.is_raw:
+        rec["value_fields"] = dec.value(ev.value)
+    if as_json:
+        sys.stdout.write(json.dumps(rec) + "\n")
+        sys.stdout.flush()
+        return
+    key = rec.get("key_fields", rec["key"])
+    if ev.value is None:
+        out.print(f"[red]delete[/] {key}  [dim]({ev.seen.value})[/]")
+    else:
+        val = rec.get("value_fields", rec["value"])
+        out.print(f"[green]update[/] {key} = {val}  [dim]({ev.seen.value})[/]")
+
+
+def _print_overflow(ev: Overflow, as_json: bool, out: Console) -> None:
+    if as_json:
+        line = {"op": "overflow", "map": ev.map, "dropped": ev.dropped}
+        sys.stdout.write(json.dumps(line) + "\n")
+        sys.stdout.flush()
+    else:
+        out.print(f"[yellow]overflow[/]: {ev.dropped} events dropped, rescanning", style="bold")
+
+
+def run_dump(spec: str, *, as_json: bool) -> None:
+    out = Console(highlight=False)
+    with Map.open(spec) as m:
+        dec = Decoder(m)
+        entries = m.dump()
+        if not as_json:
+            out.print(f"{m!r}: {len(entries)} entries", style="dim")
+        for key, value in entries:
+            k, v = dec.key(key), dec.value(value)
+            if as_json:
+                sys.stdout.write(json.dumps({"key": key.hex(), "value": value.hex(),
+                                             "key_fields": k, "value_fields": v}) + "\n")
+            else:
+                out.print(f"{k} = {v}")

@@ -1,0 +1,67 @@
+"""Anti-entropy digests: per-bucket hashes of a map's replicated state, equal on equal states.
+
+A key's bucket is a stable hash of the key modulo the bucket count, so every node puts a key in
+the same bucket. A bucket's hash is the sum mod 2**64 of its records' hashes: order-independent
+and updatable in O(1) when one record replaces another (subtract the old, add the new), which is
+what keeps a digest of a million-key map cheap (table.py maintains the sums).
+
+With bucket counts that divide each other (powers of two), a coarse digest is a fold of a fine
+one, because ``h % n == (h % N) % n`` when ``n`` divides ``N``. That allows asking for a small
+digest first and a finer one only where it differs.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from hashlib import blake2b
+
+from bpfsync.core.messages import Digest, Record
+
+_KEY_LEN = struct.Struct("<I")
+_STAMP = struct.Struct("<QQH")  # wall, logical, length of the node id
+
+DEFAULT_BUCKETS = 1024  # 8 KiB per map on the wire; ~1000 keys per bucket at 1M keys
+MASK = (1 << 64) - 1
+
+
+def bucket_of(key: bytes, nbuckets: int) -> int:
+    """The bucket of ``key``; the same on every node and platform."""
+    return int.from_bytes(blake2b(key, digest_size=8).digest(), "little") % nbuckets
+
+
+def record_hash(rec: Record) -> int:
+    """A 64-bit hash of one record's key, stamp and value (or tombstone).
+
+    Part of the protocol: every node must encode the same way (lengths prefix the variable
+    parts so no two records encode alike).
+    """
+    stamp, key, value = rec.stamp, rec.key, rec.value
+    node = stamp.node.encode()
+    head = _KEY_LEN.pack(len(key))
+    mid = _STAMP.pack(stamp.wall, stamp.logical, len(node))
+    if value is None:
+        data = b"".join((head, key, mid, node, b"\x00"))
+    else:
+        data = b"".join((head, key, mid, node, b"\x01", value))
+    return int.from_bytes(blake2b(data, digest_size=8).digest(), "little")
+
+
+def fold(buckets: Sequence[int], nbuckets: int) -> tuple[int, ...]:
+    """The digest at ``nbuckets`` from a finer one whose length ``nbuckets`` divides."""
+    if nbuckets <= 0 or len(buckets) % nbuckets:
+        raise ValueError(f"cannot fold {len(buckets)} buckets into {nbuckets}")
+    out = [0] * nbuckets
+    for i, h in enumerate(buckets):
+        out[i % nbuckets] = (out[i % nbuckets] + h) & MASK
+    return tuple(out)
+
+
+def diff(local: Digest, remote: Digest) -> list[int]:
+    """Indexes of the buckets whose hashes differ between two digests of the same map."""
+    if local.map != remote.map or len(local.buckets) != len(remote.buckets):
+        raise ValueError(
+            f"digests are not comparable: {local.map!r}/{len(local.buckets)} buckets vs"
+            f" {remote.map!r}/{len(remote.buckets)} buckets"
+        )
+    return [i for i, (a, b) in enumerate(zip(local.buckets, remote.buckets, strict=True)) if a != b]

@@ -1,0 +1,88 @@
+"""Hybrid logical clock (Kulkarni et al., 2014): stamps that follow physical time yet respect
+causality, so "highest stamp wins" means "the write that happened last" even across nodes.
+
+Pure: the caller passes the physical time (ns since the epoch) to every call; nothing here reads
+the OS clock.
+
+Rules (``l`` is the clock's wall part, ``c`` its logical part, ``pt`` the physical time passed in):
+
+    now(pt)         l' = max(l, pt); c = c + 1 if l' == l else 0
+    observe(m, pt)  l' = max(l, m.wall, pt); c from whichever of l, m.wall reached l' (+1)
+
+so a stamp issued after ``observe(m)`` is greater than ``m``, and ``l`` never runs behind ``pt``.
+
+Drift bound: a remote stamp more than ``max_drift_ns`` ahead of our physical time is *rejected*
+(``ClockDriftError``), never clamped. A record's stamp is part of its identity: clamping would
+give two nodes different versions of the same write and they would never converge. Rejection
+only delays the record: once our physical clock is within the bound, the next digest repair
+brings it in. Accepting it unchecked would drag every node's clock ahead with the fastest one.
+"""
+
+from __future__ import annotations
+
+from bpfsync.core.messages import Stamp
+from bpfsync.errors import PeerError
+
+DEFAULT_MAX_DRIFT_NS = 1_000_000_000  # NTP keeps real clusters within milliseconds
+
+
+class ClockDriftError(PeerError):
+    """A record's stamp is further in the future than the allowed clock drift.
+
+    The origin node's clock is wrong (the sender may only be relaying): fix NTP on that node.
+    """
+
+
+class HybridClock:
+    """One node's hybrid logical clock."""
+
+    __slots__ = ("_logical", "_wall", "max_drift_ns", "node")
+
+    def __init__(self, node: str, *, max_drift_ns: int = DEFAULT_MAX_DRIFT_NS) -> None:
+        if not node:
+            raise ValueError("HybridClock needs a non-empty node id")
+        if max_drift_ns < 0:
+            raise ValueError(f"max_drift_ns must be >= 0, got {max_drift_ns}")
+        self.node = node
+        self.max_drift_ns = max_drift_ns
+        self._wall = 0
+        self._logical = 0
+
+    @property
+    def last(self) -> Stamp:
+        """The clock's current position (the last stamp issued or observed)."""
+        return Stamp(self._wall, self._logical, self.node)
+
+    def now(self, physical_ns: int) -> Stamp:
+        """A new stamp for a local event, greater than every stamp issued or observed so far."""
+        if physical_ns > self._wall:
+            self._wall, self._logical = physical_ns, 0
+        else:  # physical time stood still or went back (NTP step): count on the logical part
+            self._logical += 1
+        return Stamp(self._wall, self._logical, self.node)
+
+    def check(self, stamp: Stamp, physical_ns: int, peer: str = "") -> None:
+        """Raise ClockDriftError if ``stamp`` is too far ahead of ``physical_ns``."""
+        ahead = stamp.wall - physical_ns
+        if ahead > self.max_drift_ns:
+            raise ClockDriftError(
+                f"stamp of node {stamp.node!r} is {ahead / 1e9:.3f} s ahead of this node's clock"
+                f" (allowed {self.max_drift_ns / 1e9:.3f} s); check NTP on {stamp.node!r}",
+                peer,
+            )
+
+    def observe(self, stamp: Stamp, physical_ns: int, peer: str = "") -> Stamp:
+        """Take in a received stamp (after ``check``); returns the receive event's stamp."""
+        self.check(stamp, physical_ns, peer)
+        wall, logical = self._wall, self._logical
+        new_wall = max(wall, stamp.wall, physical_ns)
+        if new_wall == wall == stamp.wall:
+            logical = max(logical, stamp.logical) + 1
+        elif new_wall == wall:
+            logical += 1
+        elif new_wall == stamp.wall:
+            logical = stamp.logical + 1
+        else:
+            logical = 0
+        self._wall, self._logical = new_wall, logical
+        return Stamp(new_wall, logical, self.node)

@@ -1,0 +1,100 @@
+"""Records waiting to go to one peer, coalesced per register.
+
+Records are state, not operations, so only the newest record of each register has to travel:
+a key written a thousand times while a batch window is open (or while the peer is unreachable)
+is sent once. The register is the key for lww maps, and (key, origin) for maps whose policy keeps
+every origin's contribution, so relaying a counter never drops another node's slot.
+
+Bounded: past ``max_records`` registers the outbox empties itself and sets ``overflowed``; the
+peer is then brought up to date by digest repair, which costs less than holding the backlog.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Iterator
+
+from bpfsync.core.merge import newer
+from bpfsync.core.messages import Record
+
+RECORD_OVERHEAD = 32  # framing, stamp integers and flags on the wire, roughly
+
+
+def encoded_size(rec: Record) -> int:
+    """An estimate of a record's size on the wire, for batch byte limits."""
+    value = 0 if rec.value is None else len(rec.value)
+    return RECORD_OVERHEAD + len(rec.map) + len(rec.key) + value + len(rec.stamp.node)
+
+
+def split(records: Iterable[Record], max_records: int, max_bytes: int) -> Iterator[list[Record]]:
+    """Cut records into batch-sized lists (within both limits, at least one record each).
+
+    For repair answers, which can be a whole map: they go out as seq-0 batches, not through an
+    Outbox, whose bound is meant for live traffic.
+    """
+    chunk: list[Record] = []
+    size = 0
+    for rec in records:
+        n = encoded_size(rec)
+        if chunk and (len(chunk) >= max_records or size + n > max_bytes):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(rec)
+        size += n
+    if chunk:
+        yield chunk
+
+
+class Outbox:
+    """Pending records for one peer, newest per register, in first-queued order."""
+
+    __slots__ = ("_pending", "_per_origin", "max_records", "overflowed")
+
+    def __init__(self, *, max_records: int = 1 << 16, per_origin_maps: Collection[str] = ()):
+        if max_records <= 0:
+            raise ValueError(f"max_records must be > 0, got {max_records}")
+        self.max_records = max_records
+        self.overflowed = False
+        self._per_origin = frozenset(per_origin_maps)
+        self._pending: dict[tuple[str, bytes, str], Record] = {}
+
+    def add(self, records: Iterable[Record]) -> None:
+        """Queue records; a newer record of a queued register replaces it in place."""
+        pending, per_origin = self._pending, self._per_origin
+        for rec in records:
+            reg = (rec.map, rec.key, rec.stamp.node if rec.map in per_origin else "")
+            old = pending.get(reg)
+            if old is None or newer(rec, old):
+                pending[reg] = rec
+        if len(pending) > self.max_records:
+            pending.clear()
+            self.overflowed = True
+
+    def take_batch(self, max_records: int, max_bytes: int) -> list[Record]:
+        """Remove and return the oldest-queued records, within both limits (at least one)."""
+        out: list[Record] = []
+        taken: list[tuple[str, bytes, str]] = []
+        size = 0
+        pending = self._pending
+        # one pass, then delete: popping the first key repeatedly rescans deleted slots
+        for reg, rec in pending.items():
+            if len(out) >= max_records:
+                break
+            size += encoded_size(rec)
+            if out and size > max_bytes:
+                break
+            out.append(rec)
+            taken.append(reg)
+        for reg in taken:
+            del pending[reg]
+        return out
+
+    def take_overflow(self) -> bool:
+        """Whether records were dropped since the last call (then the peer needs repair)."""
+        flag, self.overflowed = self.overflowed, False
+        return flag
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def __bool__(self) -> bool:
+        return bool(self._pending)

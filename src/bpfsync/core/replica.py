@@ -1,0 +1,422 @@
+"""The replica: this node's state machine for every synced map. All its rules are here.
+
+Feed it what the kernel watcher saw (``local_change``), what peers sent (``receive``) and the
+time (``now_ns``); it returns records to send and kernel writes to make. It does no I/O.
+
+State, per map
+    registers    merge.py: one Record per key (lww) or per key and origin (counter, max, min)
+    kernel view  what this node believes its kernel map holds: the value the registers imply,
+                 except for the keys in ``_deviations`` (a failed write, a data-plane value the
+                 policy does not take as is, a counter seeded from the kernel)
+    horizon      the highest stamp of a tombstone purged from the map (table.py)
+
+Rules
+  L1  A local change equal to the kernel view is an echo of our own write (a poll watcher reports
+      them) or no change at all: ignored. Anything else is a real change, including a data-plane
+      write of a key we wrote before: stamped with ``clock.now`` (so it outranks every record
+      this node has seen), merged, and returned for broadcast.
+  L2  Per-origin policies turn the kernel value into this node's own contribution
+      (``own_part``; for a counter: observed minus the other origins' sum).
+  R1  ``receive`` validates each record: known map (UnknownMapError), exact key and value size
+      (SizeMismatchError), well-formed stamp (MalformedMessageError), stamp within the clock
+      drift bound (ClockDriftError, hlc.py). A refused record is returned with its error and
+      counted by reason; the rest of the batch is still processed. Accepted stamps advance the
+      clock (C1).
+  R2  Merge keeps the higher-ranked record per register. A record that changed state goes to
+      ``forward``: relayed to the other peers, it converges the cluster through any live path;
+      a record that changed nothing is not forwarded, so relaying ends. When our record ranks
+      above the sender's, ours goes to ``reply`` so the sender catches up at once.
+  R3  After the batch, every touched key whose implied value differs from the kernel view gives
+      one write (bytes, or None for a delete): coalesced per key. The kernel view takes that
+      value at once, so when the watcher reports the write back, L1 sees an echo.
+  T1  A delete is a tombstone (value None), replicated like a value, kept for
+      ``tombstone_ttl_ns`` after its stamp's wall time, so a late older update cannot
+      resurrect the key.
+  T2  ``expire(now)`` purges tombstones past the TTL. Safety condition: the TTL must exceed the
+      longest time a record can take to arrive: longest partition or agent downtime plus the
+      digest repair interval. Beyond that, T3 decides.
+  T3  Purge horizon: a record for a register we do not hold, stamped at or below the map's
+      horizon, is older than a delete we have forgotten. It is refused as stale and answered with
+      a tombstone of the same stamp (tombstones win ties), sent back to the sender and forwarded,
+      so every holder drops it and the cluster converges on "deleted". A stale tombstone is just
+      dropped. Trade-off: a write that stayed undelivered for longer than the TTL is lost; the
+      alternative is resurrecting deleted keys. Seed stamps are exempt (S2).
+  S1  Seed: at start, entries already in the kernel map take the seed stamp (wall 0, logical 0,
+      this node): age unknown, below every real stamp. On catch-up any peer record wins: a
+      key deleted cluster-wide while the agent was down is deleted here (its tombstone is still
+      live, T2), a key updated elsewhere takes the newer value.
+  S2  A seeded key no peer has is kept and replicated *with its seed stamp*, never restamped:
+      peers take it, so entries the data plane created while the agent was down are not lost,
+      yet any real write or delete still beats it. It is exempt from T3 (unknown is not old).
+      Known loss: an update of an existing key made while the agent was down (or not yet sent
+      when it stopped) loses to the peers' older value; closing that needs persisted stamps.
+      Counters are not seeded as our slot (the kernel sum includes other nodes' slots): they
+      take the cluster's value on catch-up, losing increments made while the agent was down.
+  S3  Writes made during a partition while the agent runs carry real stamps and merge by rank
+      when it heals; nothing special. After a restart, though, the new clock starts from physical
+      time, and the previous incarnation may have issued stamps up to ``max_drift_ns`` ahead of
+      it: the agent should feed local changes only after the first catch-up (the clock has then
+      observed those stamps) or ``max_drift_ns`` after start, or a new write could lose to this
+      node's own older one.
+  C1  Every accepted record's stamp is observed by the clock, so a local write made after
+      seeing a record outranks it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from bpfsync.core.digest import DEFAULT_BUCKETS, diff
+from bpfsync.core.hlc import DEFAULT_MAX_DRIFT_NS, ClockDriftError, HybridClock
+from bpfsync.core.merge import FieldPolicy, Policy, newer, policy_for
+from bpfsync.core.messages import Digest, MapSchema, Pull, Record, Stamp
+from bpfsync.core.table import MapTable, SlotTable, new_table
+from bpfsync.errors import (
+    ConfigError,
+    MalformedMessageError,
+    PeerError,
+    SizeMismatchError,
+    UnknownMapError,
+)
+
+_U64 = 1 << 64
+_MAX_NODE_ID = 255
+
+REJECT_REASONS: dict[type[PeerError], str] = {
+    UnknownMapError: "unknown_map",
+    SizeMismatchError: "size_mismatch",
+    MalformedMessageError: "malformed",
+    ClockDriftError: "clock_drift",
+}
+
+
+def seed_stamp(node: str) -> Stamp:
+    """The stamp of entries found in the kernel at start: age unknown, below every real stamp."""
+    return Stamp(0, 0, node)
+
+
+def is_seed(stamp: Stamp) -> bool:
+    # clock.now never issues (0, 0): its logical part is >= 1 whenever wall is 0
+    return stamp.wall == 0 and stamp.logical == 0
+
+
+Write = tuple[str, bytes, bytes | None]  # (map, key, value to write or None to delete)
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    """What a received batch asks of the caller."""
+
+    writes: list[Write] = field(default_factory=list)  # to the local kernel maps, one per key
+    forward: list[Record] = field(default_factory=list)  # to every other peer (R2, T3)
+    reply: list[Record] = field(default_factory=list)  # back to the sender (R2, T3)
+    rejected: list[tuple[Record, PeerError]] = field(default_factory=list)  # R1
+
+
+class Replica:
+    """This node's replicated state of every synced map. See the module docstring for rules."""
+
+    def __init__(
+        self,
+        node: str,
+        maps: Iterable[MapSchema],
+        tombstone_ttl_ns: int,
+        *,
+        max_drift_ns: int = DEFAULT_MAX_DRIFT_NS,
+        digest_buckets: int = DEFAULT_BUCKETS,
+        policies: Mapping[str, Policy] | None = None,
+    ) -> None:
+        if tombstone_ttl_ns <= 0:
+            raise ConfigError(f"tombstone TTL must be > 0 ns, got {tombstone_ttl_ns}")
+        self.node = node
+        self.clock = HybridClock(node, max_drift_ns=max_drift_ns)
+        self.tombstone_ttl_ns = tombstone_ttl_ns
+        self.digest_buckets = digest_buckets
+        self.stats: Counter[str] = Counter()
+        self._tables: dict[str, MapTable] = {}
+        self._deviations: dict[str, dict[bytes, bytes | None]] = {}
+        policies = dict(policies or {})
+        for schema in maps:
+            if schema.name in self._tables:
+                raise ConfigError(f"map {schema.name!r} is listed twice")
+            if schema.key_size <= 0 or schema.value_size <= 0:
+                raise ConfigError(f"map {schema.name!r}: key and value sizes must be > 0")
+            policy = policies.pop(schema.name, None) or policy_for(schema)
+            if policy.name != schema.policy:
+                raise ConfigError(
+                    f"map {schema.name!r}: the schema says policy {schema.policy!r} but"
+                    f" {policy.name!r} was given; peers compare the schema's name"
+                )
+            if isinstance(policy, FieldPolicy) and policy.value_size != schema.value_size:
+                raise ConfigError(
+                    f"map {schema.name!r}: policy is for {policy.value_size}-byte values,"
+                    f" the map's are {schema.value_size} bytes"
+                )
+            self._tables[schema.name] = new_table(schema, policy, digest_buckets)
+            self._deviations[schema.name] = {}
+        if policies:
+            raise ConfigError(f"policies given for maps that are not synced: {sorted(policies)}")
+
+    # --- what the caller may ask ---------------------------------------------------------------
+
+    @property
+    def maps(self) -> tuple[MapSchema, ...]:
+        return tuple(t.schema for t in self._tables.values())
+
+    @property
+    def per_origin_maps(self) -> frozenset[str]:
+        """Maps whose policy keeps every origin's record per key (for Outbox coalescing)."""
+        return frozenset(n for n, t in self._tables.items() if t.policy.per_origin)
+
+    def kernel_view(self, map: str, key: bytes) -> bytes | None:
+        """What this node believes its kernel map holds for ``key`` (None: absent)."""
+        table = self._local_table(map)
+        return self._expected(table, key)
+
+    def content(self, map: str) -> dict[bytes, bytes]:
+        """Key -> value the registers imply for every live key (the converged map content)."""
+        table = self._local_table(map)
+        out = {}
+        for key in table.all_keys():
+            value = table.kernel_value(key)
+            if value is not None:
+                out[key] = value
+        return out
+
+    def records(self, map: str) -> list[Record]:
+        """Every register's record (tombstones included): a full snapshot for catch-up.
+
+        A list, not a view: the caller may send it in pieces while the replica keeps changing.
+        """
+        table = self._local_table(map)
+        return list(table.records_in(range(table.nbuckets)))
+
+    def registers(self, map: str) -> int:
+        return len(self._local_table(map))
+
+    # --- local side ------------------------------------------------------------------------
+
+    def seed(self, map: str, items: Iterable[tuple[bytes, bytes]]) -> list[Record]:
+        """Take in the kernel map's entries at start (S1, S2); returns the records to announce."""
+        table = self._local_table(map)
+        if len(table):
+            raise ValueError(f"seed({map!r}) must come before any other change of that map")
+        stamp = seed_stamp(self.node)
+        out = []
+        for key, value in items:
+            self._check_local(table, key, value)
+            if table.policy.seed_as_own:
+                rec = Record(map, key, value, stamp)
+                if table.offer(rec) is None:
+                    out.append(rec)
+            self._set_view(table, key, value)
+        self.stats["local.seeded"] += len(out)
+        return out
+
+    def local_change(self, map: str, key: bytes, value: bytes | None, now_ns: int) -> Record | None:
+        """A watcher saw ``key`` change to ``value`` (None: deleted). L1, L2.
+
+        Returns the record to send to every peer, or None for an echo or no change.
+        """
+        table = self._local_table(map)
+        self._check_local(table, key, value)
+        b = table.bucket(key)
+        if value == self._expected(table, key, b):
+            self.stats["local.echo"] += 1
+            return None
+        own = value
+        if isinstance(table, SlotTable):
+            if value is not None:
+                own = table.policy.own_part(value, table.others(key, self.node))
+            mine = table.slots(key).get(self.node)
+            if (None if mine is None else mine.value) == own:  # our contribution is unchanged
+                self._set_view(table, key, value, b)
+                return None
+        rec = Record(map, key, own, self.clock.now(now_ns))
+        table.offer(rec, b)  # wins: the clock outranks everything it has seen (C1)
+        self._set_view(table, key, value, b)
+        self.stats["local.changed"] += 1
+        return rec
+
+    def note_kernel(self, map: str, key: bytes, value: bytes | None) -> None:
+        """The kernel holds ``value`` for ``key`` because of the agent (a write failed, or a
+        retried one succeeded): update the kernel view without making a change."""
+        table = self._local_table(map)
+        self._check_local(table, key, value)
+        self._set_view(table, key, value)
+
+    def desired(self, map: str, key: bytes) -> bytes | None:
+        """The value the registers imply for ``key``: what to write when retrying."""
+        return self._local_table(map).kernel_value(key)
+
+    def expire(self, now_ns: int) -> int:
+        """Purge tombstones older than the TTL (T2); returns how many were purged."""
+        deadline = now_ns - self.tombstone_ttl_ns
+        purged = sum(table.expire(deadline) for table in self._tables.values())
+        self.stats["tombstones.purged"] += purged
+        return purged
+
+    # --- remote side -----------------------------------------------------------------------
+
+    def receive(self, records: Iterable[Record], now_ns: int, sender: str = "") -> ApplyResult:
+        """Merge records a peer sent (R1-R3, T3)."""
+        res = ApplyResult()
+        # kernel view before the batch, per key it changed: the writes are the differences
+        touched: dict[tuple[str, bytes], tuple[MapTable, int, bytes | None]] = {}
+        replies: dict[tuple[str, bytes, str], tuple[MapTable, Record]] = {}
+        stats = self.stats
+        for rec in records:
+            try:
+                table = self._admit(rec, now_ns, sender)
+            except PeerError as err:
+                res.rejected.append((rec, err))
+                stats["rejected." + REJECT_REASONS.get(type(err), "other")] += 1
+                continue
+            b = table.bucket(rec.key)
+            horizon = table.horizon
+            if (
+                horizon is not None
+                and rec.stamp <= horizon
+                and not is_seed(rec.stamp)
+                and table.held(rec, b) is None
+            ):
+                stats["received.stale"] += 1
+                if rec.value is not None:  # T3: answer with its tombstone
+                    tomb = Record(rec.map, rec.key, None, rec.stamp)
+                    res.forward.append(tomb)
+                    res.reply.append(tomb)
+                continue
+            reg = (rec.map, rec.key)
+            before = touched[reg][2] if reg in touched else self._expected(table, rec.key, b)
+            kept = table.offer(rec, b)
+            if kept is None:
+                stats["received.applied"] += 1
+                res.forward.append(rec)
+                touched[reg] = (table, b, before)
+            else:
+                stats["received.ignored"] += 1
+                if newer(kept, rec):
+                    replies[(rec.map, rec.key, kept.stamp.node)] = (table, kept)
+        for table, kept in replies.values():
+            if table.held(kept) is kept:  # not superseded later in the same batch
+                res.reply.append(kept)
+        for (name, key), (table, b, before) in touched.items():
+            want = table.kernel_value(key, b)
+            if want != before:
+                res.writes.append((name, key, want))
+            self._deviations[name].pop(key, None)
+        return res
+
+    # --- anti-entropy ----------------------------------------------------------------------
+
+    def digest(self, map: str, nbuckets: int | None = None) -> Digest:
+        """Per-bucket hashes of ``map``; ``nbuckets`` must divide ``digest_buckets``."""
+        return Digest(map, self._local_table(map).digest_buckets(nbuckets))
+
+    def records_in(
+        self, map: str, buckets: Iterable[int], nbuckets: int | None = None
+    ) -> list[Record]:
+        """Every record (live tombstones included) in the given buckets of ``map``."""
+        return list(self._local_table(map).records_in(buckets, nbuckets))
+
+    def answer_digest(self, remote: Digest, sender: str = "") -> tuple[Pull | None, list[Record]]:
+        """A peer's digest: the Pull for the buckets that differ, and our records in them.
+
+        Sending both repairs both sides in one round trip.
+        """
+        table = self._remote_table(remote.map, sender)
+        n = len(remote.buckets)
+        if n == 0 or table.nbuckets % n:
+            raise MalformedMessageError(
+                f"digest of {remote.map!r} has {n} buckets; this node uses {table.nbuckets}"
+                " (a digest must have a divisor of that many)",
+                sender,
+            )
+        differing = diff(Digest(remote.map, table.digest_buckets(n)), remote)
+        if not differing:
+            return None, []
+        return Pull(remote.map, tuple(differing)), list(table.records_in(differing, n))
+
+    def answer_pull(
+        self, pull: Pull, sender: str = "", nbuckets: int | None = None
+    ) -> list[Record]:
+        """Our records in the buckets a peer asked for (counted at the digest we sent it)."""
+        table = self._remote_table(pull.map, sender)
+        n = table.nbuckets if nbuckets is None else nbuckets
+        bad = [b for b in pull.buckets if not 0 <= b < n]
+        if bad:
+            raise MalformedMessageError(
+                f"pull of {pull.map!r} names buckets {bad[:5]} outside 0..{n - 1}", sender
+            )
+        return list(table.records_in(pull.buckets, n))
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _local_table(self, map: str) -> MapTable:
+        table = self._tables.get(map)
+        if table is None:
+            raise ValueError(f"map {map!r} is not synced here (synced: {sorted(self._tables)})")
+        return table
+
+    def _remote_table(self, map: str, sender: str) -> MapTable:
+        table = self._tables.get(map)
+        if table is None:
+            raise UnknownMapError(f"map {map!r} is not synced by this node", sender)
+        return table
+
+    @staticmethod
+    def _check_local(table: MapTable, key: bytes, value: bytes | None) -> None:
+        schema = table.schema
+        if len(key) != schema.key_size or (value is not None and len(value) != schema.value_size):
+            raise ValueError(
+                f"map {schema.name!r} has {schema.key_size}-byte keys and {schema.value_size}-byte"
+                f" values; got key of {len(key)} and value of"
+                f" {'None' if value is None else len(value)} bytes"
+            )
+
+    def _admit(self, rec: Record, now_ns: int, sender: str) -> MapTable:
+        """R1: the record's table, or the PeerError that refuses it."""
+        table = self._tables.get(rec.map)
+        if table is None:
+            raise UnknownMapError(
+                f"record for map {rec.map!r}, which this node does not sync", sender
+            )
+        schema = table.schema
+        key, value, stamp = rec.key, rec.value, rec.stamp
+        if type(key) is not bytes or (value is not None and type(value) is not bytes):
+            raise MalformedMessageError(f"record for {rec.map!r}: key/value are not bytes", sender)
+        if len(key) != schema.key_size:
+            raise SizeMismatchError(
+                f"map {rec.map!r}: key of {len(key)} bytes, expected {schema.key_size}", sender
+            )
+        if value is not None and len(value) != schema.value_size:
+            raise SizeMismatchError(
+                f"map {rec.map!r}: value of {len(value)} bytes, expected {schema.value_size}",
+                sender,
+            )
+        if (
+            not isinstance(stamp, Stamp)
+            or not 0 < len(stamp.node) <= _MAX_NODE_ID
+            or not 0 <= stamp.wall < _U64
+            or not 0 <= stamp.logical < _U64
+        ):
+            raise MalformedMessageError(f"record for {rec.map!r}: bad stamp {stamp!r}", sender)
+        self.clock.observe(stamp, now_ns, sender)  # C1; raises ClockDriftError
+        return table
+
+    def _expected(self, table: MapTable, key: bytes, b: int | None = None) -> bytes | None:
+        deviations = self._deviations[table.name]
+        if key in deviations:
+            return deviations[key]
+        return table.kernel_value(key, b)
+
+    def _set_view(
+        self, table: MapTable, key: bytes, actual: bytes | None, b: int | None = None
+    ) -> None:
+        """The kernel holds ``actual``: remember it where it differs from the registers."""
+        if table.kernel_value(key, b) == actual:
+            self._deviations[table.name].pop(key, None)
+        else:
+            self._deviations[table.name][key] = actual

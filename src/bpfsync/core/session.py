@@ -1,0 +1,207 @@
+"""The session with one peer: batch numbering, acks, resend after reconnect, when to repair.
+
+Sans-I/O: the agent feeds it the transport's events for one peer and sends what it returns; the
+Replica merges the records. One PeerSession per peer for the life of this process: it outlives
+connections, which is how a reconnect resumes. It fits a transport with one stream per direction
+(GrpcMesh): our stream to the peer carries our Batches, Acks, Digests and Pulls; the peer's
+stream to us starts with its Hello and carries its messages.
+
+    transport event                           call                  then send to the peer
+    our stream is up (PeerUp)                 link_up(hello)        the batches it returns
+    our stream is down (PeerDown)             link_down()
+    Received Hello (its stream started)       on_hello(hello)       the Ack it returns
+    Received Batch                            on_batch(batch)       if True: receive, ack()
+    Received Ack                              on_ack(ack)
+    records to send (Replica results)         outbox.add(records)   next_batch(...) while any
+    take_repair() is true                                           a Digest of every map
+
+Rules
+  P1  Our batches are numbered 1, 2, 3, ... per incarnation of this process (Batch.seq). Seq 0
+      marks repair batches (answers to Digest/Pull): applied, never numbered or acked.
+  P2  A numbered batch is held until the peer acks its seq. At most ``max_unacked`` are held;
+      past that the oldest is dropped (``window_open`` tells the agent to wait instead).
+  P3  When our stream comes up, every held batch is sent again: the peer skips those it has.
+      If we dropped batches it never acked, that gap is repaired by digest instead (P5).
+  P4  Receiving: the first numbered batch from a peer incarnation sets the baseline (whatever
+      came before is covered by the first-contact repair); then seq = last + 1 is applied,
+      seq <= last is a duplicate resend and skipped, seq > last + 1 is a gap: applied anyway
+      (records are state), acked up to its seq, and repaired.
+  P5  Repair (a digest exchange; it repairs both directions, so one side starting it suffices):
+      on first contact with a peer (catch-up), after a resume or receive gap, and when our outbox
+      for the peer overflowed. When a peer's incarnation changes (it restarted with rebuilt
+      state), it counts as first contact on *its* side, so it starts the repair; we only drop the
+      batches held for its previous life and take the next batch as baseline. Periodic digests
+      (the agent's timer) are the backstop for a repair lost to a broken link.
+  P6  The peer's fault (MalformedMessageError, UnauthenticatedPeerError: drop its connection):
+      a Hello from another node id, a Batch before any Hello, a Batch naming another sender,
+      a negative seq. An Ack above our last seq is ignored and counted (a stale ack racing a
+      restart is not an attack).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Sequence
+
+from bpfsync.core.messages import Ack, Batch, Hello, MapSchema, Record
+from bpfsync.core.outbox import Outbox
+from bpfsync.errors import MalformedMessageError, UnauthenticatedPeerError
+
+
+class PeerSession:
+    """This node's protocol state with one peer, across reconnects and peer restarts."""
+
+    def __init__(
+        self, node: str, peer: str, *, max_unacked: int = 256, outbox: Outbox | None = None
+    ) -> None:
+        if max_unacked <= 0:
+            raise ValueError(f"max_unacked must be > 0, got {max_unacked}")
+        self.node = node
+        self.peer = peer
+        self.max_unacked = max_unacked
+        self.outbox = outbox if outbox is not None else Outbox()
+        self.peer_incarnation: int | None = None
+        self.up = False  # our stream to the peer is up: batches go out as they are made
+        self.duplicates = 0  # batches skipped as resends
+        self.stale_acks = 0  # acks above our last seq, ignored
+        self._next_seq = 1
+        self._acked = 0
+        self._held: deque[Batch] = deque()
+        self._recv_last: int | None = None  # None: no baseline yet for this peer incarnation
+        self._repair = False
+
+    # --- the peer's identity -----------------------------------------------------------------
+
+    def _learn(self, hello: Hello) -> None:
+        if hello.node != self.peer:
+            raise UnauthenticatedPeerError(
+                f"session with {self.peer!r} got a Hello from {hello.node!r}", self.peer
+            )
+        if hello.incarnation == self.peer_incarnation:
+            return
+        if self.peer_incarnation is None:
+            self._repair = True  # P5: first contact, catch up
+        else:  # P5: it restarted; its own first-contact repair rebuilds it
+            self._held.clear()
+            self._acked = self._next_seq - 1
+        self.peer_incarnation = hello.incarnation
+        self._recv_last = None
+
+    # --- our stream to the peer ----------------------------------------------------------------
+
+    def link_up(self, hello: Hello) -> list[Batch]:
+        """Our stream to the peer is up (``hello`` is its answer): the batches to resend (P3)."""
+        self._learn(hello)
+        self.up = True
+        lowest = self._held[0].seq if self._held else self._next_seq
+        if lowest > self._acked + 1:
+            self._repair = True  # P3: batches dropped before the peer acked them
+        return list(self._held)
+
+    def link_down(self) -> None:
+        """Our stream to the peer broke; batches stay held for the next ``link_up``."""
+        self.up = False
+
+    def on_ack(self, ack: Ack) -> None:
+        """Release the batches the peer has applied (P2)."""
+        if ack.seq >= self._next_seq or ack.seq < 0:
+            self.stale_acks += 1
+            return
+        self._acked = max(self._acked, ack.seq)
+        held = self._held
+        while held and held[0].seq <= ack.seq:
+            held.popleft()
+
+    def send(self, records: Sequence[Record]) -> Batch | None:
+        """Number a batch and hold it (P1, P2); returns it when the link is up, else None (it
+        goes out on the next ``link_up``)."""
+        batch = Batch(self.node, self._next_seq, tuple(records))
+        self._next_seq += 1
+        self._held.append(batch)
+        if len(self._held) > self.max_unacked:
+            self._held.popleft()
+        return batch if self.up else None
+
+    def next_batch(self, max_records: int, max_bytes: int) -> Batch | None:
+        """The next numbered batch from the outbox, if the link is up and the window open."""
+        if not self.up or not self.window_open or not self.outbox:
+            return None
+        return self.send(self.outbox.take_batch(max_records, max_bytes))
+
+    def repair_batch(self, records: Sequence[Record]) -> Batch:
+        """An unnumbered batch answering a Digest or Pull (P1: seq 0)."""
+        return Batch(self.node, 0, tuple(records))
+
+    @property
+    def window_open(self) -> bool:
+        """Whether another batch fits without dropping an unacked one (flow control)."""
+        return len(self._held) < self.max_unacked
+
+    @property
+    def unacked(self) -> int:
+        return len(self._held)
+
+    # --- the peer's stream to us ---------------------------------------------------------------
+
+    def on_hello(self, hello: Hello) -> Ack:
+        """The peer's stream to us started: the Ack to send it (it releases held batches)."""
+        self._learn(hello)
+        return self.ack()
+
+    def on_batch(self, batch: Batch) -> bool:
+        """Whether to apply this batch (P4); after applying a numbered one, send ``ack()``."""
+        if self.peer_incarnation is None:
+            raise MalformedMessageError("Batch before Hello", self.peer)
+        if batch.sender != self.peer:
+            raise MalformedMessageError(
+                f"Batch names sender {batch.sender!r} in the session with {self.peer!r}", self.peer
+            )
+        seq = batch.seq
+        if seq == 0:
+            return True
+        if seq < 0:
+            raise MalformedMessageError(f"Batch with seq {seq}", self.peer)
+        last = self._recv_last
+        if last is not None:
+            if seq <= last:
+                self.duplicates += 1
+                return False
+            if seq > last + 1:
+                self._repair = True
+        self._recv_last = seq
+        return True
+
+    def ack(self) -> Ack:
+        """Every numbered batch up to this seq is applied (or covered by a repair)."""
+        return Ack(self._recv_last or 0)
+
+    # --- repair --------------------------------------------------------------------------------
+
+    @property
+    def repair_needed(self) -> bool:
+        return self._repair or self.outbox.overflowed
+
+    def take_repair(self) -> bool:
+        """Whether to start a digest exchange now (P5); clears the flag."""
+        flag = self.outbox.take_overflow() or self._repair
+        self._repair = False
+        return flag
+
+
+def map_mismatches(local: Iterable[MapSchema], hello: Hello) -> dict[str, str]:
+    """Maps we sync that the peer lacks or describes differently: name -> what differs.
+
+    Records for such maps would be refused on one side; the agent should report them.
+    """
+    theirs = {m.name: m for m in hello.maps}
+    out = {}
+    for mine in local:
+        other = theirs.get(mine.name)
+        if other is None:
+            out[mine.name] = f"peer {hello.node!r} does not sync it"
+        elif other != mine:
+            out[mine.name] = (
+                f"here {mine.key_size}/{mine.value_size} bytes {mine.policy},"
+                f" on {hello.node!r} {other.key_size}/{other.value_size} bytes {other.policy}"
+            )
+    return out

@@ -1,0 +1,231 @@
+"""One synced map's replicated state on this node (the registers of merge.py), kept so that the
+hot paths stay cheap at a million keys:
+
+* registers live in ``nbuckets`` dicts split by the key's digest bucket, so answering a Pull for
+  a few buckets touches only those keys;
+* each bucket's digest hash is a running sum, updated as records replace each other;
+* tombstones are also queued by age, so purging them never scans the map;
+* ``horizon`` is the highest stamp of any tombstone purged from this map (see replica.py, T3).
+
+No policy decisions here beyond "keep the higher-ranked record": replica.py owns the rules.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+
+from bpfsync.core.digest import MASK, bucket_of, fold, record_hash
+from bpfsync.core.merge import Policy, newer
+from bpfsync.core.messages import MapSchema, Record, Stamp
+
+
+class MapTable(ABC):
+    """Registers of one map, bucketed, with digest sums, tombstone ages and purge horizon."""
+
+    def __init__(self, schema: MapSchema, policy: Policy, nbuckets: int) -> None:
+        if nbuckets <= 0:
+            raise ValueError(f"nbuckets must be > 0, got {nbuckets}")
+        self.schema = schema
+        self.policy = policy
+        self.nbuckets = nbuckets
+        self.sums = [0] * nbuckets
+        self.horizon: Stamp | None = None
+        self._tombstones: list[tuple[int, int, Record]] = []  # heap of (wall, tiebreak, record)
+        self._tick = itertools.count()
+
+    @property
+    def name(self) -> str:
+        return self.schema.name
+
+    def bucket(self, key: bytes) -> int:
+        return bucket_of(key, self.nbuckets)
+
+    def digest_buckets(self, nbuckets: int | None = None) -> tuple[int, ...]:
+        """The per-bucket hashes at ``nbuckets`` (a divisor of ours; default: ours)."""
+        if nbuckets is None or nbuckets == self.nbuckets:
+            return tuple(self.sums)
+        return fold(self.sums, nbuckets)
+
+    def records_in(self, buckets: Iterable[int], nbuckets: int | None = None) -> Iterator[Record]:
+        """Every register's record in the given buckets (counted at ``nbuckets``, a divisor)."""
+        n = self.nbuckets if nbuckets is None else nbuckets
+        if n <= 0 or self.nbuckets % n:
+            raise ValueError(f"{n} buckets do not divide this table's {self.nbuckets}")
+        for coarse in buckets:
+            if not 0 <= coarse < n:
+                raise ValueError(f"bucket {coarse} out of range 0..{n - 1}")
+            for fine in range(coarse, self.nbuckets, n):
+                yield from self._bucket_records(fine)
+
+    def _account(self, b: int, old: Record | None, new: Record | None) -> None:
+        """Keep the digest sum and the tombstone queue in step with a register change."""
+        delta = 0
+        if old is not None:
+            delta -= record_hash(old)
+        if new is not None:
+            delta += record_hash(new)
+            if new.value is None:
+                heapq.heappush(self._tombstones, (new.stamp.wall, next(self._tick), new))
+        self.sums[b] = (self.sums[b] + delta) & MASK
+
+    def expire(self, deadline_wall: int) -> int:
+        """Purge tombstones whose stamp's wall is <= ``deadline_wall``; raise the horizon."""
+        purged = 0
+        heap = self._tombstones
+        while heap and heap[0][0] <= deadline_wall:
+            _, _, rec = heapq.heappop(heap)
+            if self._remove_if_held(rec):  # else a newer record replaced it already
+                purged += 1
+                if self.horizon is None or rec.stamp > self.horizon:
+                    self.horizon = rec.stamp
+        return purged
+
+    # ``b`` is the key's bucket when the caller already has it: hashing the key is the
+    # costliest step on the receive path, so it is done once per record.
+
+    @abstractmethod
+    def held(self, rec: Record, b: int | None = None) -> Record | None:
+        """The record in the register ``rec`` belongs to, if any."""
+
+    @abstractmethod
+    def offer(self, rec: Record, b: int | None = None) -> Record | None:
+        """Merge ``rec``: None if it was stored, else the record the register keeps."""
+
+    @abstractmethod
+    def kernel_value(self, key: bytes, b: int | None = None) -> bytes | None:
+        """The value the kernel map should hold for ``key`` according to the registers."""
+
+    @abstractmethod
+    def all_keys(self) -> Iterator[bytes]:
+        """Every key with at least one register (live or tombstone)."""
+
+    @abstractmethod
+    def _bucket_records(self, b: int) -> Iterator[Record]: ...
+
+    @abstractmethod
+    def _remove_if_held(self, rec: Record) -> bool: ...
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of registers."""
+
+
+class LwwTable(MapTable):
+    """One register per key."""
+
+    def __init__(self, schema: MapSchema, policy: Policy, nbuckets: int) -> None:
+        super().__init__(schema, policy, nbuckets)
+        self._regs: list[dict[bytes, Record]] = [{} for _ in range(nbuckets)]
+        self._count = 0
+
+    def held(self, rec: Record, b: int | None = None) -> Record | None:
+        return self._regs[self.bucket(rec.key) if b is None else b].get(rec.key)
+
+    def offer(self, rec: Record, b: int | None = None) -> Record | None:
+        if b is None:
+            b = self.bucket(rec.key)
+        regs = self._regs[b]
+        old = regs.get(rec.key)
+        if old is not None and not newer(rec, old):
+            return old
+        regs[rec.key] = rec
+        if old is None:
+            self._count += 1
+        self._account(b, old, rec)
+        return None
+
+    def kernel_value(self, key: bytes, b: int | None = None) -> bytes | None:
+        rec = self._regs[self.bucket(key) if b is None else b].get(key)
+        return None if rec is None else rec.value
+
+    def all_keys(self) -> Iterator[bytes]:
+        for regs in self._regs:
+            yield from regs
+
+    def _bucket_records(self, b: int) -> Iterator[Record]:
+        yield from self._regs[b].values()
+
+    def _remove_if_held(self, rec: Record) -> bool:
+        b = self.bucket(rec.key)
+        regs = self._regs[b]
+        if regs.get(rec.key) is not rec:
+            return False
+        del regs[rec.key]
+        self._count -= 1
+        self._account(b, rec, None)
+        return True
+
+    def __len__(self) -> int:
+        return self._count
+
+
+class SlotTable(MapTable):
+    """One register per (key, origin node): every node's latest contribution to each key."""
+
+    def __init__(self, schema: MapSchema, policy: Policy, nbuckets: int) -> None:
+        super().__init__(schema, policy, nbuckets)
+        self._regs: list[dict[bytes, dict[str, Record]]] = [{} for _ in range(nbuckets)]
+        self._count = 0
+
+    def held(self, rec: Record, b: int | None = None) -> Record | None:
+        slots = self._regs[self.bucket(rec.key) if b is None else b].get(rec.key)
+        return None if slots is None else slots.get(rec.stamp.node)
+
+    def slots(self, key: bytes) -> dict[str, Record]:
+        """Origin node -> that origin's latest record for ``key`` (a copy)."""
+        return dict(self._regs[self.bucket(key)].get(key, {}))
+
+    def offer(self, rec: Record, b: int | None = None) -> Record | None:
+        if b is None:
+            b = self.bucket(rec.key)
+        slots = self._regs[b].setdefault(rec.key, {})
+        origin = rec.stamp.node
+        old = slots.get(origin)
+        if old is not None and not newer(rec, old):
+            return old
+        slots[origin] = rec
+        if old is None:
+            self._count += 1
+        self._account(b, old, rec)
+        return None
+
+    def kernel_value(self, key: bytes, b: int | None = None) -> bytes | None:
+        slots = self._regs[self.bucket(key) if b is None else b].get(key)
+        return None if not slots else self.policy.combine(list(slots.values()))
+
+    def others(self, key: bytes, origin: str) -> list[Record]:
+        """The registers of ``key`` except ``origin``'s."""
+        slots = self._regs[self.bucket(key)].get(key, {})
+        return [r for o, r in slots.items() if o != origin]
+
+    def all_keys(self) -> Iterator[bytes]:
+        for regs in self._regs:
+            yield from regs
+
+    def _bucket_records(self, b: int) -> Iterator[Record]:
+        for slots in self._regs[b].values():
+            yield from slots.values()
+
+    def _remove_if_held(self, rec: Record) -> bool:
+        b = self.bucket(rec.key)
+        slots = self._regs[b].get(rec.key)
+        if slots is None or slots.get(rec.stamp.node) is not rec:
+            return False
+        del slots[rec.stamp.node]
+        if not slots:
+            del self._regs[b][rec.key]
+        self._count -= 1
+        self._account(b, rec, None)
+        return True
+
+    def __len__(self) -> int:
+        return self._count
+
+
+def new_table(schema: MapSchema, policy: Policy, nbuckets: int) -> MapTable:
+    """The table shape the policy needs."""
+    cls = SlotTable if policy.per_origin else LwwTable
+    return cls(schema, policy, nbuckets)

@@ -1,0 +1,214 @@
+"""A cluster of real agents on this machine: the harness behind `make demo` and the e2e tests.
+
+Each node gets its own loaded copy of ``bpf/demo.bpf.o`` (so its own ``sessions`` map, pinned
+under its own directory, plus the ``write_op`` program that writes that map from BPF) and its own
+``bpfsync run`` process talking gRPC on loopback. The agents sync the maps by their shared name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from bpfsync.kernel.objects import BpfObject
+
+BPFFS = Path("/sys/fs/bpf")
+MAP_NAME = "sessions"
+KEY = struct.Struct("<I")
+VALUE = struct.Struct("<QIHBB")  # struct session {bytes, backend, port, proto, flags}
+OP = struct.Struct("<II")  # struct demo_op header {op, key}; the value follows
+DEMO_UPDATE, DEMO_DELETE = 1, 2
+
+
+def demo_object() -> Path:
+    path = Path(str(resources.files("bpfsync") / "bpf" / "demo.bpf.o"))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is not built: run `make bpf`")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def session(n: int) -> bytes:
+    """A deterministic demo value derived from ``n``."""
+    return VALUE.pack(n * 1500, n % 7, 1024 + n % 50000, 6 if n % 2 else 17, n % 256)
+
+
+class Node:
+    """One node: its map (pinned), its BPF writer program and, while started, its agent."""
+
+    def __init__(self, name: str, root: Path, port: int, http_port: int) -> None:
+        self.name = name
+        self.dir = root / name
+        self.pin = self.dir / MAP_NAME
+        self.port = port
+        self.http_port = http_port
+        self.peers: list[str] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = Path(f"/tmp/bpfsync-{root.name}-{name}.log")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.obj = BpfObject.open(demo_object())
+        self.obj.load()
+        self.map = self.obj.map(MAP_NAME)
+        self.map.pin(str(self.pin))
+        self.writer = self.obj.program("write_op")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    # --- the agent -----------------------------------------------------------------------------
+
+    def command(self, extra: Sequence[str] = ()) -> list[str]:
+        cmd = [sys.executable, "-m", "bpfsync.cli.main", "run", "--node-id", self.name,
+               "--listen", self.address, "--map", str(self.pin),
+               "--http", f"127.0.0.1:{self.http_port}"]
+        for p in self.peers:
+            cmd += ["--peer", p]
+        return cmd + list(extra)
+
+    def start(self, extra: Sequence[str] = ()) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError(f"node {self.name} is already running")
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(self.command(extra), stdout=log, stderr=log,
+                                     stdin=subprocess.DEVNULL)
+        log.close()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        """Signal the agent and wait for it; returns its exit code (None if it was not running)."""
+        if self.proc is None:
+            return None
+        proc, self.proc = self.proc, None
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            url = f"http://127.0.0.1:{self.http_port}/status"
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                data: dict[str, Any] = json.load(resp)
+                return data
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+
+    def is_ready(self) -> bool:
+        st = self.status()
+        return bool(st and st.get("ready"))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    # --- the data plane ------------------------------------------------------------------------
+
+    def put(self, key: int, value: bytes) -> None:
+        """A user-space write (bpf(2) from this process, not the agent)."""
+        self.map.update(KEY.pack(key), value)
+
+    def delete(self, key: int) -> None:
+        self.map.delete(KEY.pack(key))
+
+    def bpf_put(self, key: int, value: bytes) -> None:
+        """A write made by a BPF program: ``write_op`` run with BPF_PROG_TEST_RUN."""
+        res = self.writer.test_run(OP.pack(DEMO_UPDATE, key) + value)
+        if res.retval != 2:  # XDP_PASS: bpf_map_update_elem succeeded
+            raise RuntimeError(f"BPF update of key {key} on {self.name} failed")
+
+    def bpf_delete(self, key: int) -> None:
+        self.writer.test_run(OP.pack(DEMO_DELETE, key) + bytes(VALUE.size))
+
+    def content(self) -> dict[bytes, bytes]:
+        return self.map.dump().to_dict()
+
+    def close(self) -> None:
+        self.stop()
+        self.map.close()
+        self.obj.close()
+        with contextlib.suppress(OSError):
+            self.pin.unlink()
+
+
+class Cluster:
+    """N nodes in a full mesh; a context manager that always cleans up pins and processes."""
+
+    def __init__(self, names: Sequence[str] = ("a", "b", "c"), tag: str | None = None) -> None:
+        self.root = BPFFS / f"bpfsync-{tag or 'cluster'}-{uuid.uuid4().hex[:8]}"
+        self.nodes: dict[str, Node] = {}
+        try:
+            for n in names:
+                self.nodes[n] = Node(n, self.root, free_port(), free_port())
+        except BaseException:
+            self.close()
+            raise
+        for node in self.nodes.values():
+            node.peers = [o.address for o in self.nodes.values() if o is not node]
+
+    def __getitem__(self, name: str) -> Node:
+        return self.nodes[name]
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes.values())
+
+    def start(self, extra: Sequence[str] = ()) -> None:
+        for node in self:
+            node.start(extra)
+
+    def wait(self, cond: Callable[[], bool], timeout: float, every: float = 0.1) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if cond():
+                return True
+            time.sleep(every)
+        return cond()
+
+    def wait_ready(self, timeout: float = 30.0, nodes: Sequence[Node] | None = None) -> bool:
+        return self.wait(lambda: all(n.is_ready() for n in (nodes or list(self))), timeout)
+
+    def converged(self) -> bool:
+        contents = [n.content() for n in self]
+        return all(c == contents[0] for c in contents[1:])
+
+    def wait_converged(self, timeout: float) -> bool:
+        return self.wait(self.converged, timeout, every=0.2)
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            node.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.root)
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

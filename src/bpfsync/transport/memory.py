@@ -1,0 +1,158 @@
+"""An in-process network of transports, for testing the layers above without sockets.
+
+Same contract as GrpcMesh (see base.py): PeerUp with the peer's Hello on each side, the peer's
+Hello as the first Received, in-order delivery per link, sends refused while a link is down and
+never replayed. Every message goes through the codec, so a value the real transport would refuse
+is refused here too. Links can be cut and healed to test what the core does on reconnect:
+
+    net = MemoryNetwork()
+    a, b = net.transport(hello_a), net.transport(hello_b)
+    await a.start(); await b.start()     # a and b see PeerUp for each other
+    net.cut("a", "b")                     # both see PeerDown; send() returns False
+    net.heal("a", "b")                    # both see PeerUp again (and each other's Hello)
+
+Delivery is immediate and unbounded: there is no network to push back on a slow consumer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Mapping
+
+from bpfsync.core.messages import Hello, Message
+from bpfsync.errors import TransportError
+from bpfsync.transport import codec
+from bpfsync.transport.base import (
+    Event,
+    OversizedMessageError,
+    PeerDown,
+    PeerState,
+    PeerUp,
+    Received,
+)
+from bpfsync.transport.inbox import Inbox
+
+__all__ = ["MemoryNetwork", "MemoryTransport"]
+
+
+class MemoryNetwork:
+    def __init__(self, max_message_bytes: int = 16 << 20) -> None:
+        self.max_message_bytes = max_message_bytes
+        self._members: dict[str, MemoryTransport] = {}
+        self._cut: set[frozenset[str]] = set()
+
+    def transport(self, hello: Hello) -> MemoryTransport:
+        return MemoryTransport(self, hello)
+
+    def linked(self, a: str, b: str) -> bool:
+        return a in self._members and b in self._members and frozenset((a, b)) not in self._cut
+
+    def cut(self, a: str, b: str) -> None:
+        """Break the links between ``a`` and ``b`` (both directions)."""
+        if self.linked(a, b):
+            self._cut.add(frozenset((a, b)))
+            err = TransportError(f"link {a}-{b} cut")
+            self._members[a]._inbox.put_event(PeerDown(b, err))
+            self._members[b]._inbox.put_event(PeerDown(a, err))
+
+    def heal(self, a: str, b: str) -> None:
+        self._cut.discard(frozenset((a, b)))
+        if self.linked(a, b):
+            self._members[a]._connect(self._members[b])
+
+    def _join(self, t: MemoryTransport) -> None:
+        if t.node in self._members:
+            raise TransportError(f"node {t.node!r} is already on this network")
+        self._members[t.node] = t
+        for other in list(self._members.values()):
+            if other is not t and self.linked(t.node, other.node):
+                t._connect(other)
+
+    def _leave(self, t: MemoryTransport) -> None:
+        if self._members.get(t.node) is not t:
+            return
+        del self._members[t.node]
+        for other in self._members.values():
+            if frozenset((t.node, other.node)) not in self._cut:
+                other._inbox.put_event(PeerDown(t.node, TransportError(f"{t.node} closed")))
+
+
+class MemoryTransport:
+    """One node on a MemoryNetwork; implements bpfsync.transport.base.Transport."""
+
+    def __init__(self, network: MemoryNetwork, hello: Hello) -> None:
+        self.hello = hello
+        self._net = network
+        self._inbox = Inbox()
+        self._sent: dict[str, list[int]] = {}  # peer -> [messages, bytes]
+        self._received: dict[str, list[int]] = {}
+        self._stats = {"send_refused": 0, "send_oversized": 0}
+        self._started = self._closed = False
+
+    @property
+    def node(self) -> str:
+        return self.hello.node
+
+    async def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._net._join(self)
+
+    def send(self, peer: str, message: Message) -> bool:
+        return bool(self.broadcast(message, [peer]))
+
+    def broadcast(self, message: Message, to: Iterable[str] | None = None) -> list[str]:
+        frame = codec.encode(message)
+        if len(frame) > self._net.max_message_bytes:
+            self._stats["send_oversized"] += 1
+            raise OversizedMessageError(f"{len(frame)} bytes, over {self._net.max_message_bytes}")
+        members = self._net._members
+        targets = [n for n in members if n != self.node] if to is None else list(to)
+        sent = []
+        for peer in targets:
+            if not self._started or self._closed or not self._net.linked(self.node, peer):
+                self._stats["send_refused"] += 1
+                continue
+            members[peer]._deliver(self.node, frame)
+            counts = self._sent.setdefault(peer, [0, 0])
+            counts[0] += 1
+            counts[1] += len(frame)
+            sent.append(peer)
+        return sent
+
+    def events(self) -> AsyncIterator[Event]:
+        return aiter(self._inbox)
+
+    def peers(self) -> list[PeerState]:
+        out = []
+        for peer in sorted((self._net._members.keys() | self._sent.keys()) - {self.node}):
+            up = self._net.linked(self.node, peer)
+            other = self._net._members.get(peer)
+            sent, received = self._sent.get(peer, [0, 0]), self._received.get(peer, [0, 0])
+            out.append(PeerState(
+                address=None, node=peer, connected=up, inbound=up,
+                incarnation=other.hello.incarnation if other else None, last_error=None,
+                messages_sent=sent[0], bytes_sent=sent[1],
+                messages_received=received[0], bytes_received=received[1],
+            ))
+        return out
+
+    @property
+    def stats(self) -> Mapping[str, int]:
+        return dict(self._stats)
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._net._leave(self)
+            self._inbox.close()
+
+    def _connect(self, other: MemoryTransport) -> None:
+        for x, y in ((self, other), (other, self)):
+            x._inbox.put_event(PeerUp(y.node, y.hello))
+            x._inbox.put_event(Received(y.node, y.hello))
+
+    def _deliver(self, sender: str, frame: bytes) -> None:
+        counts = self._received.setdefault(sender, [0, 0])
+        counts[0] += 1
+        counts[1] += len(frame)
+        self._inbox.put_event(Received(sender, codec.decode(frame, peer=sender)))

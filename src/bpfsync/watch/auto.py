@@ -1,0 +1,254 @@
+"""The auto watcher (the default): trace where the kernel allows it, and poll underneath.
+
+Tracing reports writes within microseconds but cannot see in-place writes through lookup
+pointers or LRU evictions, and a full ring buffer drops records. So every map is also polled:
+slowly (``repair_interval``) where it is traced, at ``poll_interval`` where it is not. Where the
+kernel refuses tracing (a policy refusing fexit with EPERM, no BTF, an old kernel) or a map cannot
+be traced (type, key or value too large), those maps are polled alone, and one log line says why.
+
+Repair after loss: an ``Overflow`` from the tracer makes the next ``read()`` rescan the map at
+once, so a dropped event delays a change but never loses it. A rescan must compare the map with
+what was *reported*, not with the previous scan: a traced change moves the consumer's view away
+from the last scan (k: 1 -> 2 reported, 2 -> 1 dropped; the map equals the last scan, yet the
+consumer still believes 2). So each map keeps an overlay of the values the tracer reported since
+its last scan; a scan is diffed against that scan with the overlay applied. This also keeps the
+periodic poll from repeating what the tracer already reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Protocol
+
+from bpfsync.errors import KernelError, NotSupportedError
+from bpfsync.kernel.maps import Map
+from bpfsync.model import Change, Overflow, Seen, WatchEvent
+from bpfsync.watch.poll import MapPoller
+from bpfsync.watch.snapshot import diff, full
+from bpfsync.watch.trace import TraceWatcher, check_traceable
+
+log = logging.getLogger("bpfsync.watch")
+
+# How many ring batches a repair drains before scanning, so the overlay is current.
+_DRAIN_BATCHES = 64
+
+
+class Tracer(Protocol):
+    """What AutoWatcher needs of a tracer (``TraceWatcher``; tests pass a scripted one)."""
+
+    attached: list[str]
+
+    def start(self) -> None: ...
+
+    def read(self, timeout: float | None = 0.0) -> list[WatchEvent]: ...
+
+    def close(self) -> None: ...
+
+
+TracerFactory = Callable[[Mapping[str, Map]], Tracer]
+
+
+class AutoWatcher:
+    """Trace + repair poll for ``maps`` (cluster name -> open ``Map``), or poll alone.
+
+    ``start()`` never fails for want of tracing: it falls back and logs why. ``read(timeout)``
+    returns what is ready, waiting up to ``timeout`` seconds; ``events()`` yields until
+    ``close()``, which any thread may call. An ``Overflow`` is passed through (for metrics) and
+    followed, in the same or the next ``read()``, by the rescan's changes.
+    """
+
+    def __init__(
+        self,
+        maps: Mapping[str, Map],
+        *,
+        poll_interval: float = 1.0,
+        repair_interval: float = 10.0,
+        tracing: bool = True,
+        agent_tgid: int | None = None,
+        ring_size: int | None = None,
+        emit_initial: bool = False,
+        tracer_factory: TracerFactory | None = None,
+    ) -> None:
+        if poll_interval <= 0 or repair_interval <= 0:
+            raise ValueError("poll intervals must be positive")
+        if not maps:
+            raise ValueError("nothing to watch")
+        self.maps = dict(maps)
+        self.poll_interval = poll_interval
+        self.repair_interval = repair_interval
+        self.tracing = tracing
+        self.agent_tgid = agent_tgid
+        self.ring_size = ring_size
+        self.emit_initial = emit_initial
+        self.tracer_factory = tracer_factory or self._trace_watcher
+        self.trace: Tracer | None = None
+        self.traced: frozenset[str] = frozenset()
+        self.why_not_traced = ""  # empty when every map is traced
+        self._pollers = {name: MapPoller(name, m) for name, m in self.maps.items()}
+        self._interval: dict[str, float] = {}
+        self._due: dict[str, float] = {}
+        self._rescan: set[str] = set()
+        self._overlay: dict[str, dict[bytes, bytes | None]] = {}
+        self._initial: list[WatchEvent] = []  # the first scans' entries, with emit_initial
+        self._stop = threading.Event()
+        self._started = False
+
+    @property
+    def mode(self) -> str:
+        return "trace+poll" if self.trace is not None else "poll"
+
+    # --- lifetime ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Attach the tracer where possible, then take each map's baseline scan."""
+        if self._started:
+            raise ValueError("AutoWatcher.start() called twice")
+        self._started = True
+        traceable, refused = self._split() if self.tracing else ({}, {})
+        if not self.tracing:
+            self.why_not_traced = "tracing switched off"
+        elif traceable:
+            tracer = self.tracer_factory(traceable)
+            try:
+                tracer.start()
+            except KernelError as e:
+                self.why_not_traced = str(e).splitlines()[0]
+            else:
+                self.trace, self.traced = tracer, frozenset(traceable)
+        if refused and not self.why_not_traced:
+            self.why_not_traced = "; ".join(refused.values())
+        if self.why_not_traced:
+            polled = sorted(set(self.maps) - self.traced)
+            log.warning(
+                "trace watcher not used for %s (%s): polling every %.1f s instead",
+                ", ".join(polled), self.why_not_traced, self.poll_interval,
+            )  # fmt: skip
+        now = time.monotonic()
+        for name in self.maps:
+            traced = name in self.traced
+            self._interval[name] = self.repair_interval if traced else self.poll_interval
+            self._due[name] = now + self._interval[name]
+            self._pollers[name].emit_initial = self.emit_initial
+        self._initial = [c for p in self._pollers.values() for c in p.poll()]
+        if self.trace is not None:
+            log.info(
+                "watching %s by trace (%s)",
+                ", ".join(sorted(self.traced)),
+                ", ".join(self.trace.attached),
+            )
+
+    def _trace_watcher(self, maps: Mapping[str, Map]) -> Tracer:
+        return TraceWatcher(maps, agent_tgid=self.agent_tgid, ring_size=self.ring_size)
+
+    def _split(self) -> tuple[dict[str, Map], dict[str, str]]:
+        traceable: dict[str, Map] = {}
+        refused: dict[str, str] = {}
+        for name, m in self.maps.items():
+            try:
+                check_traceable(name, m.info)
+            except NotSupportedError as e:
+                refused[name] = str(e)
+            else:
+                traceable[name] = m
+        return traceable, refused
+
+    def close(self) -> None:
+        """Stop ``events()``/``read()`` and detach the tracer. The maps stay the caller's."""
+        self._stop.set()
+        if self.trace is not None:
+            self.trace.close()
+
+    def __enter__(self) -> AutoWatcher:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def read(self, timeout: float | None = 0.0) -> list[WatchEvent]:
+        """What is ready now (traced changes, repairs, periodic scans); waits up to ``timeout``
+        seconds (None: until something happens) when nothing is."""
+        if not self._started:
+            raise ValueError("AutoWatcher.read() before start()")
+        out: list[WatchEvent] = self._initial
+        self._initial = []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._stop.is_set():
+            wait = self._until_next_poll()
+            if deadline is not None:
+                wait = min(wait, max(0.0, deadline - time.monotonic()))
+            if out:
+                wait = 0.0
+            if self.trace is not None:
+                out += self._note(self.trace.read(wait))
+            elif wait > 0:
+                self._stop.wait(wait)
+            out += self._poll_due()
+            if out or (deadline is not None and time.monotonic() >= deadline):
+                break
+        return out
+
+    def events(self) -> Iterator[WatchEvent]:
+        """Yield events until ``close()``."""
+        while not self._stop.is_set():
+            yield from self.read(timeout=0.5)
+
+    def _until_next_poll(self) -> float:
+        if self._rescan:
+            return 0.0
+        return max(0.0, min(self._due.values()) - time.monotonic())
+
+    def _note(self, events: list[WatchEvent]) -> list[WatchEvent]:
+        """Record what the tracer reported (the overlay) and which maps need a rescan."""
+        overlay = self._overlay
+        for e in events:
+            if type(e) is Change:
+                ov = overlay.get(e.map)
+                if ov is None:
+                    ov = overlay[e.map] = {}
+                ov[e.key] = e.value
+            elif isinstance(e, Overflow):
+                self._rescan.update(self.traced if e.map is None else (e.map,))
+        return events
+
+    def _poll_due(self) -> list[WatchEvent]:
+        now = time.monotonic()
+        due = [n for n, t in self._due.items() if t <= now or n in self._rescan]
+        if not due:
+            return []
+        out: list[WatchEvent] = []
+        if self.trace is not None and any(n in self.traced for n in due):
+            # bring the overlay up to date, so the scan is compared with what was reported
+            for _ in range(_DRAIN_BATCHES):
+                batch = self._note(self.trace.read(0))
+                out += batch
+                if not batch:
+                    break
+            due = [n for n, t in self._due.items() if t <= now or n in self._rescan]
+        for name in due:
+            self._rescan.discard(name)
+            self._due[name] = time.monotonic() + self._interval[name]
+            out += self._scan(name)
+        return out
+
+    def _scan(self, name: str) -> list[Change]:
+        """Changes between what the consumer was told about ``name`` and its content now."""
+        poller = self._pollers[name]
+        snap = poller.rescan()
+        prev, poller.baseline = poller.baseline, snap
+        overlay = self._overlay.pop(name, {})
+        if prev is None:
+            return full(name, snap) if self.emit_initial else []
+        changes = diff(name, prev, snap)
+        if overlay:
+            changes = [c for c in changes if c.key not in overlay]
+            for key, told in overlay.items():
+                now = snap.get(key)
+                if now != told:
+                    changes.append(Change(name, key, now, Seen.POLL))
+        return changes

@@ -1,0 +1,224 @@
+"""One scan of a map (``Snapshot``) and the difference between two scans (``diff``), vectorised.
+
+A 1M-entry map must scan and diff in well under a second, so nothing here loops over entries in
+Python except to build the ``Change``s that are actually reported. Two paths:
+
+- **positions** — a hash map dumps bucket by bucket. In-place writes (atomic counters) move
+  nothing, and an update from user space or a program only reorders its own bucket, so rows
+  holding the same key at the same position in both scans are compared value to value, row-wise;
+- **sorted match** — the remaining rows (or all of them, once inserts and deletes have shifted
+  positions) get a 64-bit code per key (the key itself when it fits in 8 bytes, else a hash), are
+  sorted by code and matched with ``searchsorted``. Hash codes are verified: equal codes must
+  mean equal keys, or the diff redoes the match with a dict.
+
+Deleted and evicted keys (present before, absent now) are reported with ``value=None``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from bpfsync.kernel.dump import MapDump
+from bpfsync.model import Change, Seen
+
+U64 = npt.NDArray[np.uint64]
+Rows = npt.NDArray[np.uint8]
+Index = npt.NDArray[np.intp]
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)  # splitmix64 finaliser constants
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+class Snapshot:
+    """A ``MapDump`` plus its keys' codes in sorted order, computed on first need."""
+
+    __slots__ = ("_exact", "_order", "_sorted_codes", "dump")
+
+    def __init__(self, dump: MapDump) -> None:
+        self.dump = dump
+        self._order: Index | None = None
+        self._sorted_codes: U64 | None = None
+        self._exact = dump.key_size <= 8  # codes are the keys themselves
+
+    @property
+    def count(self) -> int:
+        return self.dump.count
+
+    def __len__(self) -> int:
+        return self.dump.count
+
+    def sorted(self) -> tuple[Index, U64]:
+        """(permutation that sorts the rows by key code, the sorted codes)."""
+        if self._order is None or self._sorted_codes is None:
+            self._order, self._sorted_codes = _sort(self.dump.key_array)
+        return self._order, self._sorted_codes
+
+    def get(self, key: bytes) -> bytes | None:
+        """The value of ``key`` in this scan, or None."""
+        if len(key) != self.dump.key_size:
+            raise ValueError(f"key is {len(key)} bytes, the map's keys {self.dump.key_size}")
+        order, codes = self.sorted()
+        code = key_codes(np.frombuffer(key, dtype=np.uint8).reshape(1, -1))[0]
+        lo, hi = np.searchsorted(codes, code, "left"), np.searchsorted(codes, code, "right")
+        for pos in order[lo:hi]:
+            if self.dump.key_array[pos].tobytes() == key:
+                return bytes(self.dump.value_array[pos].tobytes())
+        return None
+
+    def to_dict(self) -> dict[bytes, bytes]:
+        return self.dump.to_dict()
+
+    def _adopt_order(self, other: Snapshot) -> None:
+        """Same keys in the same positions as ``other``: reuse its sort."""
+        self._order, self._sorted_codes = other._order, other._sorted_codes
+
+
+def key_codes(keys: Rows) -> U64:
+    """One uint64 per key row: the key zero-padded when it fits in 8 bytes, else a hash."""
+    n, size = keys.shape
+    if size == 8:
+        return np.ascontiguousarray(keys).view(np.uint64).reshape(n).copy()
+    width = (size + 7) // 8 * 8
+    if width != size or not keys.flags.c_contiguous:
+        padded = np.zeros((n, width), dtype=np.uint8)
+        padded[:, :size] = keys
+        keys = padded
+    words = keys.view(np.uint64)
+    if width == 8:
+        return words.reshape(n).copy()
+    h = np.full(n, np.uint64(width), dtype=np.uint64)
+    for col in range(words.shape[1]):
+        h = _mix((h ^ words[:, col]) * _GOLDEN)
+    return h
+
+
+def _mix(x: U64) -> U64:
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def rows_differ(a: Rows, b: Rows) -> npt.NDArray[np.bool_]:
+    """Row-wise ``a != b`` of two (n, size) uint8 arrays, 8 bytes at a time when possible."""
+    size = a.shape[1]
+    if size % 8 == 0 and a.flags.c_contiguous and b.flags.c_contiguous:
+        wa, wb = a.view(np.uint64), b.view(np.uint64)
+        if size == 8:
+            different: npt.NDArray[np.bool_] = wa.reshape(-1) != wb.reshape(-1)
+            return different
+        return (wa != wb).any(axis=1)  # type: ignore[no-any-return]
+    return (a != b).any(axis=1)  # type: ignore[no-any-return]
+
+
+def diff(map_name: str, prev: Snapshot, cur: Snapshot) -> list[Change]:
+    """Changes that turn ``prev`` into ``cur``: new or changed entries, then deletions."""
+    p, c = prev.dump, cur.dump
+    if (p.key_size, p.value_size) != (c.key_size, c.value_size):
+        raise ValueError("cannot diff scans of maps with different key or value sizes")
+    m = min(p.count, c.count)
+    moved_mask = rows_differ(p.key_array[:m], c.key_array[:m])
+    moved = np.flatnonzero(moved_mask)
+    if p.count == c.count and not len(moved):
+        cur._adopt_order(prev)
+        return _changes(map_name, cur, np.flatnonzero(rows_differ(p.value_array, c.value_array)))
+    # A key at the same position in both scans is the same entry (keys are unique in a scan),
+    # so only the rest needs matching. Updates and in-place writes leave most positions alone;
+    # an insert or delete shifts everything after it, and then the whole map is matched.
+    p_rest = np.concatenate([moved, np.arange(m, p.count, dtype=np.intp)])
+    c_rest = np.concatenate([moved, np.arange(m, c.count, dtype=np.intp)])
+    if len(p_rest) + len(c_rest) > (p.count + c.count) // 4:
+        changed = np.empty(0, dtype=np.intp)
+        matched = _match(p.key_array, c.key_array, prev.sorted(), cur.sorted(), prev._exact)
+        if matched is None:
+            return _diff_by_dict(map_name, prev, cur)
+        c_idx, p_idx, c_new, p_gone = matched
+    else:
+        changed = np.flatnonzero(rows_differ(p.value_array[:m], c.value_array[:m]) & ~moved_mask)
+        p_keys, c_keys = take_rows(p.key_array, p_rest), take_rows(c.key_array, c_rest)
+        matched = _match(p_keys, c_keys, None, None, prev._exact)
+        if matched is None:
+            return _diff_by_dict(map_name, prev, cur)
+        c_idx, p_idx = c_rest[matched[0]], p_rest[matched[1]]
+        c_new, p_gone = c_rest[matched[2]], p_rest[matched[3]]
+    differ = rows_differ(take_rows(p.value_array, p_idx), take_rows(c.value_array, c_idx))
+    updated = np.sort(np.concatenate([changed, c_idx[differ], c_new]))
+    return _changes(map_name, cur, updated) + _deletions(map_name, prev, np.sort(p_gone))
+
+
+def take_rows(rows: Rows, idx: Index) -> Rows:
+    """``rows[idx]``, gathering whole rows as opaque items (5-10x faster than uint8 rows)."""
+    size = rows.shape[1]
+    if not rows.flags.c_contiguous:
+        rows = np.ascontiguousarray(rows)
+    items = rows.view(np.dtype((np.void, size))).reshape(-1)
+    return items[idx].view(np.uint8).reshape(-1, size)
+
+
+def _sort(keys: Rows) -> tuple[Index, U64]:
+    codes = key_codes(keys)
+    order = np.argsort(codes)
+    return order, codes[order]
+
+
+def _match(
+    p_keys: Rows,
+    c_keys: Rows,
+    p_sorted: tuple[Index, U64] | None,
+    c_sorted: tuple[Index, U64] | None,
+    exact: bool,
+) -> tuple[Index, Index, Index, Index] | None:
+    """Match two sets of key rows: (rows of c, rows of p) holding the same keys, rows only in c,
+    rows only in p. None if hash codes collide (the caller then matches exactly)."""
+    p_order, p_codes = p_sorted if p_sorted is not None else _sort(p_keys)
+    c_order, c_codes = c_sorted if c_sorted is not None else _sort(c_keys)
+    if not exact and (_has_dups(p_codes) or _has_dups(c_codes)):
+        return None
+    if not len(p_codes):
+        return np.empty(0, np.intp), np.empty(0, np.intp), c_order, p_order
+    # past the end, searchsorted answers len(p_codes); the last code is then smaller: no match
+    pos = np.minimum(np.searchsorted(p_codes, c_codes), len(p_codes) - 1)
+    found = p_codes[pos] == c_codes
+    c_idx = c_order[found]
+    p_idx = p_order[pos[found]]
+    if not exact and not np.array_equal(take_rows(p_keys, p_idx), take_rows(c_keys, c_idx)):
+        return None
+    kept = np.zeros(len(p_codes), dtype=bool)
+    kept[pos[found]] = True
+    return c_idx, p_idx, c_order[~found], p_order[~kept]
+
+
+def _has_dups(sorted_codes: U64) -> bool:
+    return bool(len(sorted_codes) > 1 and (sorted_codes[1:] == sorted_codes[:-1]).any())
+
+
+def _diff_by_dict(map_name: str, prev: Snapshot, cur: Snapshot) -> list[Change]:
+    """Exact, slow diff: only reached when two different keys share a 64-bit hash."""
+    before, after = prev.to_dict(), cur.to_dict()
+    changes = [Change(map_name, k, v, Seen.POLL) for k, v in after.items() if before.get(k) != v]
+    changes += [Change(map_name, k, None, Seen.POLL) for k in before if k not in after]
+    return changes
+
+
+def _changes(map_name: str, snap: Snapshot, rows: Index) -> list[Change]:
+    keys = _row_bytes(snap.dump.key_array, rows)
+    values = _row_bytes(snap.dump.value_array, rows)
+    return [Change(map_name, k, v, Seen.POLL) for k, v in zip(keys, values, strict=True)]
+
+
+def _deletions(map_name: str, snap: Snapshot, rows: Index) -> list[Change]:
+    return [Change(map_name, k, None, Seen.POLL) for k in _row_bytes(snap.dump.key_array, rows)]
+
+
+def _row_bytes(array: Rows, rows: Index) -> list[bytes]:
+    """``bytes`` of the given rows: row by row when they are few, else sliced from one copy."""
+    if len(rows) * 8 < array.shape[0]:
+        return [array[i].tobytes() for i in rows.tolist()]
+    flat, size = array.tobytes(), array.shape[1]
+    return [flat[i * size : (i + 1) * size] for i in rows.tolist()]
+
+
+def full(map_name: str, snap: Snapshot) -> list[Change]:
+    """Every entry of ``snap`` as a change (a first scan reported in full)."""
+    return _changes(map_name, snap, np.arange(snap.count, dtype=np.intp))

@@ -1,0 +1,460 @@
+"""The trace watcher: fexit programs report each successful map write through a ring buffer.
+
+``TraceWatcher`` loads ``bpf/trace.bpf.o``, turns off the programs whose kernel function this
+kernel lacks (probed in its BTF), writes the watched map ids and the agent's process id into the
+object's maps, attaches, and turns ring records into ``Change``s in bulk. Where the kernel
+refuses tracing programs (EPERM by policy, no BTF), ``start()`` raises the ``KernelError`` that
+says why; ``AutoWatcher`` then polls instead.
+
+- Only successful ops are reported (fexit sees the return value).
+- Keys, and values of maps that are not per-CPU, are captured up to 256 bytes (``KEY_MAX``,
+  ``VALUE_MAX``); a larger map is refused with ``NotSupportedError`` naming the limit.
+- Per-CPU maps: the kernel record carries the key only (a program's write is one CPU's share,
+  a syscall's write all of them); the value is re-read from the map, every CPU, once per key per
+  batch. A key gone by then is reported as deleted.
+- The agent's own writes (bpf(2) map writes by the agent's process, outside interrupts) are
+  suppressed in the kernel so that applying a peer's change does not echo it; see
+  ``trace.bpf.c`` for how, and what that cannot tell apart.
+- Loss is never silent: a full ring drops records and counts them per map, and a fexit program
+  that could not run because another instance was active on the CPU (a softirq interrupting it)
+  is counted by the kernel as a recursion miss. Both come out as ``Overflow`` events, after
+  which the caller must rescan (``AutoWatcher`` does).
+
+Not seen: in-place writes through lookup pointers, LRU evictions, deletions by
+BPF_MAP_LOOKUP_AND_DELETE_BATCH. ``AutoWatcher``'s poll covers them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import os
+import struct
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from itertools import repeat
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from bpfsync.errors import KernelError, NotSupportedError
+from bpfsync.kernel import _libbpf
+from bpfsync.kernel.btf import KIND_VAR, vmlinux
+from bpfsync.kernel.features import function_exists
+from bpfsync.kernel.info import MapInfo, MapType
+from bpfsync.kernel.links import Link
+from bpfsync.kernel.maps import Map
+from bpfsync.kernel.objects import BpfObject
+from bpfsync.kernel.ringbuf import DEFAULT_MAX_RECORDS, RingBuffer
+from bpfsync.model import Change, Overflow, Seen, WatchEvent
+
+# --- mirror of bpf/trace.h ---------------------------------------------------------------------
+
+KEY_MAX = 256  # TRACE_KEY_MAX
+VALUE_MAX = 256  # TRACE_VALUE_MAX
+WATCH_MAX = 1024  # TRACE_WATCH_MAX
+OP_UPDATE, OP_DELETE = 1, 2  # enum trace_op
+F_VALUE_NOT_CAPTURED, F_INTERRUPT = 1, 2  # enum trace_flag
+
+RECORD = np.dtype(
+    {
+        "names": ["map_id", "key_len", "value_len", "op", "flags", "cpu", "tgid", "key", "value"],
+        "formats": ["<u4", "<u2", "<u2", "u1", "u1", "<u2", "<u4", ("u1", KEY_MAX),
+                    ("u1", VALUE_MAX)],
+        "offsets": [0, 4, 6, 8, 9, 10, 12, 16, 16 + KEY_MAX],
+        "itemsize": 16 + KEY_MAX + VALUE_MAX,
+    }
+)  # fmt: skip
+_WATCH = struct.Struct("<Q")  # struct trace_watch
+_CONFIG = struct.Struct("<II")  # struct trace_config
+
+
+class OwnMode(enum.IntEnum):
+    """``enum trace_own_mode``: how the kernel side recognises the agent's own writes."""
+
+    OFF = 0  # report everything
+    SYSCALL = 1  # agent thread inside a map-writing bpf(2) call, not in an interrupt
+    TGID = 2  # agent process, not in an interrupt (kernel without the bpf(2) entry hook)
+
+
+class Counter(enum.IntEnum):
+    """Slots of the per-CPU ``counters`` array (``enum trace_counter``)."""
+
+    SUBMITTED = 0
+    DROPPED = 1
+    SUPPRESSED = 2
+
+
+OBJECT = "trace.bpf.o"
+SYSCALL_HOOK = "__x64_sys_bpf"
+_OWN_HOOK_PROGRAMS = ("agent_bpf_enter", "agent_bpf_exit")
+# Per-CPU variables that hold the preempt count (6.1/6.15+, 6.2-6.14): without one of them the
+# kernel side cannot tell interrupt context, so it could not suppress own writes safely.
+_PREEMPT_COUNT_VARS = ("__preempt_count", "pcpu_hot")
+
+# Kernel functions a map type's writes go through, all required to watch that type.
+REQUIRED_FUNCTIONS: dict[MapType, tuple[str, ...]] = {
+    MapType.HASH: ("htab_map_update_elem", "htab_map_delete_elem"),
+    MapType.LRU_HASH: ("htab_lru_map_update_elem", "htab_lru_map_delete_elem"),
+    MapType.PERCPU_HASH: (
+        "htab_percpu_map_update_elem", "bpf_percpu_hash_update", "htab_map_delete_elem",
+    ),
+    MapType.LRU_PERCPU_HASH: (
+        "htab_lru_percpu_map_update_elem", "bpf_percpu_hash_update", "htab_lru_map_delete_elem",
+    ),
+    MapType.ARRAY: ("array_map_update_elem",),
+    MapType.PERCPU_ARRAY: ("array_map_update_elem", "bpf_percpu_array_update"),
+}  # fmt: skip
+
+# How often the kernel's per-program recursion-miss counters are read (one syscall per program).
+MISS_CHECK_SECONDS = 0.25
+
+
+def object_path() -> Path:
+    """The compiled tracer shipped in the package (built by `make bpf`)."""
+    path = Path(str(resources.files("bpfsync") / "bpf" / OBJECT))
+    if not path.is_file():
+        raise NotSupportedError(f"the tracer {path} is not built (run `make bpf`)")
+    return path
+
+
+def check_traceable(name: str, info: MapInfo) -> None:
+    """Raise ``NotSupportedError`` if the trace watcher cannot watch this map (type or size)."""
+    if info.type not in REQUIRED_FUNCTIONS:
+        kinds = ", ".join(t.name.lower() for t in REQUIRED_FUNCTIONS)
+        raise NotSupportedError(
+            f"map {name!r} {info.describe()}: the trace watcher handles {kinds} maps only"
+        )
+    if info.key_size > KEY_MAX:
+        raise NotSupportedError(
+            f"map {name!r} {info.describe()} has {info.key_size}-byte keys: the trace watcher "
+            f"captures keys of at most {KEY_MAX} bytes (TRACE_KEY_MAX); poll this map instead"
+        )
+    if not info.type.percpu and info.value_size > VALUE_MAX:
+        raise NotSupportedError(
+            f"map {name!r} {info.describe()} has {info.value_size}-byte values: the trace "
+            f"watcher captures values of at most {VALUE_MAX} bytes (TRACE_VALUE_MAX); poll this "
+            "map instead"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TraceStats:
+    """Totals since ``start()`` from the kernel side's counters."""
+
+    submitted: int  # records put in the ring
+    dropped: int  # records lost to a full ring
+    suppressed: int  # own writes not reported
+    recursion_misses: int  # writes the fexit programs could not see (reported as Overflow)
+
+
+@dataclass(frozen=True, slots=True)
+class _Watched:
+    name: str
+    map: Map
+    key_size: int
+    value_size: int
+    percpu: bool
+
+
+class TraceWatcher:
+    """Reports every successful update and delete of ``maps`` (cluster name -> open ``Map``).
+
+    ``start()`` loads and attaches; ``read(timeout)`` returns the events ready (waiting up to
+    ``timeout`` seconds for the first); ``events()`` yields until ``close()``, which any thread
+    may call. The maps stay the caller's: the watcher never closes them.
+
+    ``agent_tgid`` is the process whose bpf(2) map writes are its own and not reported: this
+    process by default, 0 for none.
+    """
+
+    def __init__(
+        self,
+        maps: Mapping[str, Map],
+        *,
+        agent_tgid: int | None = None,
+        ring_size: int | None = None,
+        max_batch: int = DEFAULT_MAX_RECORDS,
+        path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if not maps:
+            raise ValueError("nothing to watch")
+        if len(maps) > WATCH_MAX:
+            raise NotSupportedError(f"the trace watcher watches at most {WATCH_MAX} maps")
+        self._watched: dict[int, _Watched] = {}
+        for name, m in maps.items():
+            check_traceable(name, m.info)
+            self._watched[m.info.id] = _Watched(
+                name, m, m.info.key_size, m.info.value_size, m.info.type.percpu
+            )
+        self.agent_tgid = os.getpid() if agent_tgid is None else agent_tgid
+        self.ring_size = ring_size
+        self.max_batch = max_batch
+        self.path = Path(path) if path is not None else None
+        self.own_mode = OwnMode.OFF
+        self.attached: list[str] = []  # kernel functions hooked
+        self._obj: BpfObject | None = None
+        self._links: list[Link] = []
+        self._ring: RingBuffer | None = None
+        self._counters: Map | None = None
+        self._watch_map: Map | None = None
+        self._prog_fds: list[int] = []
+        self._dropped: dict[int, int] = dict.fromkeys(self._watched, 0)
+        self._dropped_total = 0
+        self._misses = 0
+        self._next_miss_check = 0.0
+        self._lock = threading.Lock()  # one read at a time; close() waits for it
+        self._closed = False
+
+    # --- lifetime ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load, configure and attach. Raises the ``KernelError`` that says why tracing is
+        impossible here (``PermissionDeniedError`` when a policy refuses fexit programs)."""
+        if self._obj is not None:
+            raise ValueError("TraceWatcher.start() called twice")
+        self._check_functions()
+        self.own_mode = self._choose_own_mode()
+        obj = BpfObject.open(self.path or object_path())
+        self._obj = obj
+        try:
+            self._configure_programs(obj)
+            if self.ring_size is not None:
+                obj.map_spec("events").set_max_entries(self.ring_size)
+            obj.load()
+            self._fill_maps(obj)
+            events = obj.map("events")
+            try:
+                self._ring = RingBuffer(events.fd, events.info.max_entries, RECORD)
+            finally:
+                events.close()
+            self._attach(obj)
+        except BaseException:
+            self._teardown()
+            raise
+
+    def close(self) -> None:
+        """Detach and free everything; a ``read()`` in another thread returns empty. Idempotent."""
+        self._closed = True
+        if self._ring is not None:
+            self._ring.wake()
+        with self._lock:
+            self._teardown()
+
+    def _teardown(self) -> None:
+        for link in reversed(self._links):  # map ops first, the own-write hooks last
+            link.destroy()
+        self._links.clear()
+        for m in (self._ring, self._counters, self._watch_map):
+            if m is not None:
+                m.close()
+        self._ring = self._counters = self._watch_map = None
+        self._prog_fds.clear()
+        if self._obj is not None:
+            self._obj.close()
+            self._obj = None
+
+    def __enter__(self) -> TraceWatcher:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def read(self, timeout: float | None = 0.0) -> list[WatchEvent]:
+        """The events ready now; if none, wait up to ``timeout`` s (None: forever) for some."""
+        with self._lock:
+            out = self._drain()
+        ring = self._ring
+        if out or timeout == 0 or ring is None:
+            return out
+        ring.wait(timeout)
+        with self._lock:
+            return self._drain()
+
+    def read_records(self, timeout: float | None = 0.0) -> npt.NDArray[np.void]:
+        """The raw ring records (``RECORD``), undecoded: for diagnostics and benchmarks. Values
+        of per-CPU maps are not re-read and no ``Overflow`` check is made."""
+        with self._lock:
+            if self._closed or self._ring is None:
+                return np.empty(0, RECORD)
+            ring = self._ring
+            out = ring.read(self.max_batch)
+        if len(out) or timeout == 0:
+            return out
+        ring.wait(timeout)
+        with self._lock:
+            if self._closed:
+                return np.empty(0, RECORD)
+            return ring.read(self.max_batch)
+
+    def events(self) -> Iterator[WatchEvent]:
+        """Yield events as they arrive until ``close()``."""
+        while not self._closed:
+            yield from self.read(timeout=0.5)
+
+    def stats(self) -> TraceStats:
+        with self._lock:
+            counters = self._read_counters()
+            return TraceStats(
+                submitted=counters[Counter.SUBMITTED],
+                dropped=counters[Counter.DROPPED],
+                suppressed=counters[Counter.SUPPRESSED],
+                recursion_misses=self._misses,
+            )
+
+    def _drain(self) -> list[WatchEvent]:
+        if self._closed or self._ring is None:
+            return []
+        records = self._ring.read(self.max_batch)
+        out: list[WatchEvent] = self._decode(records) if len(records) else []
+        out += self._overflows()
+        return out
+
+    def _decode(self, records: npt.NDArray[np.void]) -> list[WatchEvent]:
+        """Records -> Changes, in ring order; whole groups per map, not per record."""
+        ids = records["map_id"]
+        first = int(ids[0])
+        if (ids == first).all():
+            w = self._watched.get(first)
+            return list(self._changes(w, records)) if w is not None else []
+        out: list[WatchEvent | None] = [None] * len(records)
+        for map_id in np.unique(ids).tolist():
+            w = self._watched.get(map_id)
+            if w is None:  # unwatched since the record was made
+                continue
+            rows = np.flatnonzero(ids == map_id)
+            for i, change in zip(rows.tolist(), self._changes(w, records[rows]), strict=True):
+                out[i] = change
+        return [e for e in out if e is not None]
+
+    def _changes(self, w: _Watched, recs: npt.NDArray[np.void]) -> list[Change]:
+        n, ks = len(recs), w.key_size
+        kb = recs["key"][:, :ks].tobytes()
+        keys = [kb[i : i + ks] for i in range(0, n * ks, ks)]
+        deleted = recs["op"] == OP_DELETE
+        values: list[bytes | None]
+        if w.percpu:
+            current: dict[bytes, bytes | None] = {}
+            values = [None] * n
+            for i in np.flatnonzero(~deleted).tolist():
+                key = keys[i]
+                if key not in current:
+                    current[key] = w.map.lookup(key)
+                values[i] = current[key]
+        else:
+            vs = w.value_size
+            vb = recs["value"][:, :vs].tobytes()
+            values = [vb[i : i + vs] for i in range(0, n * vs, vs)]
+            for i in np.flatnonzero(deleted).tolist():
+                values[i] = None
+        return list(map(Change, repeat(w.name, n), keys, values, repeat(Seen.TRACE, n)))
+
+    def _overflows(self) -> list[WatchEvent]:
+        """Overflow events for records dropped, or writes missed, since the last check."""
+        out: list[WatchEvent] = []
+        dropped = self._read_counters()[Counter.DROPPED]
+        if dropped != self._dropped_total and self._watch_map is not None:
+            self._dropped_total = dropped
+            for map_id, w in self._watched.items():
+                raw = self._watch_map.lookup(struct.pack("<I", map_id))
+                total = _WATCH.unpack(raw)[0] if raw is not None else 0
+                if total != self._dropped[map_id]:
+                    out.append(Overflow(w.name, total - self._dropped[map_id]))
+                    self._dropped[map_id] = total
+        now = time.monotonic()
+        if now >= self._next_miss_check:
+            self._next_miss_check = now + MISS_CHECK_SECONDS
+            misses = sum(_recursion_misses(fd) for fd in self._prog_fds)
+            if misses != self._misses:
+                out.append(Overflow(None, misses - self._misses))
+                self._misses = misses
+        return out
+
+    def _read_counters(self) -> list[int]:
+        if self._counters is None:
+            return [0] * len(Counter)
+        sums = []
+        for slot in Counter:
+            raw = self._counters.lookup(struct.pack("<I", slot))
+            sums.append(int(np.frombuffer(raw, "<u8").sum()) if raw else 0)
+        return sums
+
+    # --- setup ---------------------------------------------------------------------------------
+
+    def _check_functions(self) -> None:
+        for w in self._watched.values():
+            kind = w.map.info.type
+            missing = [fn for fn in REQUIRED_FUNCTIONS[kind] if not function_exists(fn)]
+            if missing:
+                raise NotSupportedError(
+                    f"map {w.name!r}: this kernel lacks {', '.join(missing)}, through which "
+                    f"{kind.name.lower()} maps are written, so their writes cannot be traced"
+                )
+
+    def _choose_own_mode(self) -> OwnMode:
+        if self.agent_tgid == 0:
+            return OwnMode.OFF
+        btf = vmlinux()
+        if not any(btf.find(var, KIND_VAR) is not None for var in _PREEMPT_COUNT_VARS):
+            raise NotSupportedError(
+                "this kernel's BTF has neither __preempt_count nor pcpu_hot, so the tracer "
+                "cannot tell a softirq write from the agent's own: own-write suppression is "
+                "impossible (agent_tgid=0 reports every write, own ones included)"
+            )
+        return OwnMode.SYSCALL if function_exists(SYSCALL_HOOK) else OwnMode.TGID
+
+    def _configure_programs(self, obj: BpfObject) -> None:
+        for prog in obj.programs.values():
+            kind, _, fn = prog.section.partition("/")
+            if kind not in ("fentry", "fexit"):
+                continue
+            if prog.name in _OWN_HOOK_PROGRAMS:
+                prog.set_autoload(self.own_mode == OwnMode.SYSCALL)
+            else:
+                prog.set_autoload(function_exists(fn))
+
+    def _fill_maps(self, obj: BpfObject) -> None:
+        with obj.map("trace_config") as config:
+            config.update(struct.pack("<I", 0), _CONFIG.pack(self.agent_tgid, self.own_mode))
+        self._watch_map = obj.map("watched")
+        for map_id in self._watched:
+            self._watch_map.update(struct.pack("<I", map_id), _WATCH.pack(0))
+        self._counters = obj.map("counters")
+
+    def _attach(self, obj: BpfObject) -> None:
+        progs = [p for p in obj.programs.values() if p.autoload and "/" in p.section]
+        # the own-write hooks go first, so no own write slips out between two attachments
+        progs.sort(key=lambda p: p.name not in _OWN_HOOK_PROGRAMS)
+        for prog in progs:
+            self._links.append(prog.attach())
+            self._prog_fds.append(prog.fd)
+            fn = prog.section.partition("/")[2]
+            if prog.name not in _OWN_HOOK_PROGRAMS:
+                self.attached.append(fn)
+
+
+# --- program info: recursion misses ----------------------------------------------------------
+
+# struct bpf_prog_info (linux/bpf.h) up to attach_btf_id: recursion_misses is the u64 at 208.
+_PROG_INFO_SIZE = 232
+_RECURSION_MISSES_OFFSET = 208
+
+
+def _recursion_misses(prog_fd: int) -> int:
+    """How often the kernel skipped this tracing program because it was already running on the
+    CPU (kernel 5.12+; 0 where the field does not exist)."""
+    buf = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+    size = ctypes.c_uint32(_PROG_INFO_SIZE)
+    ret = _libbpf.lib().bpf_obj_get_info_by_fd(prog_fd, buf, ctypes.byref(size))
+    if ret < 0:
+        raise KernelError(f"get program info: {os.strerror(-ret)}", -ret)
+    if size.value < _RECURSION_MISSES_OFFSET + 8:
+        return 0
+    return int(struct.unpack_from("<Q", buf.raw, _RECURSION_MISSES_OFFSET)[0])

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import pytest
+
+from bpfsync.core.messages import Record, Stamp
+from bpfsync.core.outbox import Outbox, encoded_size, split
+
+
+def rec(key: int, wall: int, node: str = "a", map: str = "m", value: bytes | None = b"v") -> Record:
+    return Record(map, bytes([key]), value, Stamp(wall, 0, node))
+
+
+def test_a_later_record_of_a_queued_key_replaces_it_in_place() -> None:
+    box = Outbox()
+    box.add([rec(1, 1), rec(2, 1), rec(1, 5, value=None)])
+    assert len(box) == 2
+    assert box.take_batch(10, 10_000) == [rec(1, 5, value=None), rec(2, 1)]
+    assert not box
+
+
+def test_an_older_record_never_replaces_a_newer_one() -> None:
+    box = Outbox()
+    box.add([rec(1, 5), rec(1, 3, "z")])
+    assert box.take_batch(10, 10_000) == [rec(1, 5)]
+
+
+def test_per_origin_maps_keep_every_origins_record() -> None:
+    box = Outbox(per_origin_maps=["c"])
+    box.add([rec(1, 1, "a", "c"), rec(1, 2, "b", "c"), rec(1, 3, "a", "c")])
+    box.add([rec(1, 1, "a", "m"), rec(1, 2, "b", "m")])
+    assert box.take_batch(10, 10_000) == [
+        rec(1, 3, "a", "c"),
+        rec(1, 2, "b", "c"),
+        rec(1, 2, "b", "m"),
+    ]
+
+
+def test_batches_respect_both_limits_but_always_carry_one_record() -> None:
+    box = Outbox()
+    box.add([rec(i, 1) for i in range(10)])
+    assert len(box.take_batch(3, 10_000)) == 3
+    one = encoded_size(rec(0, 1))
+    assert len(box.take_batch(100, 2 * one)) == 2
+    assert len(box.take_batch(100, 1)) == 1  # larger than the byte limit on its own
+    assert len(box.take_batch(100, 10_000)) == 4
+    assert box.take_batch(100, 10_000) == []
+
+
+def test_overflow_empties_the_outbox_and_asks_for_repair() -> None:
+    box = Outbox(max_records=3)
+    box.add([rec(i, 1) for i in range(3)])
+    assert not box.overflowed
+    box.add([rec(9, 1)])
+    assert not box and box.take_overflow()
+    assert not box.take_overflow()
+    with pytest.raises(ValueError):
+        Outbox(max_records=0)
+
+
+def test_split_cuts_repair_answers_into_batches() -> None:
+    recs = [rec(i, 1) for i in range(10)]
+    one = encoded_size(recs[0])
+    assert [len(c) for c in split(recs, 4, 10_000)] == [4, 4, 2]
+    assert [len(c) for c in split(recs, 100, 3 * one)] == [3, 3, 3, 1]
+    assert [len(c) for c in split(recs[:2], 100, 1)] == [1, 1]
+    assert list(split([], 4, 100)) == []

@@ -1,0 +1,411 @@
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bpfsync.core.hlc import ClockDriftError
+from bpfsync.core.merge import LWW, FieldPolicy, FieldRule
+from bpfsync.core.messages import Digest, MapSchema, Pull, Record, Stamp
+from bpfsync.core.replica import Replica, is_seed, seed_stamp
+from bpfsync.errors import (
+    ConfigError,
+    MalformedMessageError,
+    SizeMismatchError,
+    UnknownMapError,
+)
+
+T = 1_700_000_000 * 10**9
+SECOND = 10**9
+TTL = 60 * SECOND
+M = MapSchema("blocklist", 4, 8)
+C = MapSchema("ratelimit", 4, 8, "counter")
+
+
+def k(i: int) -> bytes:
+    return i.to_bytes(4, "little")
+
+
+def v(i: int) -> bytes:
+    return i.to_bytes(8, "little")
+
+
+def replica(node: str = "a", max_drift_ns: int = 10**9) -> Replica:
+    return Replica(node, (M, C), TTL, digest_buckets=16, max_drift_ns=max_drift_ns)
+
+
+def remote(key: int, value: int | None, wall: int, node: str = "b", map: str = M.name) -> Record:
+    return Record(map, k(key), None if value is None else v(value), Stamp(wall, 0, node))
+
+
+# --- local changes and echoes ---------------------------------------------------------------
+
+
+def test_a_local_change_gets_a_fresh_stamp_and_is_merged() -> None:
+    r = replica()
+    rec = r.local_change("blocklist", k(1), v(7), T)
+    assert rec == Record("blocklist", k(1), v(7), Stamp(T, 0, "a"))
+    assert r.content("blocklist") == {k(1): v(7)}
+    assert r.local_change("blocklist", k(1), v(7), T + 1) is None  # no change
+
+
+def test_our_kernel_write_reported_back_is_an_echo_but_a_later_data_plane_write_is_not() -> None:
+    r = replica()
+    res = r.receive([remote(1, 5, T)], T, "b")
+    assert res.writes == [("blocklist", k(1), v(5))]
+    assert r.local_change("blocklist", k(1), v(5), T + 1) is None  # the poll watcher saw our write
+    assert r.stats["local.echo"] == 1
+    again = r.local_change("blocklist", k(1), v(6), T + 2)  # the data plane wrote the key
+    assert again is not None and again.stamp > Stamp(T, 0, "b") and again.value == v(6)
+    # deleting what we wrote, then the echo of a delete we applied
+    r.receive([remote(1, None, T + 5 * SECOND)], T + 5 * SECOND, "b")
+    assert r.local_change("blocklist", k(1), None, T + 6 * SECOND) is None
+
+
+def test_a_failed_write_is_noted_so_the_kernel_view_stays_true() -> None:
+    r = replica()
+    res = r.receive([remote(1, 5, T)], T, "b")
+    assert res.writes
+    r.note_kernel("blocklist", k(1), None)  # E2BIG: the map was full
+    assert r.kernel_view("blocklist", k(1)) is None
+    assert r.local_change("blocklist", k(1), None, T) is None  # not a local delete
+    assert r.desired("blocklist", k(1)) == v(5)  # what a retry writes
+    r.note_kernel("blocklist", k(1), v(5))
+    assert r.local_change("blocklist", k(1), v(5), T) is None
+
+
+def test_local_misuse_is_a_value_error_not_a_peer_error() -> None:
+    r = replica()
+    with pytest.raises(ValueError, match="not synced"):
+        r.local_change("nope", k(1), v(1), T)
+    with pytest.raises(ValueError, match="4-byte keys"):
+        r.local_change("blocklist", b"\x01", v(1), T)
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+def test_bad_records_are_refused_one_by_one_and_counted_by_reason() -> None:
+    r = replica(max_drift_ns=SECOND)
+    good = remote(1, 1, T)
+    batch = [
+        Record("other", k(1), v(1), Stamp(T, 0, "b")),
+        Record("blocklist", b"\x01\x02", v(1), Stamp(T, 0, "b")),
+        Record("blocklist", k(2), b"\x00", Stamp(T, 0, "b")),
+        good,
+        Record("blocklist", k(3), v(1), Stamp(T + 2 * SECOND, 0, "c")),
+        Record("blocklist", k(4), v(1), Stamp(-1, 0, "b")),
+        Record("blocklist", k(5), v(1), Stamp(T, 0, "")),
+        remote(6, None, T),  # a tombstone is the right size whatever the value size
+    ]
+    res = r.receive(batch, T, "b")
+    errors = [type(e) for _, e in res.rejected]
+    assert errors == [
+        UnknownMapError,
+        SizeMismatchError,
+        SizeMismatchError,
+        ClockDriftError,
+        MalformedMessageError,
+        MalformedMessageError,
+    ]
+    assert all(e.peer == "b" for _, e in res.rejected)
+    assert [rec for rec, _ in res.rejected] == [batch[i] for i in (0, 1, 2, 4, 5, 6)]
+    assert res.forward == [good, batch[7]]
+    assert r.content("blocklist") == {k(1): v(1)}
+    assert {key: n for key, n in r.stats.items() if key.startswith("rejected.")} == {
+        "rejected.unknown_map": 1,
+        "rejected.size_mismatch": 2,
+        "rejected.clock_drift": 1,
+        "rejected.malformed": 2,
+    }
+
+
+def test_drift_rejected_records_are_taken_once_the_clock_catches_up() -> None:
+    r = replica(max_drift_ns=SECOND)
+    future = remote(1, 1, T + 5 * SECOND)
+    assert r.receive([future], T, "b").rejected
+    assert not r.receive([future], T + 4 * SECOND, "b").rejected
+    assert r.content("blocklist") == {k(1): v(1)}
+
+
+def test_configuration_errors() -> None:
+    with pytest.raises(ConfigError, match="twice"):
+        Replica("a", [M, M], TTL)
+    with pytest.raises(ConfigError, match="TTL"):
+        Replica("a", [M], 0)
+    with pytest.raises(ConfigError, match="not synced"):
+        Replica("a", [M], TTL, policies={"x": LWW})
+    wide = FieldPolicy(16, [FieldRule(0, 8, "max")])
+    with pytest.raises(ConfigError, match="16-byte values"):
+        Replica("a", [MapSchema("m", 4, 8, wide.name)], TTL, policies={"m": wide})
+    with pytest.raises(ConfigError, match="schema says"):
+        Replica("a", [M], TTL, policies={"blocklist": FieldPolicy(8, [FieldRule(0, 8, "max")])})
+    stats = FieldPolicy(16, [FieldRule(0, 8, "counter"), FieldRule(8, 8, "max")])
+    assert stats.name == "fields:counter@0+8,max@8+8"
+    r = Replica("a", [M, MapSchema("s", 4, 16, stats.name)], TTL, policies={"s": stats})
+    assert r.per_origin_maps == {"s"}
+
+
+# --- merge, writes, forward, reply ---------------------------------------------------------------
+
+
+def test_writes_are_coalesced_per_key_and_only_winners_are_forwarded() -> None:
+    r = replica()
+    old, new = remote(1, 1, T), remote(1, 2, T + 1, "c")
+    res = r.receive([old, new, remote(2, 3, T)], T, "b")
+    assert res.writes == [("blocklist", k(1), v(2)), ("blocklist", k(2), v(3))]
+    assert res.forward == [old, new, remote(2, 3, T)]
+    res = r.receive([new, old], T, "b")  # nothing new: nothing to write or forward
+    assert (res.writes, res.forward) == ([], [])
+    assert res.reply == [new]  # the sender offered an older record than ours: it gets ours
+
+
+def test_a_batch_that_ends_where_the_kernel_already_is_writes_nothing() -> None:
+    r = replica()
+    r.local_change("blocklist", k(1), v(1), T)
+    res = r.receive([remote(1, 1, T + 5)], T, "b")  # same value, newer stamp
+    assert res.forward and res.writes == []
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> tuple[list[Record], list[list[list[Record]]]]:
+    recs = draw(
+        st.lists(
+            st.builds(
+                remote,
+                key=st.integers(0, 3),
+                value=st.none() | st.integers(0, 2),
+                wall=st.integers(T, T + 3),
+                node=st.sampled_from(["b", "c", "d"]),
+            ),
+            min_size=1,
+            max_size=20,
+        )
+    )
+    deliveries = []
+    for _ in range(2):
+        order = draw(st.permutations(recs))
+        extra = draw(st.lists(st.sampled_from(recs), max_size=5))  # duplicates
+        cuts = draw(st.lists(st.integers(0, len(recs) + len(extra)), max_size=3))
+        seq = list(order) + extra
+        bounds = sorted({0, len(seq), *cuts})
+        deliveries.append([seq[a:b] for a, b in itertools.pairwise(bounds)])
+    return recs, deliveries
+
+
+@settings(max_examples=80)
+@given(histories())
+def test_any_delivery_order_with_duplicates_gives_the_same_map(
+    history: tuple[list[Record], list[list[list[Record]]]],
+) -> None:
+    _, deliveries = history
+    results = []
+    for batches in deliveries:
+        r = replica()
+        kernel: dict[bytes, bytes] = {}
+        for batch in batches:
+            for _, key, value in r.receive(batch, T + 10, "b").writes:
+                if value is None:
+                    kernel.pop(key, None)
+                else:
+                    kernel[key] = value
+        assert kernel == r.content("blocklist")  # the writes keep the kernel in step
+        results.append((r.content("blocklist"), r.digest("blocklist")))
+    assert results[0] == results[1]
+
+
+@settings(max_examples=60)
+@given(histories())
+def test_counter_maps_converge_in_any_order_too(
+    history: tuple[list[Record], list[list[list[Record]]]],
+) -> None:
+    _, deliveries = history
+    results = []
+    for batches in deliveries:
+        r = replica()
+        for batch in batches:
+            r.receive([Record("ratelimit", x.key, x.value, x.stamp) for x in batch], T + 10, "b")
+        results.append((r.content("ratelimit"), r.digest("ratelimit")))
+    assert results[0] == results[1]
+
+
+# --- tombstones ---------------------------------------------------------------------------------
+
+
+def test_a_tombstone_defeats_a_late_older_update_within_the_ttl() -> None:
+    r = replica()
+    r.receive([remote(1, 1, T)], T, "b")
+    delete = r.local_change("blocklist", k(1), None, T + SECOND)
+    assert delete is not None and delete.value is None
+    res = r.receive([remote(1, 2, T + SECOND // 2, "c")], T + 2 * SECOND, "c")  # late, older
+    assert (res.writes, res.forward, res.reply) == ([], [], [delete])
+    assert r.content("blocklist") == {}
+    assert r.records_in("blocklist", range(16)) == [delete]  # kept, and served to repairs
+    r.expire(T + SECOND + TTL - 1)
+    assert r.records_in("blocklist", range(16)) == [delete]
+
+
+def test_after_the_ttl_a_purged_delete_still_refuses_older_records_by_the_horizon() -> None:
+    r = replica()
+    r.receive([remote(1, 1, T)], T, "b")
+    r.receive([remote(1, None, T + SECOND)], T + SECOND, "b")
+    r.receive([remote(2, 2, T + 2 * SECOND)], T + 2 * SECOND, "b")  # a live key is never purged
+    assert r.expire(T + SECOND + TTL) == 1
+    assert r.registers("blocklist") == 1
+    late = remote(1, 1, T, "c")  # the old write, finally arriving from a partitioned node
+    res = r.receive([late], T + TTL + 2 * SECOND, "c")
+    tomb = Record("blocklist", k(1), None, late.stamp)
+    assert (res.writes, res.forward, res.reply) == ([], [tomb], [tomb])
+    assert r.content("blocklist") == {k(2): v(2)}
+    assert r.stats["received.stale"] == 1
+    # the tombstone of the same stamp wins over the stale write wherever it is still held
+    other = replica("c")
+    other.receive([late], T, "x")
+    assert other.receive(res.forward, T, "a").writes == [("blocklist", k(1), None)]
+    # a write newer than the horizon is an ordinary write
+    fresh = remote(1, 9, T + TTL, "c")
+    assert r.receive([fresh], T + TTL + 3 * SECOND, "c").writes == [("blocklist", k(1), v(9))]
+
+
+def test_a_stale_tombstone_is_dropped_silently() -> None:
+    r = replica()
+    r.receive([remote(1, None, T + SECOND)], T + SECOND, "b")
+    r.expire(T + SECOND + TTL)
+    res = r.receive([remote(1, None, T, "c")], T + TTL + 2 * SECOND, "c")
+    assert (res.writes, res.forward, res.reply) == ([], [], [])
+    assert r.registers("blocklist") == 0
+
+
+# --- seeding ------------------------------------------------------------------------------------
+
+
+def test_seeded_entries_lose_to_any_peer_record_so_missed_deletes_are_not_resurrected() -> None:
+    r = replica()
+    seeded = r.seed("blocklist", [(k(1), v(1)), (k(2), v(2)), (k(3), v(3))])
+    assert [x.stamp for x in seeded] == [seed_stamp("a")] * 3 and is_seed(seeded[0].stamp)
+    assert r.local_change("blocklist", k(1), v(1), T) is None  # the kernel already holds it
+    res = r.receive([remote(1, None, T - SECOND), remote(2, 20, T - 2 * SECOND)], T, "b")
+    assert res.writes == [("blocklist", k(1), None), ("blocklist", k(2), v(20))]
+    assert r.content("blocklist") == {k(2): v(20), k(3): v(3)}
+
+
+def test_a_seeded_key_no_peer_has_is_replicated_with_its_seed_stamp_even_past_a_horizon() -> None:
+    a = replica("a")
+    [rec] = a.seed("blocklist", [(k(3), v(3))])
+    b = replica("b")
+    b.receive([remote(9, None, T, "c")], T, "c")
+    b.expire(T + TTL)  # b now has a horizon above... everything real before T
+    res = b.receive([rec], T + TTL, "a")
+    assert res.writes == [("blocklist", k(3), v(3))] and res.forward == [rec]
+    # and any real write beats it everywhere
+    assert a.receive([remote(3, 4, 1, "c")], T, "c").writes == [("blocklist", k(3), v(4))]
+
+
+def test_a_local_change_after_seeding_is_a_real_write() -> None:
+    r = replica()
+    r.seed("blocklist", [(k(1), v(1))])
+    rec = r.local_change("blocklist", k(1), v(2), T)
+    assert rec is not None and not is_seed(rec.stamp)
+    assert r.receive([remote(1, 5, T - SECOND)], T, "b").writes == []
+
+
+def test_seed_comes_first() -> None:
+    r = replica()
+    r.local_change("blocklist", k(1), v(1), T)
+    with pytest.raises(ValueError, match="before"):
+        r.seed("blocklist", [(k(2), v(2))])
+
+
+def test_counters_are_not_seeded_as_our_slot() -> None:
+    r = replica()
+    assert r.seed("ratelimit", [(k(1), v(100))]) == []
+    assert r.kernel_view("ratelimit", k(1)) == v(100)
+    assert r.local_change("ratelimit", k(1), v(100), T) is None
+
+
+# --- counters -----------------------------------------------------------------------------------
+
+
+def test_counter_slots_sum_and_local_increments_become_our_slot() -> None:
+    r = replica()
+    res = r.receive([remote(1, 40, T, "b", "ratelimit"), remote(1, 2, T, "c", "ratelimit")], T, "b")
+    assert res.writes == [("ratelimit", k(1), v(42))]
+    assert r.local_change("ratelimit", k(1), v(42), T) is None  # echo
+    mine = r.local_change("ratelimit", k(1), v(45), T + 1)  # the program counted 3 packets
+    assert mine is not None and mine.value == v(3) and mine.stamp.node == "a"
+    res = r.receive([remote(1, 50, T + 2, "b", "ratelimit")], T + 2, "b")
+    assert res.writes == [("ratelimit", k(1), v(55))]
+
+
+# --- anti-entropy ---------------------------------------------------------------------------------
+
+
+def test_digest_and_pull_repair_two_divergent_replicas_in_one_round_trip() -> None:
+    a, b = replica("a"), replica("b")
+    for i in range(40):
+        a.local_change("blocklist", k(i), v(i), T + i)
+    for i in range(30, 60):
+        b.local_change("blocklist", k(i), v(100 + i), T + 100 + i)
+    b.local_change("blocklist", k(59), None, T + 500)
+    pull, from_b = b.answer_digest(a.digest("blocklist"), "a")
+    assert pull is not None
+    a.receive(from_b, T + 600, "b")
+    b.receive(a.answer_pull(pull, "b"), T + 600, "a")
+    assert a.digest("blocklist") == b.digest("blocklist")
+    assert a.content("blocklist") == b.content("blocklist")
+    assert len(a.content("blocklist")) == 59
+    assert b.answer_digest(a.digest("blocklist"), "a") == (None, [])
+
+
+def test_coarse_digests_fold_and_malformed_repair_messages_are_the_peers_fault() -> None:
+    a = replica("a")
+    mine = a.local_change("blocklist", k(1), v(1), T)
+    coarse = a.digest("blocklist", 4)
+    assert len(coarse.buckets) == 4
+    pull, recs = replica("b").answer_digest(coarse, "a")
+    assert pull is not None and len(pull.buckets) == 1 and recs == []
+    assert a.answer_pull(pull, "b", nbuckets=4) == [mine]
+    with pytest.raises(MalformedMessageError):
+        a.answer_digest(Digest("blocklist", (0, 0, 0)), "b")
+    with pytest.raises(MalformedMessageError):
+        a.answer_pull(Pull("blocklist", (16,)), "b")
+    with pytest.raises(UnknownMapError):
+        a.answer_digest(Digest("nope", (0,)), "b")
+
+
+def test_max_maps_keep_a_lower_data_plane_value_locally_until_the_next_remote_change() -> None:
+    seen = MapSchema("seen", 4, 8, "max")
+    r = Replica("a", [seen], TTL)
+    assert r.receive([remote(1, 100, T, "b", "seen")], T, "b").writes == [("seen", k(1), v(100))]
+    assert r.local_change("seen", k(1), v(100), T) is None
+    mine = r.local_change("seen", k(1), v(150), T + 1)
+    assert mine is not None and mine.value == v(150)
+    assert r.receive([remote(1, 120, T + 2, "b", "seen")], T + 2, "b").writes == []
+    lowered = r.local_change("seen", k(1), v(50), T + 3)  # the program reset it
+    assert lowered is not None and lowered.value == v(50)
+    assert r.kernel_view("seen", k(1)) == v(50) and r.desired("seen", k(1)) == v(120)
+    res = r.receive([remote(1, 60, T + 4, "c", "seen")], T + 4, "c")
+    assert res.writes == [("seen", k(1), v(120))]
+
+
+def test_a_counter_value_that_leaves_our_slot_unchanged_is_not_a_change() -> None:
+    r = replica()
+    r.receive([remote(1, 40, T, "b", "ratelimit")], T, "b")
+    r.local_change("ratelimit", k(1), v(45), T + 1)  # our slot: 5
+    assert r.receive([remote(1, 50, T + 2, "b", "ratelimit")], T + 2, "b").writes == [
+        ("ratelimit", k(1), v(55))
+    ]
+    r.note_kernel("ratelimit", k(1), v(45))  # that write failed
+    assert r.local_change("ratelimit", k(1), v(55), T + 3) is None  # a retry landed: slot still 5
+    assert r.kernel_view("ratelimit", k(1)) == v(55)
+
+
+def test_a_full_snapshot_lists_every_register_tombstones_included() -> None:
+    r = replica()
+    r.local_change("blocklist", k(1), v(1), T)
+    r.local_change("blocklist", k(2), v(2), T)
+    r.local_change("blocklist", k(2), None, T + 1)
+    assert sorted((x.key, x.value) for x in r.records("blocklist")) == [(k(1), v(1)), (k(2), None)]
+    assert r.maps == (M, C) and r.registers("blocklist") == 2

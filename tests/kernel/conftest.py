@@ -1,0 +1,109 @@
+"""Fixtures for tests against the real kernel: pin directories, bpftool-made maps, BPF objects.
+
+Everything created is removed at teardown, also when the test fails. Needs root and the test
+objects built by ``make bpf``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from bpfsync.kernel.maps import Map
+from bpfsync.kernel.objects import BpfObject
+
+TESTS_BPF = Path(__file__).resolve().parent.parent / "bpf"
+
+
+def bpf_object_path(name: str) -> Path:
+    path = TESTS_BPF / f"{name}.bpf.o"
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run `make bpf`")
+    return path
+
+
+@pytest.fixture
+def pin_dir() -> Iterator[str]:
+    """A fresh directory on bpffs; whatever is pinned in it is unpinned at teardown."""
+    path = f"/sys/fs/bpf/bpfsync-test-{uuid.uuid4().hex[:12]}"
+    os.mkdir(path)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def make_map(pin_dir: str) -> Iterator[Callable[..., Map]]:
+    """``make_map(type, key_size, value_size, entries, name=...)``: a map created by bpftool
+    (so without BTF), pinned in ``pin_dir`` and opened."""
+    opened: list[Map] = []
+
+    def make(kind: str, key: int, value: int, entries: int, name: str = "bst_map") -> Map:
+        pin = os.path.join(pin_dir, f"{name}-{len(opened)}")
+        subprocess.run(
+            [
+                "bpftool",
+                "map",
+                "create",
+                pin,
+                "type",
+                kind,
+                "key",
+                str(key),
+                "value",
+                str(value),
+                "entries",
+                str(entries),
+                "name",
+                name,
+            ],
+            check=True,
+            capture_output=True,
+        )
+        m = Map.open_pinned(pin)
+        opened.append(m)
+        return m
+
+    yield make
+    for m in opened:
+        m.close()
+
+
+@pytest.fixture
+def load_object() -> Iterator[Callable[..., BpfObject]]:
+    """``load_object(name, load=True)``: tests/bpf/<name>.bpf.o opened (and loaded); closed at
+    teardown."""
+    objects: list[BpfObject] = []
+
+    def load(name: str, load: bool = True) -> BpfObject:
+        obj = BpfObject.open(bpf_object_path(name))
+        objects.append(obj)
+        if load:
+            obj.load()
+        return obj
+
+    yield load
+    for obj in objects:
+        obj.close()
+
+
+@pytest.fixture
+def all_maps(load_object: Callable[..., BpfObject]) -> BpfObject:
+    """tests/bpf/all_maps.bpf.o loaded: one BTF-typed map of each synced type."""
+    return load_object("all_maps")
+
+
+@pytest.fixture
+def open_maps() -> Iterator[list[Map]]:
+    """Append maps here to have them closed at teardown."""
+    maps: list[Map] = []
+    yield maps
+    for m in maps:
+        m.close()

@@ -1,0 +1,205 @@
+"""The auto watcher on real maps: fallback to polling with one log line, and the repair logic
+driven by a scripted tracer (the host refuses the real one; the VM tests run the real one).
+
+The repair rule under test: after an ``Overflow`` the map is rescanned at once and compared with
+what the consumer was *told* (the last scan plus every traced change since), so a dropped event
+is repaired even when the map is back to its last scanned value, and nothing the tracer already
+reported is repeated.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+import pytest
+
+from bpfsync.errors import PermissionDeniedError
+from bpfsync.kernel.features import tracing_supported
+from bpfsync.kernel.maps import Map
+from bpfsync.model import Change, Overflow, Seen, WatchEvent
+from bpfsync.watch.auto import AutoWatcher, Tracer
+from bpfsync.watch.base import Watcher
+
+MakeMap = Callable[..., Map]
+
+
+def k(n: int) -> bytes:
+    return struct.pack("<I", n)
+
+
+def v(n: int) -> bytes:
+    return struct.pack("<Q", n)
+
+
+class ScriptedTracer:
+    """Returns the batches pushed into it, one per ``read()``."""
+
+    def __init__(self, maps: Mapping[str, Map], refuse: Exception | None = None) -> None:
+        self.maps = dict(maps)
+        self.refuse = refuse
+        self.attached: list[str] = []
+        self.batches: list[list[WatchEvent]] = []
+        self.closed = False
+
+    def start(self) -> None:
+        if self.refuse is not None:
+            raise self.refuse
+        self.attached = ["htab_map_update_elem"]
+
+    def push(self, *events: WatchEvent) -> None:
+        self.batches.append(list(events))
+
+    def read(self, timeout: float | None = 0.0) -> list[WatchEvent]:
+        if self.batches:
+            return self.batches.pop(0)
+        if timeout:
+            time.sleep(min(timeout, 0.01))
+        return []
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def scripted(
+    refuse: Exception | None = None,
+) -> tuple[list[ScriptedTracer], Callable[[Mapping[str, Map]], Tracer]]:
+    made: list[ScriptedTracer] = []
+
+    def factory(maps: Mapping[str, Map]) -> Tracer:
+        made.append(ScriptedTracer(maps, refuse))
+        return made[-1]
+
+    return made, factory
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_polls_alone_with_one_log_line_when_tracing_is_refused(
+    make_map: MakeMap, caplog: pytest.LogCaptureFixture
+) -> None:
+    m = make_map("hash", 4, 8, 16)
+    _, factory = scripted(refuse=PermissionDeniedError("fexit refused by policy", 1))
+    auto = AutoWatcher({"m": m}, poll_interval=0.05, tracer_factory=factory)
+    with caplog.at_level(logging.INFO, logger="bpfsync.watch"):
+        auto.start()
+        assert auto.mode == "poll"
+        m.update(k(1), v(10))
+        assert auto.read(timeout=5) == [Change("m", k(1), v(10), Seen.POLL)]
+        m.delete(k(1))
+        assert auto.read(timeout=5) == [Change("m", k(1), None, Seen.POLL)]
+    auto.close()
+    (line,) = warnings(caplog)
+    assert "fexit refused by policy" in line and "polling every 0.1 s" in line
+    assert isinstance(auto, Watcher)
+
+
+def test_uses_the_real_tracer_where_the_kernel_allows_it(
+    make_map: MakeMap, caplog: pytest.LogCaptureFixture
+) -> None:
+    m = make_map("hash", 4, 8, 16)
+    ok, _ = tracing_supported()
+    with caplog.at_level(logging.WARNING, logger="bpfsync.watch"), AutoWatcher({"m": m}) as auto:
+        assert auto.mode == ("trace+poll" if ok else "poll")
+    assert len(warnings(caplog)) == (0 if ok else 1)
+
+
+def test_untraceable_maps_are_polled_and_named_once(
+    make_map: MakeMap, caplog: pytest.LogCaptureFixture
+) -> None:
+    small, big = make_map("hash", 4, 8, 16), make_map("hash", 4, 512, 16)
+    made, factory = scripted()
+    with caplog.at_level(logging.WARNING, logger="bpfsync.watch"):
+        auto = AutoWatcher({"small": small, "big": big}, poll_interval=0.05,
+                           repair_interval=60, tracer_factory=factory)  # fmt: skip
+        auto.start()
+    assert auto.mode == "trace+poll" and auto.traced == {"small"}
+    assert set(made[0].maps) == {"small"}
+    (line,) = warnings(caplog)
+    assert "big" in line and "TRACE_VALUE_MAX" in line
+    big.update(k(1), bytes(512))
+    assert auto.read(timeout=5) == [Change("big", k(1), bytes(512), Seen.POLL)]
+    auto.close()
+    assert made[0].closed
+
+
+def test_an_overflow_rescans_against_what_was_reported(make_map: MakeMap) -> None:
+    m = make_map("hash", 4, 8, 16)
+    m.update(k(1), v(1))
+    made, factory = scripted()
+    auto = AutoWatcher({"m": m}, repair_interval=60, tracer_factory=factory)
+    auto.start()  # baseline: k1 = 1
+    tracer = made[0]
+
+    m.update(k(1), v(2))
+    tracer.push(Change("m", k(1), v(2), Seen.TRACE))
+    assert auto.read(timeout=1) == [Change("m", k(1), v(2), Seen.TRACE)]
+
+    # k1 goes back to 1 and k2 appears, but the ring dropped both events
+    m.update(k(1), v(1))
+    m.update(k(2), v(5))
+    tracer.push(Overflow("m", 2))
+    events = auto.read(timeout=1)
+    assert events[0] == Overflow("m", 2)
+    assert sorted(events[1:], key=lambda c: c.key if isinstance(c, Change) else b"") == [
+        Change("m", k(1), v(1), Seen.POLL),
+        Change("m", k(2), v(5), Seen.POLL),
+    ]
+    assert auto.read(timeout=0) == []
+    auto.close()
+
+
+def test_a_repair_poll_does_not_repeat_traced_changes(make_map: MakeMap) -> None:
+    m = make_map("hash", 4, 8, 16)
+    made, factory = scripted()
+    auto = AutoWatcher({"m": m}, repair_interval=0.2, tracer_factory=factory)
+    auto.start()
+    m.update(k(1), v(1))  # seen by the tracer
+    made[0].push(Change("m", k(1), v(1), Seen.TRACE))
+    m.update(k(2), v(2))  # an in-place write: only a scan sees it
+    events = auto.read(timeout=1)
+    while not any(e.seen == Seen.POLL for e in events if isinstance(e, Change)):
+        events += auto.read(timeout=1)
+    assert events == [Change("m", k(1), v(1), Seen.TRACE), Change("m", k(2), v(2), Seen.POLL)]
+    auto.close()
+
+
+def test_an_overflow_without_a_map_rescans_every_traced_map(make_map: MakeMap) -> None:
+    a, b = make_map("hash", 4, 8, 16), make_map("array", 4, 8, 4)
+    made, factory = scripted()
+    auto = AutoWatcher({"a": a, "b": b}, repair_interval=60, tracer_factory=factory)
+    auto.start()
+    a.update(k(1), v(1))
+    b.update(k(3), v(3))
+    made[0].push(Overflow(None, 1))
+    events = auto.read(timeout=1)
+    assert events[0] == Overflow(None, 1)
+    expected = {Change("a", k(1), v(1), Seen.POLL), Change("b", k(3), v(3), Seen.POLL)}
+    assert set(events[1:]) == expected
+    auto.close()
+
+
+def test_emit_initial_reports_the_first_scan(make_map: MakeMap) -> None:
+    m = make_map("hash", 4, 8, 16)
+    m.update(k(7), v(7))
+    _, factory = scripted()
+    with AutoWatcher({"m": m}, emit_initial=True, tracer_factory=factory) as auto:
+        assert auto.read(0) == [Change("m", k(7), v(7), Seen.POLL)]
+        assert auto.read(0) == []
+
+
+def test_close_from_another_thread_ends_a_blocking_read_and_events(make_map: MakeMap) -> None:
+    m = make_map("hash", 4, 8, 16)
+    _, factory = scripted(refuse=PermissionDeniedError("no", 1))
+    auto = AutoWatcher({"m": m}, poll_interval=30, tracer_factory=factory)
+    auto.start()
+    threading.Timer(0.1, auto.close).start()
+    start = time.monotonic()
+    assert auto.read(timeout=None) == []
+    assert list(auto.events()) == []
+    assert time.monotonic() - start < 5

@@ -1,0 +1,137 @@
+"""The scan diff on synthetic dumps: every path (positions, sorted match, hashed keys, hash
+collisions) must produce exactly the changes that turn one scan into the other."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bpfsync.kernel.dump import MapDump
+from bpfsync.model import Change, Seen
+from bpfsync.watch import snapshot
+from bpfsync.watch.snapshot import Snapshot, diff, key_codes, take_rows
+
+
+def snap(entries: list[tuple[bytes, bytes]], key_size: int, value_size: int) -> Snapshot:
+    keys = b"".join(k for k, _ in entries)
+    values = b"".join(v for _, v in entries)
+    return Snapshot(MapDump.from_bytes(keys, values, key_size, value_size))
+
+
+def apply(before: dict[bytes, bytes], changes: list[Change]) -> dict[bytes, bytes]:
+    after = dict(before)
+    for c in changes:
+        assert c.seen is Seen.POLL and c.map == "m"
+        if c.value is None:
+            del after[c.key]
+        else:
+            after[c.key] = c.value
+    return after
+
+
+def check(
+    prev: list[tuple[bytes, bytes]],
+    cur: list[tuple[bytes, bytes]],
+    ks: int,
+    vs: int,
+) -> list[Change]:
+    changes = diff("m", snap(prev, ks, vs), snap(cur, ks, vs))
+    keys = [c.key for c in changes]
+    assert len(keys) == len(set(keys)), "a key was reported twice"
+    before, after = dict(prev), dict(cur)
+    assert apply(before, changes) == after
+    # minimal: nothing unchanged is reported
+    assert all(before.get(c.key) != c.value for c in changes)
+    return changes
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    key_size=st.sampled_from([1, 4, 8, 12, 16]),
+    value_size=st.sampled_from([1, 8, 12]),
+    data=st.data(),
+)
+def test_diff_turns_prev_into_cur(key_size: int, value_size: int, data: st.DataObject) -> None:
+    keys = st.binary(min_size=key_size, max_size=key_size)
+    values = st.binary(min_size=value_size, max_size=value_size)
+    prev = data.draw(st.dictionaries(keys, values, max_size=40))
+    cur = dict(prev)
+    for k in data.draw(
+        st.lists(st.sampled_from(sorted(prev)), max_size=10) if prev else st.just([])
+    ):
+        cur.pop(k, None)
+    cur.update(data.draw(st.dictionaries(keys, values, max_size=10)))
+    prev_items = list(prev.items())
+    cur_items = list(cur.items())
+    if data.draw(st.booleans()):  # a dump's order is arbitrary
+        random.Random(data.draw(st.integers())).shuffle(cur_items)
+    check(prev_items, cur_items, key_size, value_size)
+
+
+def test_positional_path_reports_in_place_changes() -> None:
+    n = 10_000
+    keys = np.arange(n, dtype=np.uint64)
+    vals = keys * 2
+    new_vals = vals.copy()
+    new_vals[[3, 500, 9999]] += 1
+    prev = Snapshot(MapDump(keys.view(np.uint8).reshape(n, 8), vals.view(np.uint8).reshape(n, 8)))
+    cur = Snapshot(
+        MapDump(keys.view(np.uint8).reshape(n, 8), new_vals.view(np.uint8).reshape(n, 8))
+    )
+    changes = diff("m", prev, cur)
+    assert [int.from_bytes(c.key, "little") for c in changes] == [3, 500, 9999]
+    assert changes[0].value == int(new_vals[3]).to_bytes(8, "little")
+
+
+def test_reordered_buckets_and_shifted_positions() -> None:
+    entries = [(i.to_bytes(4, "little"), bytes([i % 256])) for i in range(2000)]
+    # swap neighbours (an update moving a key to its bucket's head) and change one value
+    cur = list(entries)
+    cur[10], cur[11] = cur[11], cur[10]
+    cur[500] = (cur[500][0], b"\xff")
+    check(entries, cur, 4, 1)
+    # a deletion near the start shifts every later position: the sorted path
+    changes = check(entries, entries[:5] + entries[6:] + [(b"zzzz", b"!")], 4, 1)
+    assert {c.key: c.value for c in changes} == {entries[5][0]: None, b"zzzz": b"!"}
+
+
+def test_long_keys_are_hashed_and_verified() -> None:
+    entries = [(bytes([i % 251]) * 20 + i.to_bytes(4, "little"), b"v") for i in range(3000)]
+    cur = [*entries[1:], (b"\x07" * 24, b"w")]
+    cur.reverse()
+    check(entries, cur, 24, 1)
+
+
+def test_hash_collisions_fall_back_to_an_exact_diff(monkeypatch: pytest.MonkeyPatch) -> None:
+    # every key gets the same code: the sorted match must notice and match exactly instead
+    monkeypatch.setattr(
+        snapshot, "key_codes", lambda keys: np.zeros(keys.shape[0], dtype=np.uint64)
+    )
+    entries = [(bytes([i]) * 12, bytes([i])) for i in range(50)]
+    cur = [*entries[10:], (b"\xaa" * 12, b"\x01")]
+    cur[0] = (cur[0][0], b"\x00")
+    cur.reverse()
+    check(entries, cur, 12, 1)
+
+
+def test_key_codes_are_injective_for_short_keys() -> None:
+    keys = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]], dtype=np.uint8)
+    assert len(set(key_codes(keys).tolist())) == 4
+
+
+def test_take_rows_matches_fancy_indexing() -> None:
+    rows = np.arange(60, dtype=np.uint8).reshape(6, 10)
+    idx = np.array([5, 0, 3], dtype=np.intp)
+    assert np.array_equal(take_rows(rows, idx), rows[idx])
+    assert np.array_equal(take_rows(rows[:, :7], idx), rows[idx, :7])
+
+
+def test_snapshot_get() -> None:
+    s = snap([(b"ab", b"1"), (b"cd", b"2")], 2, 1)
+    assert s.get(b"cd") == b"2" and s.get(b"xx") is None
+    with pytest.raises(ValueError):
+        s.get(b"abc")

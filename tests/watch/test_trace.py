@@ -1,0 +1,123 @@
+"""The trace watcher's host-side contract: the record layout shared with C, the limits it
+refuses up front, and a clean refusal where the kernel forbids tracing programs.
+
+Its behaviour on a kernel that allows fexit is tested inside the VM (tests/vm/guest).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from bpfsync.errors import KernelError, NotSupportedError, PermissionDeniedError
+from bpfsync.kernel.features import tracing_supported
+from bpfsync.kernel.info import MapInfo, MapType
+from bpfsync.kernel.maps import Map
+from bpfsync.watch.trace import (
+    KEY_MAX,
+    RECORD,
+    REQUIRED_FUNCTIONS,
+    VALUE_MAX,
+    TraceWatcher,
+    check_traceable,
+    object_path,
+)
+
+BPF_DIR = Path(__file__).resolve().parents[2] / "src" / "bpfsync" / "bpf"
+
+LAYOUT_PROGRAM = r"""
+#include <stddef.h>
+#include <stdio.h>
+#include <linux/types.h>
+#include "trace.h"
+#define F(field) printf(#field " %zu %zu\n", offsetof(struct trace_record, field), \
+                        sizeof(((struct trace_record *)0)->field))
+int main(void)
+{
+    F(map_id); F(key_len); F(value_len); F(op); F(flags); F(cpu); F(tgid); F(key); F(value);
+    printf("size %zu 0\n", sizeof(struct trace_record));
+    printf("KEY_MAX %d 0\nVALUE_MAX %d 0\n", TRACE_KEY_MAX, TRACE_VALUE_MAX);
+    return 0;
+}
+"""
+
+
+def info(kind: MapType, key: int, value: int) -> MapInfo:
+    return MapInfo(7, kind, "m", key, value, 16, 0, 0, 0, 0)
+
+
+def test_the_record_dtype_matches_trace_h(tmp_path: Path) -> None:
+    """Compile trace.h with the host compiler and compare every offset and size."""
+    src, exe = tmp_path / "layout.c", tmp_path / "layout"
+    src.write_text(LAYOUT_PROGRAM)
+    subprocess.run(["clang", f"-I{BPF_DIR}", "-o", exe, src], check=True)
+    out = subprocess.run([exe], check=True, capture_output=True, text=True).stdout
+    c = {name: (int(a), int(b)) for name, a, b in (line.split() for line in out.splitlines())}
+    assert c.pop("size")[0] == RECORD.itemsize
+    assert c.pop("KEY_MAX")[0] == KEY_MAX
+    assert c.pop("VALUE_MAX")[0] == VALUE_MAX
+    assert set(c) == set(RECORD.names)
+    for name, (offset, size) in c.items():
+        dtype, py_offset = RECORD.fields[name][:2]
+        assert (py_offset, dtype.itemsize) == (offset, size), name
+
+
+@pytest.mark.parametrize("kind", list(REQUIRED_FUNCTIONS))
+def test_every_traced_type_up_to_the_limits_is_accepted(kind: MapType) -> None:
+    check_traceable("m", info(kind, KEY_MAX, VALUE_MAX))
+
+
+def test_a_key_larger_than_the_limit_is_refused_naming_it() -> None:
+    with pytest.raises(NotSupportedError, match=r"512-byte keys.*at most 256 bytes"):
+        check_traceable("big", info(MapType.HASH, 512, 8))
+
+
+def test_a_value_larger_than_the_limit_is_refused_naming_it() -> None:
+    with pytest.raises(NotSupportedError, match=r"300-byte values.*at most 256 bytes"):
+        check_traceable("big", info(MapType.LRU_HASH, 4, 300))
+
+
+def test_per_cpu_values_are_re_read_so_their_size_is_not_limited() -> None:
+    check_traceable("pcpu", info(MapType.PERCPU_HASH, 4, 4096))
+
+
+@pytest.mark.parametrize("kind", [MapType.LPM_TRIE, MapType.RINGBUF, MapType.HASH_OF_MAPS])
+def test_map_types_without_traced_functions_are_refused(kind: MapType) -> None:
+    with pytest.raises(NotSupportedError, match=r"handles .* maps only"):
+        check_traceable("other", info(kind, 8, 8))
+
+
+def test_a_too_large_map_is_refused_at_construction(make_map: Callable[..., Map]) -> None:
+    big = make_map("hash", 4, 512, 8)
+    with pytest.raises(NotSupportedError, match="TRACE_VALUE_MAX"):
+        TraceWatcher({"big": big})
+
+
+def test_the_tracer_object_is_built() -> None:
+    assert object_path().stat().st_size > 0
+
+
+def test_start_loads_where_tracing_is_allowed_and_says_why_not_elsewhere(
+    make_map: Callable[..., Map],
+) -> None:
+    m = make_map("hash", 4, 8, 16)
+    ok, _ = tracing_supported()
+    watcher = TraceWatcher({"m": m})
+    try:
+        if ok:
+            watcher.start()
+            assert "htab_map_update_elem" in watcher.attached
+        else:
+            with pytest.raises(KernelError) as refused:
+                watcher.start()
+            if isinstance(refused.value, PermissionDeniedError):
+                assert "refused this program type" in str(refused.value)
+            assert watcher.attached == []
+            assert watcher.read(0) == []  # nothing left half-started
+    finally:
+        watcher.close()
+        watcher.close()  # idempotent
+    assert not m.closed  # the caller's map stays open
