@@ -108,6 +108,7 @@ class Agent:
         self._stop = asyncio.Event()
         self._flush_scheduled = False
         self._held: list[WatchEvent] = []
+        self._unanswered: dict[str, dict[str, Digest]] = {}  # peer -> map -> its latest digest
         self._status: dict[str, Any] = {"node": self.node, "ready": False}
         self._http: StatusServer | None = None
         self._bridge: WatchBridge | None = None
@@ -252,9 +253,12 @@ class Agent:
             log.warning("peer %s does not sync map %s like this node: %s", peer, name, why)
         for batch in s.link_up(hello):
             self._send(peer, batch)
+        for digest in self._unanswered.pop(peer, {}).values():
+            self._answer_digest(peer, s, digest)
         self.metrics.peer_connected.labels(peer).set(1)
         log.info("peer up", extra={"peer": peer, "incarnation": hello.incarnation})
-        self._maybe_repair(peer, s)
+        if s.take_repair() or not self.ready:
+            self._send_digests(peer)  # until ready, every peer that comes up may catch us up
         self._flush_soon()
 
     def _peer_down(self, peer: str, error: BpfsyncError | None) -> None:
@@ -264,8 +268,11 @@ class Agent:
 
     def _maybe_repair(self, peer: str, s: PeerSession) -> None:
         if s.take_repair():
-            for name in self.maps:
-                self._send(peer, self.replica.digest(name))
+            self._send_digests(peer)
+
+    def _send_digests(self, peer: str) -> None:
+        for name in self.maps:
+            self._send(peer, self.replica.digest(name))
 
     def _received(self, peer: str, msg: object) -> None:
         s = self._session(peer)
@@ -278,15 +285,22 @@ class Agent:
             s.on_ack(msg)
             self._flush_soon()  # the window may have opened
         elif isinstance(msg, Digest):
-            pull, records = self.replica.answer_digest(msg, peer)
-            self._send_repair(peer, s, records)
-            self._send(peer, pull or Pull(msg.map, ()))  # always answer: it marks catch-up
+            self._answer_digest(peer, s, msg)
         elif isinstance(msg, Pull):
             self._send_repair(peer, s, self.replica.answer_pull(msg, peer))
             self._caught_up(msg.map, peer, len(msg.buckets))
         elif isinstance(msg, Hello):
             self._send(peer, s.on_hello(msg))
         self._maybe_repair(peer, s)
+
+    def _answer_digest(self, peer: str, s: PeerSession, digest: Digest) -> None:
+        """Our records where the peer's digest differs, then a Pull, empty or not: the Pull tells
+        the peer it has everything we had for it (the catch-up mark, see ``_caught_up``)."""
+        pull, records = self.replica.answer_digest(digest, peer)
+        self._send_repair(peer, s, records)
+        if not self._send(peer, pull or Pull(digest.map, ())):
+            # our link to the peer is not up yet (it dialed us first): answer when it is
+            self._unanswered.setdefault(peer, {})[digest.map] = digest
 
     def _send_repair(self, peer: str, s: PeerSession, records: list[Record]) -> None:
         for chunk in split(records, self.cfg.sync.max_batch_records, self._batch_bytes()):
@@ -375,8 +389,7 @@ class Agent:
                 next_digest = mono + sync.anti_entropy_interval_s
                 self.replica.expire(_now())
                 for peer in self.sessions:
-                    for name in self.maps:
-                        self._send(peer, self.replica.digest(name))
+                    self._send_digests(peer)
             self._refresh_status()
 
     # --- status --------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
 from bpfsync.errors import KernelError, NotSupportedError
+from bpfsync.kernel.dump import MapDump
 from bpfsync.kernel.maps import Map
 from bpfsync.model import Change, Overflow, Seen, WatchEvent
 from bpfsync.watch.poll import MapPoller
@@ -167,6 +168,14 @@ class AutoWatcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def baseline(self, name: str) -> MapDump:
+        """The scan of ``name`` that later reports are relative to (after ``start()``): seed
+        consumers from it, so no change falls between their copy and the watcher's."""
+        snap = self._pollers[name].baseline
+        if snap is None:
+            raise ValueError("AutoWatcher.baseline() before start()")
+        return snap.dump
 
     # --- reading -------------------------------------------------------------------------------
 

@@ -1,0 +1,126 @@
+"""Three real agents on loopback keep three real maps identical (issue: the sync agent)."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+
+from bpfsync.demo.cluster import Cluster, session
+
+from tcp_proxy import Proxy
+
+CONVERGE_S = 60.0  # the bound every convergence below is held to
+
+
+def _mixed_writes(c: Cluster, ops: int, keys: int, seed: int) -> None:
+    """``ops`` random updates and deletes on random nodes, ~30% of them made by a BPF program."""
+    rng = random.Random(seed)
+    nodes = list(c)
+    for _ in range(ops):
+        node = rng.choice(nodes)
+        key = rng.randrange(keys)
+        by_bpf = rng.random() < 0.3
+        if rng.random() < 0.2:
+            if by_bpf:
+                node.bpf_delete(key)
+            else:
+                node.delete(key)  # absent here: a delete of nothing changes nothing
+        elif by_bpf:
+            node.bpf_put(key, session(rng.randrange(1 << 30)))
+        else:
+            node.put(key, session(rng.randrange(1 << 30)))
+
+
+def test_random_writes_on_three_nodes_converge(cluster: Cluster) -> None:
+    cluster.start()
+    assert cluster.wait_ready(30), "agents did not report ready"
+    _mixed_writes(cluster, 10_000, 3_000, seed=1)
+    assert cluster.wait_converged(CONVERGE_S), "maps differ after the bound"
+    a = cluster["a"].content()
+    assert 0 < len(a) < 3_000  # the deletes happened and the map is not empty
+
+
+def test_applied_changes_do_not_echo(cluster: Cluster) -> None:
+    cluster.start()
+    assert cluster.wait_ready(30)
+    for k in range(500):
+        cluster["a"].put(k, session(k))
+    assert cluster.wait_converged(CONVERGE_S)
+    time.sleep(1.5)  # several poll rounds: an echo would show up as a local change on b or c
+    for name in ("b", "c"):
+        st = cluster[name].status()
+        assert st is not None
+        (m,) = st["maps"]
+        assert m["applied"] >= 500 and m["local_changes"] == 0, (name, m)
+
+
+def test_concurrent_writes_of_one_key_settle_on_one_value(cluster: Cluster) -> None:
+    cluster.start()
+    assert cluster.wait_ready(30)
+    for round_ in range(20):
+        cluster["a"].put(7, session(1000 + round_))
+        cluster["b"].put(7, session(2000 + round_))
+    assert cluster.wait_converged(CONVERGE_S)
+    value = cluster["c"].content()[(7).to_bytes(4, "little")]
+    assert value in (session(1019), session(2019))
+
+
+def test_killed_node_catches_up_before_ready(cluster: Cluster) -> None:
+    cluster.start()
+    assert cluster.wait_ready(30)
+    for k in range(1000):
+        cluster["a"].put(k, session(k))
+    assert cluster.wait_converged(CONVERGE_S)
+    c = cluster["c"]
+    c.stop(signal.SIGKILL)
+    for k in range(0, 1000, 3):
+        cluster["a"].delete(k)  # c still holds these: must not come back
+    for k in range(1000, 1500):
+        cluster["b"].put(k, session(k))
+    for k in range(1, 1000, 3):
+        cluster["b"].bpf_put(k, session(k + 7))
+    assert cluster.wait(lambda: cluster["a"].content() == cluster["b"].content(), CONVERGE_S)
+    c.start()
+    assert cluster.wait(c.is_ready, 30), c.log()[-3000:]
+    # ready means caught up: no write happened since, so c must already match
+    assert c.content() == cluster["a"].content()
+    assert len(c.content()) == 1500 - 334
+
+
+def test_partitioned_node_converges_after_heal() -> None:
+    with Cluster(tag="part") as cl:
+        a, b, c = cl["a"], cl["b"], cl["c"]
+        proxies = {k: Proxy(t.port) for k, t in (("ca", a), ("cb", b), ("ac", c), ("bc", c))}
+        try:
+            a.peers = [b.address, proxies["ac"].address]
+            b.peers = [a.address, proxies["bc"].address]
+            c.peers = [proxies["ca"].address, proxies["cb"].address]
+            cl.start()
+            assert cl.wait_ready(30)
+            for k in range(300):
+                a.put(k, session(k))
+            assert cl.wait_converged(CONVERGE_S)
+            for p in proxies.values():
+                p.cut()
+            for k in range(300, 400):
+                c.put(k, session(k))  # only c sees these for now
+                a.put(k + 1000, session(k))
+            for k in range(0, 50):
+                c.delete(k)
+                a.put(k + 50, session(k + 99))
+            c.put(299, session(77))
+            time.sleep(1)
+            assert c.content() != a.content()
+            assert a.content() == b.content() or cl.wait(
+                lambda: a.content() == b.content(), CONVERGE_S
+            )
+            for p in proxies.values():
+                p.heal()
+            assert cl.wait_converged(CONVERGE_S), "no convergence after the partition healed"
+            final = a.content()
+            assert (5).to_bytes(4, "little") not in final  # c's delete crossed the heal
+            assert (350).to_bytes(4, "little") in final and (1350).to_bytes(4, "little") in final
+        finally:
+            for p in proxies.values():
+                p.close()
