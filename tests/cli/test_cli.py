@@ -1,0 +1,93 @@
+"""The command line, run as a user would: real processes, real maps, bpftool as the writer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bpfsync.demo.cluster import KEY, VALUE, Cluster, Node, session
+
+BPFSYNC = [sys.executable, "-m", "bpfsync.cli.main"]
+
+
+@pytest.fixture
+def node() -> Iterator[Node]:
+    with Cluster(("solo",), tag="cli") as c:
+        yield c["solo"]
+
+
+def _hex_words(data: bytes) -> list[str]:
+    return [f"0x{b:02x}" for b in data]
+
+
+def test_watch_json_shows_bpftool_writes(node: Node) -> None:
+    proc = subprocess.Popen(
+        [*BPFSYNC, "watch", str(node.pin), "--json", "--interval", "0.1", "--count", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        time.sleep(1.5)  # let it take its baseline scan
+        key, v1, v2 = KEY.pack(42), session(1), session(2)
+        bpftool = ["bpftool", "map", "update", "pinned", str(node.pin), "key", *_hex_words(key)]
+        subprocess.run([*bpftool, "value", *_hex_words(v1)], check=True)
+        time.sleep(0.5)
+        subprocess.run([*bpftool, "value", *_hex_words(v2)], check=True)
+        time.sleep(0.5)
+        subprocess.run(["bpftool", "map", "delete", "pinned", str(node.pin), "key",
+                        *_hex_words(key)], check=True)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [x["op"] for x in lines] == ["update", "update", "delete"]
+    assert all(x["key"] == key.hex() for x in lines)
+    assert lines[0]["value"] == v1.hex() and lines[1]["value"] == v2.hex()
+    assert lines[2]["value"] is None
+    fields = lines[1]["value_fields"]  # decoded by the map's BTF
+    assert fields["bytes"] == VALUE.unpack(v2)[0] and fields["port"] == VALUE.unpack(v2)[2]
+
+
+def test_dump_decodes_fields(node: Node) -> None:
+    node.put(7, session(7))
+    out = subprocess.run([*BPFSYNC, "dump", str(node.pin), "--json"], capture_output=True,
+                         text=True, check=True).stdout
+    (entry,) = [json.loads(line) for line in out.splitlines()]
+    assert entry["key_fields"] == {"value": 7} or entry["key"] == KEY.pack(7).hex()
+    assert entry["value_fields"]["backend"] == 7 % 7
+
+
+def test_bad_config_names_the_field(tmp_path: Path) -> None:
+    cfg = tmp_path / "bpfsync.yaml"
+    cfg.write_text("node_id: a\nlisten: 127.0.0.1:notaport\nmaps:\n  - path: id:3\nextra: 1\n")
+    res = subprocess.run([*BPFSYNC, "run", "--config", str(cfg)], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "listen" in res.stderr and "maps.0.path" in res.stderr and "extra" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_missing_map_is_a_clear_error() -> None:
+    res = subprocess.run(
+        [*BPFSYNC, "run", "--node-id", "a", "--map", "/sys/fs/bpf/bpfsync-no-such-map"],
+        capture_output=True, text=True,
+    )
+    assert res.returncode == 2
+    assert "bpfsync-no-such-map" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_status_shows_peers_and_maps() -> None:
+    with Cluster(("a", "b"), tag="status") as c:
+        c.start()
+        assert c.wait_ready(30)
+        res = subprocess.run([*BPFSYNC, "status", "--http", f"127.0.0.1:{c['a'].http_port}"],
+                             capture_output=True, text=True, check=True)
+        assert "ready" in res.stdout and "sessions" in res.stdout and " b " in res.stdout
+        res = subprocess.run([*BPFSYNC, "status", "--http", "127.0.0.1:1"], capture_output=True,
+                             text=True)
+        assert res.returncode == 2 and "no agent answers" in res.stderr
