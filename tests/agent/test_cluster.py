@@ -6,9 +6,9 @@ import random
 import signal
 import time
 
-from bpfsync.demo.cluster import Cluster, session
-
 from tcp_proxy import Proxy
+
+from bpfsync.demo.cluster import Cluster, session
 
 CONVERGE_S = 60.0  # the bound every convergence below is held to
 

@@ -1,0 +1,1 @@
+"""A local cluster of real agents: `make demo` and the end-to-end tests."""
