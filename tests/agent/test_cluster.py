@@ -124,3 +124,27 @@ def test_partitioned_node_converges_after_heal() -> None:
         finally:
             for p in proxies.values():
                 p.close()
+
+
+def test_changes_relay_around_a_cut_link() -> None:
+    """a and c cannot talk; b links both: a's and c's writes still reach each other via b."""
+    with Cluster(tag="relay") as cl:
+        a, b, c = cl["a"], cl["b"], cl["c"]
+        ac, ca = Proxy(c.port), Proxy(a.port)
+        try:
+            a.peers = [b.address, ac.address]
+            c.peers = [b.address, ca.address]
+            ac.cut()
+            ca.cut()
+            cl.start()
+            assert cl.wait_ready(30)
+            for k in range(200):
+                a.put(k, session(k))
+                c.put(1000 + k, session(k))
+            assert cl.wait_converged(CONVERGE_S)
+            assert len(a.content()) == 400
+        finally:
+            ac.close()
+            ca.close()
+        for n in cl:
+            assert n.stop() == 0, n.log()[-2000:]  # SIGTERM: a clean exit

@@ -70,6 +70,7 @@ class StreamServer:
         self, own: Hello, options: MeshOptions, inbox: Inbox, stats: dict[str, int]
     ) -> None:
         self.inbound: dict[str, InboundPeer] = {}
+        self._stopping = False
         self._own = own
         self._hello_frame = codec.encode(own)
         self._opt = options
@@ -96,6 +97,7 @@ class StreamServer:
         return int(port)
 
     async def stop(self, grace: float) -> None:
+        self._stopping = True
         if self._server is not None:
             await self._server.stop(grace)
 
@@ -108,6 +110,10 @@ class StreamServer:
             if hello is None:
                 return
             await self._serve(hello, context)
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+            # the server is stopping: end quietly, or grpc logs each stream's cancellation
         except _Reject as rej:
             self._stats[rej.counter] += 1
             log.warning("rejected a stream from %s: %s", context.peer(), rej.error)
