@@ -1,0 +1,509 @@
+"""One-command end-to-end benchmark of bpfsync against the seed design (needs root, bpffs).
+
+    .venv/bin/python bench/run.py [--quick]
+
+Phases (each bounded; every pin and process is cleaned up by the Cluster context manager):
+  seed      bench/seed_baseline.py: one unary gRPC call per change, new channel per call, 1 peer,
+            4-byte key/value (the reference every ratio is computed against)
+  thr-user  3 agents (a, b, c) on loopback, demo map (u32 -> 16 B) resized to --keyspace entries;
+            user-space batch updates on a at --rate for --seconds, keys cycled over the key space
+            (each write has a unique value); time until b and c hold exactly a's content
+  thr-bpf   same, writes made by the write_op BPF program via BPF_PROG_TEST_RUN (one per write)
+  thr-256   same as thr-user with 256-byte values (a bpftool-created hash map, no BTF)
+  latency   ~10k writes/s on a (monotonic ns in the value); this process dumps b in a tight loop
+            and records when each write appears; at the default poll interval and at 0.01 s
+  catch-up  a holds N entries and is ready; b starts empty: time to ready and identical, bytes read
+            and written by the two agents (/proc/PID/io rchar/wchar), RSS of both
+  detect    MapPoller scan+diff of a 1M-entry u32 -> 16 B hash (bench/poll_scan.py's helpers)
+  profile   py-spy record of a and b during thr-user (if py-spy is installed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import poll_scan  # noqa: E402  (bench/poll_scan.py)
+import seed_baseline  # noqa: E402
+
+from bpfsync.demo.cluster import (  # noqa: E402
+    BPFFS, DEMO_UPDATE, MAP_NAME, OP, Cluster, Node, demo_object, free_port,
+)
+from bpfsync.kernel.maps import Map  # noqa: E402
+from bpfsync.kernel.objects import BpfObject  # noqa: E402
+from bpfsync.watch.poll import MapPoller  # noqa: E402
+
+PYSPY = Path(sys.executable).parent / "py-spy"
+
+
+# --- nodes with a resized demo map, or a plain bpftool map ----------------------------------------
+
+class BigNode(Node):
+    """Node.__init__ with ``set_max_entries`` before load."""
+
+    def __init__(self, name: str, root: Path, port: int, http_port: int, entries: int) -> None:
+        self.name, self.dir, self.port, self.http_port = name, root / name, port, http_port
+        self.pin = self.dir / MAP_NAME
+        self.peers = []
+        self.proc = None
+        self.log_path = Path(f"/tmp/bpfsync-{root.name}-{name}.log")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.obj = BpfObject.open(demo_object())
+        self.obj.map_spec(MAP_NAME).set_max_entries(entries)
+        self.obj.load()
+        self.map = self.obj.map(MAP_NAME)
+        self.map.pin(str(self.pin))
+        self.writer = self.obj.program("write_op")
+
+
+class PlainNode(Node):
+    """A node whose map is a bpftool-created hash (u32 -> value_size bytes); no BPF writer."""
+
+    def __init__(self, name: str, root: Path, port: int, http_port: int, entries: int,
+                 value_size: int) -> None:
+        self.name, self.dir, self.port, self.http_port = name, root / name, port, http_port
+        self.pin = self.dir / MAP_NAME
+        self.peers = []
+        self.proc = None
+        self.log_path = Path(f"/tmp/bpfsync-{root.name}-{name}.log")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["bpftool", "map", "create", str(self.pin), "type", "hash", "key", "4",
+                        "value", str(value_size), "entries", str(entries), "name", MAP_NAME],
+                       check=True)
+        self.obj = None
+        self.map = Map.open_pinned(str(self.pin))
+        self.writer = None
+
+    def close(self) -> None:
+        self.stop()
+        self.map.close()
+        with contextlib.suppress(OSError):
+            self.pin.unlink()
+
+
+class BenchCluster(Cluster):
+    def __init__(self, factory: Any, names: tuple[str, ...], tag: str) -> None:
+        self.root = BPFFS / f"bpfsync-{tag}-{uuid.uuid4().hex[:8]}"
+        self.nodes = {}
+        try:
+            for n in names:
+                self.nodes[n] = factory(n, self.root, free_port(), free_port())
+        except BaseException:
+            self.close()
+            raise
+        for node in self.nodes.values():
+            node.peers = [o.address for o in self.nodes.values() if o is not node]
+
+    def start_with(self, poll: float, nodes: list[Node] | None = None,
+                   catchup_s: float = 1.0) -> None:
+        for node in nodes or list(self):
+            cfg = Path(f"/tmp/bpfsync-{self.root.name}-{node.name}.yaml")
+            cfg.write_text(
+                f"node_id: {node.name}\nmaps:\n  - path: {node.pin}\n"
+                f"watch:\n  mode: poll\n  poll_interval: {poll}\n"
+                f"sync:\n  catchup_timeout_s: {catchup_s}\n")
+            node.start(["--config", str(cfg)])
+
+    def close(self) -> None:
+        super().close()
+        for p in Path("/tmp").glob(f"bpfsync-{self.root.name}-*.yaml"):
+            p.unlink(missing_ok=True)
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def applied(node: Node) -> int:
+    st = node.status()
+    return int(st["maps"][0]["applied"]) if st and st.get("maps") else 0
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def proc_io(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        k, _, v = line.partition(":")
+        out[k] = int(v)
+    return out
+
+
+def sorted_dump(m: Map) -> tuple[np.ndarray, np.ndarray]:
+    d = m.dump()
+    keys = np.asarray(d.key_array).reshape(-1).view(np.uint32)
+    order = np.argsort(keys, kind="stable")
+    return keys[order], np.asarray(d.value_array)[order]
+
+
+def same_content(a: Node, others: list[Node]) -> bool:
+    ka, va = sorted_dump(a.map)
+    for o in others:
+        ko, vo = sorted_dump(o.map)
+        if ko.shape != ka.shape or not np.array_equal(ko, ka) or not np.array_equal(vo, va):
+            return False
+    return True
+
+
+def pct(xs: np.ndarray, p: float) -> float:
+    return float(np.percentile(xs, p)) if xs.size else float("nan")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --- phases ------------------------------------------------------------------------------------
+
+def throughput(c: BenchCluster, rate: float, seconds: float, keyspace: int, vsize: int,
+               use_bpf: bool, wait_max: float, base: int, profile_s: float = 0) -> dict[str, Any]:
+    """Write on a at ``rate`` for ``seconds`` (keys cycle over ``keyspace``), then wait until b and
+    c hold a's content. ``base`` offsets the unique value so that phases never repeat a value."""
+    a, b, cc = c["a"], c["b"], c["c"]
+    ap0 = {n.name: applied(n) for n in (b, cc)}
+    words = vsize // 8
+    prof = start_profile([a, b], profile_s) if profile_s else []
+    written = 0
+    start = time.perf_counter()
+    while (el := time.perf_counter() - start) < seconds:
+        n = min(int(rate * el) - written, 20000, keyspace)
+        if n <= 0:
+            time.sleep(0.001)
+            continue
+        idx = np.arange(written, written + n, dtype=np.uint64)
+        keys = (idx % keyspace).astype(np.uint32)
+        vals = np.zeros((n, words), dtype=np.uint64)
+        vals[:, 0] = idx + base + 1
+        if use_bpf:
+            for k, v in zip(keys.tolist(), vals.view(np.uint8).reshape(n, vsize)):
+                a.writer.test_run(OP.pack(DEMO_UPDATE, k) + v.tobytes())
+        else:
+            a.map.update_batch(keys, vals)
+        written += n
+    write_s = time.perf_counter() - start
+    done_at = None
+    deadline = time.perf_counter() + wait_max
+    while time.perf_counter() < deadline:
+        if same_content(a, [b, cc]):
+            done_at = time.perf_counter() - start
+            break
+        time.sleep(0.2)
+    total_s = done_at if done_at is not None else time.perf_counter() - start
+    ap = {n.name: applied(n) - ap0[n.name] for n in (b, cc)}
+    profiles = finish_profile(prof)
+    return {
+        "written": written, "write_s": write_s, "offered_rate": written / write_s,
+        "converged": done_at is not None, "total_s": total_s,
+        "writes_per_s": written / total_s,
+        "applied_b": ap["b"], "applied_c": ap["c"],
+        "distinct_applied_per_s": min(ap.values()) / total_s,
+        "profiles": profiles,
+    }
+
+
+def start_profile(nodes: list[Node], secs: float) -> list[tuple[str, subprocess.Popen[bytes], Path]]:
+    if not PYSPY.exists():
+        return []
+    out = []
+    for n in nodes:
+        assert n.proc is not None
+        path = Path(f"/tmp/bpfsync-bench-pyspy-{n.name}-{os.getpid()}.txt")
+        p = subprocess.Popen([str(PYSPY), "record", "-p", str(n.proc.pid), "-d", str(int(secs)),
+                              "-r", "50", "-f", "raw", "-o", str(path), "--nonblocking"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        out.append((n.name, p, path))
+    return out
+
+
+def finish_profile(procs: list[tuple[str, subprocess.Popen[bytes], Path]]) -> dict[str, Any]:
+    res = {}
+    for name, p, path in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        if not path.exists():
+            continue
+        self_t: collections.Counter[str] = collections.Counter()
+        incl: collections.Counter[str] = collections.Counter()
+        total = 0
+        for line in path.read_text().splitlines():
+            stack, _, cnt = line.rpartition(" ")
+            if not stack or not cnt.isdigit():
+                continue
+            frames = stack.split(";")
+            total += int(cnt)
+            self_t[frames[-1]] += int(cnt)
+            for f in set(frames):
+                if "bpfsync" in f:
+                    incl[f] += int(cnt)
+        path.unlink()
+        res[name] = {"total": total, "self": self_t.most_common(10), "incl": incl.most_common(12)}
+    return res
+
+
+def latency(c: BenchCluster, poll: float, rate: float, seconds: float,
+            keyspace: int = 20000) -> dict[str, Any]:
+    a, b = c["a"], c["b"]
+    seen = np.zeros(keyspace, dtype=np.uint64)
+    lats: list[np.ndarray] = []
+    written = 0
+    start_ns = time.monotonic_ns()
+    t0 = time.perf_counter()
+    end = t0 + seconds
+    while True:
+        now = time.perf_counter()
+        if now < end:
+            n = min(int(rate * (now - t0)) - written, keyspace)
+            if n > 0:
+                idx = np.arange(written, written + n, dtype=np.uint64)
+                vals = np.zeros((n, 2), dtype=np.uint64)
+                vals[:, 0] = time.monotonic_ns()
+                a.map.update_batch((idx % keyspace).astype(np.uint32), vals)
+                written += n
+        elif now > end + max(2.0, 10 * poll):
+            break
+        d = b.map.dump()
+        obs = time.monotonic_ns()
+        if d.count == 0:
+            continue
+        keys = np.asarray(d.key_array).reshape(-1).view(np.uint32)
+        ts = np.asarray(d.value_array)[:, :8].copy().view(np.uint64).reshape(-1)
+        new = (ts != seen[keys]) & (ts >= start_ns)
+        if new.any():
+            lats.append((obs - ts[new]) / 1e6)
+            seen[keys[new]] = ts[new]
+    x = np.concatenate(lats) if lats else np.zeros(0)
+    return {"poll": poll, "written": written, "observed": int(x.size),
+            "p50": pct(x, 50), "p99": pct(x, 99), "p999": pct(x, 99.9), "max": float(x.max()) if x.size else float("nan")}
+
+
+def catchup(entries: int, wait_max: float) -> dict[str, Any]:
+    factory = lambda n, r, p, h: BigNode(n, r, p, h, entries)  # noqa: E731
+    with BenchCluster(factory, ("a", "b"), "bench-catchup") as c:
+        a, b = c["a"], c["b"]
+        keys = np.arange(entries, dtype=np.uint32)
+        vals = np.zeros((entries, 2), dtype=np.uint64)
+        vals[:, 0] = np.arange(entries, dtype=np.uint64) * 1500
+        vals[:, 1] = np.arange(entries, dtype=np.uint64)
+        a.map.update_batch(keys, vals)
+        t = time.perf_counter()
+        c.start_with(0.25, [a])
+
+        def a_loaded() -> bool:
+            st = a.status()
+            return bool(st and st.get("ready") and st["maps"][0]["registers"] >= entries)
+
+        a_ok = c.wait(a_loaded, wait_max, every=0.2)
+        a_load_s = time.perf_counter() - t
+        assert a.proc is not None
+        a_rss = rss_mb(a.proc.pid)
+        io_a0 = proc_io(a.proc.pid)
+        t0 = time.perf_counter()
+        c.start_with(0.25, [b])
+        assert b.proc is not None
+        ready_s = same_s = None
+        deadline = t0 + wait_max
+        while time.perf_counter() < deadline:
+            if ready_s is None and b.is_ready():
+                ready_s = time.perf_counter() - t0
+            if ready_s is not None and b.map.dump().count == entries and same_content(a, [b]):
+                same_s = time.perf_counter() - t0
+                break
+            time.sleep(0.05)
+        io_a1, io_b1 = proc_io(a.proc.pid), proc_io(b.proc.pid)
+        st_b = b.status() or {}
+        return {
+            "entries": entries, "a_loaded": a_ok, "a_load_s": a_load_s, "ready_s": ready_s,
+            "identical_s": same_s, "a_wchar": io_a1["wchar"] - io_a0["wchar"],
+            "b_rchar": io_b1["rchar"], "a_rss": a_rss, "a_rss_after": rss_mb(a.proc.pid),
+            "b_rss": rss_mb(b.proc.pid),
+            "b_peers": [{k: p.get(k) for k in ("node", "sent", "received")}
+                        for p in st_b.get("peers", [])],
+        }
+
+
+def detection(entries: int) -> dict[str, float]:
+    with poll_scan.scratch_map("hash", 4, 16, entries) as m:
+        keys = np.arange(entries, dtype=np.uint32)
+        vals = np.zeros((entries, 2), dtype=np.uint64)
+        vals[:, 0] = np.arange(entries, dtype=np.uint64)
+        m.update_batch(keys, vals)
+        poller = MapPoller("bench", m)
+        poller.poll()
+        t0, n0 = poll_scan.poll_time(poller, lambda: None, 3)
+        rng = np.random.default_rng(7)
+        one = max(1, entries // 100)
+
+        def change() -> None:
+            idx = rng.choice(entries, size=one, replace=False)
+            vals[idx, 0] += 1
+            m.update_batch(keys[idx], vals[idx])
+
+        t1, n1 = poll_scan.poll_time(poller, change, 3)
+        return {"entries": entries, "nochange_ms": t0 * 1e3, "one_pct_ms": t1 * 1e3,
+                "one_pct_changes": n1, "scan_ms": poller.last_scan_seconds * 1e3,
+                "diff_ms": poller.last_diff_seconds * 1e3}
+
+
+# --- main --------------------------------------------------------------------------------------
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="~5 s phases instead of 30 s")
+    ap.add_argument("--rate", type=float, default=250_000, help="offered writes/s on a")
+    ap.add_argument("--keyspace", type=int, default=1 << 20)
+    ap.add_argument("--catchup-entries", type=int, default=1_000_000)
+    ap.add_argument("--skip", default="", help="comma list of phases to skip")
+    args = ap.parse_args()
+    q = args.quick
+    secs = 5.0 if q else 30.0
+    lat_secs = 5.0 if q else 10.0
+    wait_max = 20.0 if q else 45.0
+    skip = set(filter(None, args.skip.split(",")))
+    R: dict[str, Any] = {}
+
+    log("seed baseline")
+    R["seed"] = seed_baseline.run(3.0 if q else 10.0)
+    log(f"  {R['seed']}")
+
+    if "thr" not in skip:
+        factory = lambda n, r, p, h: BigNode(n, r, p, h, args.keyspace)  # noqa: E731
+        with BenchCluster(factory, ("a", "b", "c"), "bench-thr") as c:
+            c.start_with(0.25)
+            assert c.wait_ready(30), "agents not ready"
+            log("throughput, user-space batch writes")
+            R["thr_user"] = throughput(c, args.rate, secs, args.keyspace, 16, False, wait_max, 0,
+                                       profile_s=secs)
+            log(f"  { {k: v for k, v in R['thr_user'].items() if k != 'profiles'} }")
+            assert c["b"].proc is not None
+            R["thr_rss_b"] = rss_mb(c["b"].proc.pid)
+            log("throughput, BPF writes (write_op test_run)")
+            R["thr_bpf"] = throughput(c, args.rate, secs, args.keyspace, 16, True, wait_max,
+                                      1 << 40)
+            log(f"  { {k: v for k, v in R['thr_bpf'].items() if k != 'profiles'} }")
+    if "thr256" not in skip:
+        ks = min(args.keyspace, 1 << 18)
+        factory = lambda n, r, p, h: PlainNode(n, r, p, h, ks, 256)  # noqa: E731
+        with BenchCluster(factory, ("a", "b", "c"), "bench-256") as c:
+            c.start_with(0.25)
+            assert c.wait_ready(30), "agents not ready"
+            log("throughput, 256-byte values")
+            R["thr_256"] = throughput(c, args.rate, secs, ks, 256, False, wait_max, 0)
+            log(f"  { {k: v for k, v in R['thr_256'].items() if k != 'profiles'} }")
+    if "lat" not in skip:
+        with BenchCluster(lambda n, r, p, h: BigNode(n, r, p, h, 65536), ("a", "b", "c"),
+                          "bench-lat") as c:
+            for poll in (0.25, 0.01):
+                c.start_with(poll)
+                assert c.wait_ready(30), "agents not ready"
+                log(f"latency, poll interval {poll}")
+                R[f"lat_{poll}"] = latency(c, poll, 10_000, lat_secs)
+                log(f"  {R[f'lat_{poll}']}")
+                for n in c:
+                    n.stop()
+    if "catchup" not in skip:
+        log(f"catch-up of {args.catchup_entries} entries")
+        R["catchup"] = catchup(args.catchup_entries, 60.0 if q else 120.0)
+        log(f"  {R['catchup']}")
+    if "detect" not in skip:
+        log("detection (poll scan+diff)")
+        R["detect"] = detection(1_000_000)
+        log(f"  {R['detect']}")
+    report(R, sys.argv)
+
+
+def report(R: dict[str, Any], argv: list[str]) -> None:
+    seed = R["seed"]
+    rows: list[tuple[str, str, str, str]] = []  # metric, value, vs seed, target
+
+    def thr_rows(key: str, label: str) -> None:
+        if key not in R:
+            return
+        t = R[key]
+        conv = "" if t["converged"] else " (NOT converged: lower bound)"
+        rows.append((f"{label}: writes/s on a -> b+c", f"{t['writes_per_s']:,.0f}{conv}",
+                     f"{t['writes_per_s'] / seed['rate']:,.1f}x", ">=200k/s, >=100x"))
+        rows.append((f"{label}: distinct records applied/s (min of b,c)",
+                     f"{t['distinct_applied_per_s']:,.0f}",
+                     f"{t['distinct_applied_per_s'] / seed['rate']:,.1f}x", ""))
+        rows.append((f"{label}: offered / written",
+                     f"{t['offered_rate']:,.0f}/s, {t['written']:,} in {t['write_s']:.1f}s; "
+                     f"done {t['total_s']:.1f}s", "", ""))
+
+    rows.append(("seed: changes/s (unary, new conn, 1 peer, 4B)", f"{seed['rate']:,.0f}", "1x",
+                 ""))
+    rows.append(("seed: latency p50/p99/p99.9",
+                 f"{seed['p50_ms']:.2f}/{seed['p99_ms']:.2f}/{seed['p999_ms']:.2f} ms", "1x", ""))
+    thr_rows("thr_user", "16B user-space")
+    thr_rows("thr_bpf", "16B BPF write_op")
+    thr_rows("thr_256", "256B user-space")
+    if "thr_256" not in R:
+        rows.append(("256B", "not measured", "", ""))
+    for poll in (0.25, 0.01):
+        lt = R.get(f"lat_{poll}")
+        if lt:
+            rows.append((f"latency a->b @10k/s, poll {poll}s: p50/p99/p99.9",
+                         f"{lt['p50']:.1f}/{lt['p99']:.1f}/{lt['p999']:.1f} ms "
+                         f"({lt['observed']:,} of {lt['written']:,} seen)",
+                         f"p99 {lt['p99'] / seed['p99_ms']:.1f}x seed", "p99 <=10 ms"))
+    cu = R.get("catchup")
+    if cu:
+        idt = f"{cu['identical_s']:.2f} s" if cu["identical_s"] is not None else "NOT in time"
+        rdy = f"{cu['ready_s']:.2f} s" if cu["ready_s"] is not None else "never"
+        rows.append((f"catch-up of {cu['entries']:,} entries (new node)",
+                     f"ready {rdy}, identical {idt}", "", "<=2 s"))
+        rows.append(("catch-up bytes (a wchar / b rchar, ~wire)",
+                     f"{cu['a_wchar'] / 1e6:.1f} MB / {cu['b_rchar'] / 1e6:.1f} MB", "", ""))
+        rows.append((f"agent RSS with {cu['entries']:,} entries (a / b)",
+                     f"{cu['a_rss_after']:.0f} MB / {cu['b_rss']:.0f} MB", "", "<=300 MB"))
+        rows.append(("a: initial load of the full map (start -> ready)",
+                     f"{cu['a_load_s']:.1f} s", "", ""))
+    if "thr_rss_b" in R:
+        rows.append(("agent b RSS after 16B throughput", f"{R['thr_rss_b']:.0f} MB", "", ""))
+    d = R.get("detect")
+    if d:
+        rows.append((f"poll scan+diff {d['entries']:,} entries: no change / 1% changed",
+                     f"{d['nochange_ms']:.0f} ms / {d['one_pct_ms']:.0f} ms "
+                     f"(scan {d['scan_ms']:.0f} + diff {d['diff_ms']:.0f})", "", ""))
+
+    w = [max(len(r[i]) for r in rows + [("metric", "value", "vs seed", "target")])
+         for i in range(4)]
+    print("\n" + "  ".join(h.ljust(w[i]) for i, h in enumerate(("metric", "value", "vs seed",
+                                                                    "target"))))
+    for r in rows:
+        print("  ".join(c.ljust(w[i]) for i, c in enumerate(r)))
+    print("\n| metric | value | vs seed | target |\n|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    print("\ncommand: " + " ".join([".venv/bin/python", *argv]))
+    prof = R.get("thr_user", {}).get("profiles")
+    if prof:
+        for name, p in prof.items():
+            print(f"\npy-spy, agent {name} during 16B throughput ({p['total']} samples):")
+            print("  self:")
+            for f, n in p["self"]:
+                print(f"    {100 * n / max(1, p['total']):5.1f}%  {f}")
+            print("  inclusive (bpfsync frames):")
+            for f, n in p["incl"]:
+                print(f"    {100 * n / max(1, p['total']):5.1f}%  {f}")
+
+
+if __name__ == "__main__":
+    main()
