@@ -11,6 +11,7 @@ def test_exported_names() -> None:
             "DEFAULT_BUCKETS",
             "DEFAULT_MAX_DRIFT_NS",
             "LWW",
+            "Companion",
             "Ack",
             "ApplyResult",
             "Batch",

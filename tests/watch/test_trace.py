@@ -16,6 +16,7 @@ from bpfsync.errors import KernelError, NotSupportedError, PermissionDeniedError
 from bpfsync.kernel.features import tracing_supported
 from bpfsync.kernel.info import MapInfo, MapType
 from bpfsync.kernel.maps import Map
+from bpfsync.watch.base import Watcher
 from bpfsync.watch.trace import (
     KEY_MAX,
     RECORD,
@@ -121,3 +122,13 @@ def test_start_loads_where_tracing_is_allowed_and_says_why_not_elsewhere(
         watcher.close()
         watcher.close()  # idempotent
     assert not m.closed  # the caller's map stays open
+
+
+def test_the_same_map_under_two_names_is_refused(make_map: Callable[..., Map]) -> None:
+    m = make_map("hash", 4, 8, 16)
+    with Map.open_by_id(m.info.id) as again, pytest.raises(ValueError, match="same map"):
+        TraceWatcher({"a": m, "b": again})
+
+
+def test_is_a_watcher(make_map: Callable[..., Map]) -> None:
+    assert isinstance(TraceWatcher({"m": make_map("hash", 4, 8, 16)}), Watcher)

@@ -5,6 +5,10 @@ in one BPF_MAP_UPDATE_BATCH and deletes in one BPF_MAP_DELETE_BATCH. When a batc
 map, a key the kernel refuses) the writes are retried one by one, so one bad key costs only itself;
 whatever the kernel ends up holding is told back to the replica (``note_kernel``), so the replica's
 view of the kernel stays true and the watcher's report of our own write is recognised as an echo.
+
+Counter maps (see synced.py): with the exact layout the writes go to the companion map and hold
+the other nodes' merged value; in place they go to the map itself (the daemon re-reads racing
+keys before merging, see ``Agent._fold_races``).
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from bpfsync.agent.synced import SyncedMap
 from bpfsync.core.replica import Replica, Write
 from bpfsync.errors import KernelError
 from bpfsync.kernel.maps import Map
@@ -26,30 +31,44 @@ class ApplyStats:
     updated: int = 0
     deleted: int = 0
     failed: int = 0
+    # (map, key, value or None) written to the watched maps themselves (not to companions)
+    written: list[tuple[str, bytes, bytes | None]] = field(default_factory=list)
 
 
 class Applier:
-    def __init__(self, maps: Mapping[str, Map], replica: Replica) -> None:
+    def __init__(self, maps: Mapping[str, SyncedMap], replica: Replica) -> None:
         self._maps = maps
         self._replica = replica
 
     def apply(self, writes: Iterable[Write]) -> ApplyStats:
         stats = ApplyStats()
-        updates: dict[str, list[tuple[bytes, bytes]]] = defaultdict(list)
-        deletes: dict[str, list[bytes]] = defaultdict(list)
+        per_map: dict[str, list[tuple[bytes, bytes | None]]] = defaultdict(list)
         for name, key, value in writes:
-            if value is None:
-                deletes[name].append(key)
-            else:
-                updates[name].append((key, value))
-        for name, pairs in updates.items():
-            self._update(name, pairs, stats)
-        for name, keys in deletes.items():
-            self._delete(name, keys, stats)
+            per_map[name].append((key, value))
+        for name, kvs in per_map.items():
+            sm = self._maps[name]
+            if sm.companion is not None:
+                kvs = [(k, self._replica.peers_value(name, k)) for k, _ in kvs]
+                self._write(name, sm.companion, kvs, stats, note=False)
+                continue
+            self._write(name, sm.map, kvs, stats, note=True)
+            stats.written += [(name, k, v) for k, v in kvs]
         return stats
 
-    def _update(self, name: str, pairs: list[tuple[bytes, bytes]], stats: ApplyStats) -> None:
-        m = self._maps[name]
+    def _write(
+        self, name: str, m: Map, kvs: list[tuple[bytes, bytes | None]], stats: ApplyStats,
+        *, note: bool,
+    ) -> None:
+        ups = [(k, v) for k, v in kvs if v is not None]
+        dels = [k for k, v in kvs if v is None]
+        if ups:
+            self._update(name, m, ups, stats, note)
+        if dels:
+            self._delete(name, m, dels, stats, note)
+
+    def _update(
+        self, name: str, m: Map, pairs: list[tuple[bytes, bytes]], stats: ApplyStats, note: bool
+    ) -> None:
         try:
             m.update_batch(b"".join(k for k, _ in pairs), b"".join(v for _, v in pairs), len(pairs))
             stats.updated += len(pairs)
@@ -63,10 +82,10 @@ class Applier:
             except KernelError as err:
                 stats.failed += 1
                 log.error("cannot write key %s to map %s: %s", key.hex(), name, err)
-                self._replica.note_kernel(name, key, m.lookup(key))
+                if note:
+                    self._replica.note_kernel(name, key, m.lookup(key))
 
-    def _delete(self, name: str, keys: list[bytes], stats: ApplyStats) -> None:
-        m = self._maps[name]
+    def _delete(self, name: str, m: Map, keys: list[bytes], stats: ApplyStats, note: bool) -> None:
         try:
             # keys already absent are skipped by delete_batch: absent is what we want
             m.delete_batch(b"".join(keys), len(keys))
@@ -74,5 +93,6 @@ class Applier:
         except KernelError as err:
             stats.failed += len(keys)
             log.error("cannot delete %d keys from map %s: %s", len(keys), name, err)
-            for key in keys:
-                self._replica.note_kernel(name, key, m.lookup(key))
+            if note:
+                for key in keys:
+                    self._replica.note_kernel(name, key, m.lookup(key))

@@ -31,12 +31,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+WholePolicy = Literal["lww", "counter", "max", "min"]
+FieldOp = Literal["lww", "counter", "max", "min", "epoch"]
+
+
 class MapConfig(_Strict):
-    """One synced map: the same pin path (or name) on every node."""
+    """One synced map: the same pin path (or name) on every node, and how it merges."""
 
     path: str = Field(description="pin path under /sys/fs/bpf, or name:NAME of a loaded map")
     name: str | None = Field(default=None, description="name peers know the map by")
-    policy: Literal["lww"] = "lww"
+    policy: WholePolicy | dict[str, FieldOp] = Field(
+        default="lww",
+        description="lww | counter | max | min for the whole value, or {field: op} by BTF name",
+    )
+    counters: Literal["in-place", "exact"] = Field(
+        default="in-place",
+        description="in-place: the agent folds peers' counts into the map; exact: into companion",
+    )
+    companion: str | None = Field(
+        default=None, description="exact counters: pin path of the map that gets peers' sum"
+    )
 
     @field_validator("path")
     @classmethod
@@ -52,6 +66,40 @@ class MapConfig(_Strict):
         if not v.startswith("/"):
             raise ValueError(f"expected an absolute pin path like /sys/fs/bpf/app/map, got {v!r}")
         return v
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, v: str | dict[str, str]) -> str | dict[str, str]:
+        if isinstance(v, dict):
+            if not v:
+                raise ValueError("give at least one field: op, or a word such as lww")
+            if list(v.values()).count("epoch") > 1:
+                raise ValueError("at most one field can be the epoch (window) field")
+        return v
+
+    @field_validator("companion")
+    @classmethod
+    def _companion(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("/"):
+            raise ValueError(f"expected the companion map's absolute pin path, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _layout(self) -> MapConfig:
+        if self.counters == "exact" and self.companion is None:
+            raise ValueError("counters: exact needs companion: the pin path of the map that "
+                             "receives the other nodes' counts")
+        if self.companion is not None and self.counters != "exact":
+            raise ValueError("companion is only used with counters: exact")
+        if self.counters == "exact" and not self.has_counters:
+            raise ValueError("counters: exact needs a counter policy (policy: counter or a "
+                             "field with op counter)")
+        return self
+
+    @property
+    def has_counters(self) -> bool:
+        ops = self.policy.values() if isinstance(self.policy, dict) else [self.policy]
+        return "counter" in ops
 
     @property
     def sync_name(self) -> str:
@@ -121,15 +169,17 @@ class AgentConfig(_Strict):
 
 
 def _explain(err: ValidationError, source: str) -> ConfigError:
-    lines = []
+    found: dict[str, list[str]] = {}
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        # union members show up as loc parts like "literal[...]": report the field once
+        where = ".".join(str(p) for p in e["loc"] if "[" not in str(p)) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field; check its spelling (see `bpfsync run --help`)"
         elif e["type"] == "missing":
             msg = "required field is missing"
-        lines.append(f"  {where}: {msg}")
+        found.setdefault(where, []).append(msg)
+    lines = [f"  {where}: {' -- or: '.join(msgs)}" for where, msgs in found.items()]
     return ConfigError(f"invalid configuration in {source}:\n" + "\n".join(lines))
 
 

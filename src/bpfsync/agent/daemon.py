@@ -36,12 +36,13 @@ from bpfsync.agent.bridge import WatchBridge
 from bpfsync.agent.config import AgentConfig
 from bpfsync.agent.http import StatusServer
 from bpfsync.agent.metrics import AgentMetrics
+from bpfsync.agent.synced import SyncedMap, open_synced
 from bpfsync.agent.watchers import open_watcher
-from bpfsync.core.messages import Ack, Batch, Digest, Hello, MapSchema, Pull, Record
+from bpfsync.core.messages import Ack, Batch, Digest, Hello, Pull, Record
 from bpfsync.core.outbox import Outbox, split
 from bpfsync.core.replica import Replica
 from bpfsync.core.session import PeerSession, map_mismatches
-from bpfsync.errors import BpfsyncError, ConfigError, PeerError
+from bpfsync.errors import BpfsyncError, PeerError
 from bpfsync.kernel.maps import Map
 from bpfsync.model import Change, Overflow, WatchEvent
 from bpfsync.transport.base import PeerDown, PeerUp, Received, Transport
@@ -60,6 +61,7 @@ def _now() -> int:
 
 @dataclass(slots=True)
 class MapStats:
+    reported: int = 0  # changes the watcher reported (echoes of our own writes included)
     local_changes: int = 0
     applied: int = 0
     rejected: int = 0
@@ -89,16 +91,25 @@ class Agent:
         self.node = cfg.node_id
         self.metrics = metrics or AgentMetrics()
         self.incarnation = _now()
-        self.maps: dict[str, Map] = {}
-        self.paths: dict[str, str] = {}
+        self.synced: dict[str, SyncedMap] = {}
         self.map_stats: dict[str, MapStats] = defaultdict(MapStats)
-        schemas = self._open_maps()
+        try:
+            for mc in cfg.maps:
+                sm = open_synced(mc)
+                self.synced[sm.name] = sm
+        except BaseException:
+            for sm in self.synced.values():
+                sm.close()
+            raise
+        self.maps: dict[str, Map] = {name: sm.map for name, sm in self.synced.items()}
+        schemas = [sm.schema for sm in self.synced.values()]
         self.schemas = schemas
         self.replica = Replica(
             self.node, schemas, int(cfg.sync.tombstone_ttl_s * 1e9),
             digest_buckets=cfg.sync.digest_buckets,
+            policies={name: sm.policy for name, sm in self.synced.items()},
         )
-        self.applier = Applier(self.maps, self.replica)
+        self.applier = Applier(self.synced, self.replica)
         self.hello = Hello(self.node, self.incarnation, tuple(schemas))
         self._transport_factory = transport_factory or self._grpc
         self.transport: Transport | None = None
@@ -112,24 +123,9 @@ class Agent:
         self._status: dict[str, Any] = {"node": self.node, "ready": False}
         self._http: StatusServer | None = None
         self._bridge: WatchBridge | None = None
+        self._watcher: object = None
 
     # --- set-up --------------------------------------------------------------------------------
-
-    def _open_maps(self) -> list[MapSchema]:
-        schemas = []
-        for mc in self.cfg.maps:
-            m = Map.open(mc.path)
-            if m.percpu:
-                m.close()
-                raise ConfigError(
-                    f"maps: {mc.path} is a per-CPU map; per-CPU maps sync only with a counter "
-                    "policy, which this version does not offer yet: sync a plain hash or array"
-                )
-            name = mc.sync_name
-            self.maps[name] = m
-            self.paths[name] = mc.path
-            schemas.append(MapSchema(name, m.key_size, m.value_size, mc.policy))
-        return schemas
 
     def _grpc(self, hello: Hello) -> Transport:
         opts = MeshOptions(max_message_bytes=self.cfg.sync.max_message_bytes)
@@ -143,7 +139,11 @@ class Agent:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        watcher = open_watcher(self.cfg.watch, self.maps, self.replica)
+        watcher, baselines = open_watcher(self.cfg.watch, self.maps)
+        self._watcher = watcher
+        for name, items in baselines.items():
+            sm = self.synced[name]
+            self.replica.seed(name, ((k, sm.fold(v) or b"") for k, v in items))
         self._bridge = WatchBridge(watcher, loop)
         self.transport = self._transport_factory(self.hello)
         if self.cfg.http_listen:
@@ -177,8 +177,8 @@ class Agent:
             await self.transport.close()
         if self._http is not None:
             self._http.close()
-        for m in self.maps.values():
-            m.close()
+        for sm in self.synced.values():
+            sm.close()
         log.info("agent stopped", extra={"node": self.node})
 
     # --- local changes ---------------------------------------------------------------------
@@ -201,12 +201,15 @@ class Agent:
                 self.metrics.overflows.inc()
                 continue
             assert isinstance(ev, Change)
-            value = ev.value
+            sm = self.synced[ev.map]
+            st = self.map_stats[ev.map]
+            st.reported += 1
+            value = sm.fold(ev.value)
             if (
                 value != self.replica.kernel_view(ev.map, ev.key)
                 and self.map_stats[ev.map].last_apply > recent
             ):
-                value = self.maps[ev.map].lookup(ev.key)  # the report may predate an apply
+                value = sm.fold(sm.map.lookup(ev.key))  # the report may predate an apply
             rec = self.replica.local_change(ev.map, ev.key, value, now)
             if rec is None:
                 self.metrics.echoes.labels(ev.map).inc()
@@ -214,10 +217,36 @@ class Agent:
             self.map_stats[ev.map].local_changes += 1
             self.metrics.local_changes.labels(ev.map, ev.seen.value).inc()
             records.append(rec)
+        self._broadcast(records)
+
+    def _broadcast(self, records: list[Record]) -> None:
         if records:
             for s in self.sessions.values():
                 s.outbox.add(records)
             self._flush_soon()
+
+    def _fold_races(self, records: tuple[Record, ...]) -> None:
+        """In-place counters: before peers' counts are folded into a key, take the increments
+        the data plane made since we last looked into our own slot, so the total written next
+        includes them instead of overwriting them (synced.py)."""
+        now = _now()
+        mine: list[Record] = []
+        seen: set[tuple[str, bytes]] = set()
+        for rec in records:
+            sm = self.synced.get(rec.map)
+            if sm is None or not sm.in_place_counters or len(rec.key) != sm.map.key_size:
+                continue  # not an in-place counter, or receive() refuses it anyway
+            if (rec.map, rec.key) in seen:
+                continue
+            seen.add((rec.map, rec.key))
+            current = sm.map.lookup(rec.key)
+            if current == self.replica.kernel_view(rec.map, rec.key):
+                continue
+            self.metrics.raced.labels(rec.map).inc()
+            own = self.replica.local_change(rec.map, rec.key, current, now)
+            if own is not None:
+                mine.append(own)
+        self._broadcast(mine)
 
     # --- peers ---------------------------------------------------------------------------------
 
@@ -307,6 +336,8 @@ class Agent:
             self._send(peer, s.repair_batch(chunk))
 
     def _merge(self, peer: str, records: tuple[Record, ...]) -> None:
+        if self.ready:
+            self._fold_races(records)
         res = self.replica.receive(records, _now(), peer)
         for rec, err in res.rejected:
             self.map_stats[rec.map].rejected += 1
@@ -316,7 +347,8 @@ class Agent:
                         res.rejected[0][1])
         if res.writes:
             started = time.perf_counter()
-            self.applier.apply(res.writes)
+            applied = self.applier.apply(res.writes)
+            self._note_written(applied.written)
             self.metrics.apply_seconds.observe(time.perf_counter() - started)
             mono = time.monotonic()
             for name, _, value in res.writes:
@@ -332,6 +364,17 @@ class Agent:
             self._session(peer).outbox.add(res.reply)
         if res.forward or res.reply:
             self._flush_soon()
+
+    def _note_written(self, written: list[tuple[str, bytes, bytes | None]]) -> None:
+        """Tell a polling watcher what we wrote, so its next scan is compared with it."""
+        note = getattr(self._watcher, "note_written", None)
+        if note is None or not written:
+            return
+        per_map: dict[str, list[tuple[bytes, bytes | None]]] = defaultdict(list)
+        for name, key, value in written:
+            per_map[name].append((key, value))
+        for name, kvs in per_map.items():
+            note(name, kvs)
 
     def _batch_bytes(self) -> int:
         return min(_MAX_BATCH_BYTES, self.cfg.sync.max_message_bytes // 2)
@@ -414,8 +457,10 @@ class Agent:
             registers = self.replica.registers(name)
             self.metrics.entries.labels(name).set(registers)
             maps.append({
-                "name": name, "path": self.paths[name], "registers": registers,
-                "local_changes": st.local_changes, "applied": st.applied,
+                "name": name, "path": self.synced[name].path, "registers": registers,
+                "policy": self.synced[name].policy.name,
+                "reported": st.reported, "local_changes": st.local_changes,
+                "applied": st.applied,
                 "rejected": st.rejected,
             })
         self._status = {

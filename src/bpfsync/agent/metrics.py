@@ -32,6 +32,11 @@ class AgentMetrics:
             "bpfsync_repair_buckets", "Digest buckets found different and pulled", ["map"],
             registry=r,
         )
+        self.raced = Counter(
+            "bpfsync_counter_raced", "In-place counter keys the data plane changed while peers'"
+            " counts were being folded in; their increments were kept, not overwritten", ["map"],
+            registry=r,
+        )
         self.entries = Gauge(
             "bpfsync_map_entries", "Keys per synced map, tombstones included", ["map"], registry=r
         )

@@ -1,4 +1,4 @@
-"""Chooses and starts the agent's watcher, and seeds the replica from what it first saw.
+"""Chooses and starts the agent's watcher, and hands back what it first saw, for seeding.
 
 Seeding must use the very scan the watcher diffs against: a change landing between a separate
 seed dump and the watcher's baseline would be in neither the replica nor any later report.
@@ -11,11 +11,12 @@ from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 from bpfsync.agent.config import WatchConfig
-from bpfsync.core.replica import Replica
 from bpfsync.kernel.maps import Map
 from bpfsync.model import WatchEvent
 from bpfsync.watch.auto import AutoWatcher
 from bpfsync.watch.trace import TraceWatcher
+
+Items = Iterable[tuple[bytes, bytes]]
 
 
 class BatchWatcher(Protocol):
@@ -26,15 +27,15 @@ class BatchWatcher(Protocol):
     def close(self) -> None: ...
 
 
-def open_watcher(cfg: WatchConfig, maps: Mapping[str, Map], replica: Replica) -> BatchWatcher:
-    """Start the configured watcher on ``maps`` and seed ``replica`` with their content."""
+def open_watcher(
+    cfg: WatchConfig, maps: Mapping[str, Map]
+) -> tuple[BatchWatcher, dict[str, Items]]:
+    """Start the configured watcher on ``maps``; returns it and each map's content at start."""
     tgid = os.getpid()
     if cfg.mode == "trace":
         tracer = TraceWatcher(maps, agent_tgid=tgid)
         tracer.start()  # attached before the dump: nothing between the two goes unseen
-        for name, m in maps.items():
-            _seed(replica, name, m.dump())
-        return tracer
+        return tracer, {name: m.dump() for name, m in maps.items()}
     auto = AutoWatcher(
         maps,
         poll_interval=cfg.poll_interval,
@@ -43,10 +44,4 @@ def open_watcher(cfg: WatchConfig, maps: Mapping[str, Map], replica: Replica) ->
         agent_tgid=tgid,
     )
     auto.start()
-    for name in maps:
-        _seed(replica, name, auto.baseline(name))
-    return auto
-
-
-def _seed(replica: Replica, name: str, items: Iterable[tuple[bytes, bytes]]) -> None:
-    replica.seed(name, items)
+    return auto, {name: auto.baseline(name) for name in maps}

@@ -15,6 +15,9 @@
  *
  * Every record is a fixed-size struct trace_record (trace.h) in a BPF ring buffer; a full ring
  * drops the record and counts it, per map, so user space can rescan instead of losing a change.
+ * The other way to miss a write: the kernel skips a tracing program that is already running on
+ * the CPU (a softirq write interrupting one of these programs); it counts that in the program's
+ * recursion_misses, which user space also turns into a rescan.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -69,7 +72,8 @@ struct {
  *   - 6.2 – 6.14:    the per-CPU struct pcpu_hot, field preempt_count.
  * PREEMPT_RT kernels keep the softirq count in task_struct::softirq_disable_cnt instead (a field
  * that exists only there, so CO-RE field existence doubles as the RT test).
- * User space refuses own-write suppression when neither symbol exists (see TraceWatcher).
+ * User space refuses own-write suppression when neither symbol exists (see TraceWatcher). The
+ * bit layout (softirq 8-15, hardirq 16-19, NMI 20-23) has been stable since 5.11.
  */
 #define TRACE_SOFTIRQ_MASK 0x0000ff00U
 #define TRACE_HARDIRQ_MASK 0x000f0000U
@@ -123,6 +127,14 @@ static __always_inline __u32 in_interrupt(void)
  * context, while that thread is inside a map-writing bpf(2) call (e.g. a kprobe on a function the
  * update calls). TRACE_OWN_TGID (no syscall hook) widens it to any such program run by any agent
  * thread (cgroup sock_addr hooks on the agent's connects, BPF_PROG_TEST_RUN by the agent).
+ * Other bpf(2) callers pay one tgid compare in the hooks. x86-64 only (__x64_sys_bpf, the
+ * preempt count's home).
+ *
+ * Verified on 6.1 in the test VM (tests/vm/guest/test_trace.py): the agent's bpf(2) updates,
+ * batch updates and deletes are suppressed and counted; the same writes from another process,
+ * and BPF_PROG_TEST_RUN writes issued by the agent, are reported; an XDP program on lo writing in
+ * softirq while the agent's own thread is current (it sent the packets) is reported with
+ * TRACE_F_INTERRUPT. The pcpu_hot branch (6.2 - 6.14) is CO-RE-guarded but not exercised there.
  */
 static __always_inline bool is_agent(const struct trace_config *cfg, __u64 pid_tgid)
 {

@@ -15,7 +15,7 @@ the messages. Where things happen:
 
 from bpfsync.core.digest import DEFAULT_BUCKETS, diff
 from bpfsync.core.hlc import DEFAULT_MAX_DRIFT_NS, ClockDriftError, HybridClock
-from bpfsync.core.merge import LWW, FieldPolicy, FieldRule, Policy, policy_for
+from bpfsync.core.merge import LWW, Companion, FieldPolicy, FieldRule, Policy, policy_for
 from bpfsync.core.messages import (
     Ack,
     Batch,
@@ -39,6 +39,7 @@ __all__ = [
     "ApplyResult",
     "Batch",
     "ClockDriftError",
+    "Companion",
     "Digest",
     "FieldPolicy",
     "FieldRule",

@@ -209,6 +209,29 @@ class FieldPolicy(Policy):
         return bytes(out)
 
 
+class Companion(Policy):
+    """The exact counter layout: the local map holds only this node's contributions.
+
+    The data plane never sees its counts overwritten: the agent writes the *other* nodes' merged
+    value into a companion map (``peers_value``), and the program adds the two
+    (``bpfsync_counter_total`` in bpfsync.h). So a value the data plane wrote is exactly this
+    node's slot, and seeding from the kernel at start keeps the node's counts across restarts.
+    """
+
+    per_origin = True
+    seed_as_own = True
+
+    def __init__(self, inner: Policy) -> None:
+        self.inner = inner
+        self.name = f"exact:{inner.name}"
+
+    def combine(self, contributions: Sequence[Record]) -> bytes | None:
+        return self.inner.combine(contributions)
+
+    def own_part(self, observed: bytes, others: Sequence[Record]) -> bytes:
+        return observed
+
+
 def policy_for(schema: MapSchema) -> Policy:
     """The policy a MapSchema names: ``lww``, or ``counter``/``max``/``min`` over the whole value.
 

@@ -240,6 +240,22 @@ class Replica:
         self.stats["local.changed"] += 1
         return rec
 
+    def peers_value(self, map: str, key: bytes) -> bytes | None:
+        """The other origins' merged value of ``key`` (per-origin maps): what a companion map
+        holds in the exact counter layout. None when no other origin has a live slot."""
+        table = self._local_table(map)
+        if not isinstance(table, SlotTable):
+            raise ValueError(f"map {map!r} keeps one register per key; it has no peers' value")
+        return table.policy.combine(table.others(key, self.node))
+
+    def slots(self, map: str, key: bytes) -> dict[str, Record]:
+        """Every origin's register of ``key`` (per-origin maps; one entry for lww maps)."""
+        table = self._local_table(map)
+        if isinstance(table, SlotTable):
+            return dict(table.slots(key))
+        held = table.held(Record(map, key, None, seed_stamp(self.node)))
+        return {} if held is None else {held.stamp.node: held}
+
     def note_kernel(self, map: str, key: bytes, value: bytes | None) -> None:
         """The kernel holds ``value`` for ``key`` because of the agent (a write failed, or a
         retried one succeeded): update the kernel view without making a change."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Protocol
 
 from bpfsync.errors import KernelError, NotSupportedError
@@ -93,6 +93,7 @@ class AutoWatcher:
         self._due: dict[str, float] = {}
         self._rescan: set[str] = set()
         self._overlay: dict[str, dict[bytes, bytes | None]] = {}
+        self._overlay_lock = threading.Lock()  # note_written() comes from the consumer's thread
         self._initial: list[WatchEvent] = []  # the first scans' entries, with emit_initial
         self._stop = threading.Event()
         self._started = False
@@ -133,7 +134,11 @@ class AutoWatcher:
             self._interval[name] = self.repair_interval if traced else self.poll_interval
             self._due[name] = now + self._interval[name]
             self._pollers[name].emit_initial = self.emit_initial
-        self._initial = [c for p in self._pollers.values() for c in p.poll()]
+        try:
+            self._initial = [c for p in self._pollers.values() for c in p.poll()]
+        except BaseException:
+            self.close()
+            raise
         if self.trace is not None:
             log.info(
                 "watching %s by trace (%s)",
@@ -177,6 +182,16 @@ class AutoWatcher:
             raise ValueError("AutoWatcher.baseline() before start()")
         return snap.dump
 
+    def note_written(self, name: str, writes: Iterable[tuple[bytes, bytes | None]]) -> None:
+        """The consumer wrote these values (None: deleted) into map ``name``: compare the next
+        scan with them, not with the last scan. Without this, a key the consumer created between
+        two scans and something else then deleted would be in neither scan and go unreported.
+        Any thread may call it."""
+        with self._overlay_lock:
+            ov = self._overlay.setdefault(name, {})
+            for key, value in writes:
+                ov[key] = value
+
     # --- reading -------------------------------------------------------------------------------
 
     def read(self, timeout: float | None = 0.0) -> list[WatchEvent]:
@@ -214,6 +229,11 @@ class AutoWatcher:
 
     def _note(self, events: list[WatchEvent]) -> list[WatchEvent]:
         """Record what the tracer reported (the overlay) and which maps need a rescan."""
+        with self._overlay_lock:
+            self._note_locked(events)
+        return events
+
+    def _note_locked(self, events: list[WatchEvent]) -> None:
         overlay = self._overlay
         for e in events:
             if type(e) is Change:
@@ -223,7 +243,6 @@ class AutoWatcher:
                 ov[e.key] = e.value
             elif isinstance(e, Overflow):
                 self._rescan.update(self.traced if e.map is None else (e.map,))
-        return events
 
     def _poll_due(self) -> list[WatchEvent]:
         now = time.monotonic()
@@ -250,7 +269,8 @@ class AutoWatcher:
         poller = self._pollers[name]
         snap = poller.rescan()
         prev, poller.baseline = poller.baseline, snap
-        overlay = self._overlay.pop(name, {})
+        with self._overlay_lock:
+            overlay = self._overlay.pop(name, {})
         if prev is None:
             return full(name, snap) if self.emit_initial else []
         changes = diff(name, prev, snap)

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from bpfsync.errors import KernelError, NotSupportedError
+from bpfsync.errors import NotSupportedError, kernel_error
 from bpfsync.kernel import _libbpf
 from bpfsync.kernel.btf import KIND_VAR, vmlinux
 from bpfsync.kernel.features import function_exists
@@ -188,6 +188,9 @@ class TraceWatcher:
         self._watched: dict[int, _Watched] = {}
         for name, m in maps.items():
             check_traceable(name, m.info)
+            if m.info.id in self._watched:
+                other = self._watched[m.info.id].name
+                raise ValueError(f"{other!r} and {name!r} are the same map (id {m.info.id})")
             self._watched[m.info.id] = _Watched(
                 name, m, m.info.key_size, m.info.value_size, m.info.type.percpu
             )
@@ -454,7 +457,7 @@ def _recursion_misses(prog_fd: int) -> int:
     size = ctypes.c_uint32(_PROG_INFO_SIZE)
     ret = _libbpf.lib().bpf_obj_get_info_by_fd(prog_fd, buf, ctypes.byref(size))
     if ret < 0:
-        raise KernelError(f"get program info: {os.strerror(-ret)}", -ret)
+        raise kernel_error(ret, "get program info")
     if size.value < _RECURSION_MISSES_OFFSET + 8:
         return 0
     return int(struct.unpack_from("<Q", buf.raw, _RECURSION_MISSES_OFFSET)[0])
