@@ -118,7 +118,7 @@ class SyncConfig(_Strict):
     batch_window_ms: Annotated[float, Field(ge=0, le=1000)] = 1.0
     max_batch_records: Annotated[int, Field(ge=1, le=1_000_000)] = 8192
     tombstone_ttl_s: Annotated[float, Field(gt=0)] = 3600.0
-    anti_entropy_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    anti_entropy_interval_s: Annotated[float, Field(gt=0)] = 2.0
     catchup_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     digest_buckets: Annotated[int, Field(ge=1, le=65536)] = 1024
     max_message_bytes: Annotated[int, Field(ge=4096, le=1 << 30)] = 16 << 20

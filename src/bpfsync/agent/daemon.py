@@ -26,7 +26,7 @@ import logging
 import os
 import signal
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +53,7 @@ log = logging.getLogger("bpfsync.agent")
 
 _STALE_WINDOW = 5.0  # seconds after an apply during which odd watcher reports are re-read
 _MAX_BATCH_BYTES = 4 << 20
+_REPAIR_BACKLOG = 8 << 20  # bytes queued on a link before repair answers wait for it to drain
 
 
 def _now() -> int:
@@ -120,6 +121,8 @@ class Agent:
         self._flush_scheduled = False
         self._held: list[WatchEvent] = []
         self._unanswered: dict[str, dict[str, Digest]] = {}  # peer -> map -> its latest digest
+        self._linked: set[str] = set()  # peers whose link from us is up
+        self._repairs: dict[str, deque[Batch | Pull]] = defaultdict(deque)  # paced answers
         self._status: dict[str, Any] = {"node": self.node, "ready": False}
         self._http: StatusServer | None = None
         self._bridge: WatchBridge | None = None
@@ -196,6 +199,7 @@ class Agent:
         now = _now()
         recent = time.monotonic() - _STALE_WINDOW
         records: list[Record] = []
+        counts: Counter[tuple[str, str]] = Counter()  # metrics: one update per burst, not per key
         for ev in events:
             if isinstance(ev, Overflow):
                 self.metrics.overflows.inc()
@@ -205,18 +209,20 @@ class Agent:
             st = self.map_stats[ev.map]
             st.reported += 1
             value = sm.fold(ev.value)
-            if (
-                value != self.replica.kernel_view(ev.map, ev.key)
-                and self.map_stats[ev.map].last_apply > recent
-            ):
+            if st.last_apply > recent and value != self.replica.kernel_view(ev.map, ev.key):
                 value = sm.fold(sm.map.lookup(ev.key))  # the report may predate an apply
             rec = self.replica.local_change(ev.map, ev.key, value, now)
             if rec is None:
-                self.metrics.echoes.labels(ev.map).inc()
+                counts[(ev.map, "")] += 1
                 continue
-            self.map_stats[ev.map].local_changes += 1
-            self.metrics.local_changes.labels(ev.map, ev.seen.value).inc()
+            st.local_changes += 1
+            counts[(ev.map, ev.seen.value)] += 1
             records.append(rec)
+        for (name, seen), n in counts.items():
+            if seen:
+                self.metrics.local_changes.labels(name, seen).inc(n)
+            else:
+                self.metrics.echoes.labels(name).inc(n)
         self._broadcast(records)
 
     def _broadcast(self, records: list[Record]) -> None:
@@ -253,8 +259,12 @@ class Agent:
     def _session(self, peer: str) -> PeerSession:
         s = self.sessions.get(peer)
         if s is None:
-            s = PeerSession(self.node, peer,
-                            outbox=Outbox(per_origin_maps=self.replica.per_origin_maps))
+            # coalescing keeps at most one record per key (per origin for per-origin maps), so
+            # an outbox that holds every key never overflows into a digest repair
+            keys = sum(sm.map.max_entries for sm in self.synced.values())
+            outbox = Outbox(max_records=max(1 << 16, 2 * keys),
+                            per_origin_maps=self.replica.per_origin_maps)
+            s = PeerSession(self.node, peer, outbox=outbox)
             self.sessions[peer] = s
         return s
 
@@ -285,6 +295,7 @@ class Agent:
         for digest in self._unanswered.pop(peer, {}).values():
             self._answer_digest(peer, s, digest)
         self.metrics.peer_connected.labels(peer).set(1)
+        self._linked.add(peer)
         log.info("peer up", extra={"peer": peer, "incarnation": hello.incarnation})
         if s.take_repair() or not self.ready:
             self._send_digests(peer)  # until ready, every peer that comes up may catch us up
@@ -292,7 +303,9 @@ class Agent:
 
     def _peer_down(self, peer: str, error: BpfsyncError | None) -> None:
         self._session(peer).link_down()
+        self._repairs.pop(peer, None)
         self.metrics.peer_connected.labels(peer).set(0)
+        self._linked.discard(peer)
         log.info("peer down", extra={"peer": peer, "error": str(error) if error else None})
 
     def _maybe_repair(self, peer: str, s: PeerSession) -> None:
@@ -325,15 +338,41 @@ class Agent:
     def _answer_digest(self, peer: str, s: PeerSession, digest: Digest) -> None:
         """Our records where the peer's digest differs, then a Pull, empty or not: the Pull tells
         the peer it has everything we had for it (the catch-up mark, see ``_caught_up``)."""
-        pull, records = self.replica.answer_digest(digest, peer)
-        self._send_repair(peer, s, records)
-        if not self._send(peer, pull or Pull(digest.map, ())):
+        assert self.transport is not None
+        if self.transport.backlog(peer) is None:
             # our link to the peer is not up yet (it dialed us first): answer when it is
             self._unanswered.setdefault(peer, {})[digest.map] = digest
+            return
+        pull, records = self.replica.answer_digest(digest, peer)
+        self._send_repair(peer, s, records, pull or Pull(digest.map, ()))
 
-    def _send_repair(self, peer: str, s: PeerSession, records: list[Record]) -> None:
+    def _send_repair(
+        self, peer: str, s: PeerSession, records: list[Record], tail: Pull | None = None
+    ) -> None:
+        """Queue a repair answer, paced by the link's backlog (a 1M-entry answer is ~70 MB:
+        enqueued at once it would overflow the send queue and reset the link)."""
+        q = self._repairs[peer]
         for chunk in split(records, self.cfg.sync.max_batch_records, self._batch_bytes()):
-            self._send(peer, s.repair_batch(chunk))
+            q.append(s.repair_batch(chunk))
+        if tail is not None:
+            q.append(tail)
+        self._drain_repairs(peer)
+
+    def _drain_repairs(self, peer: str) -> None:
+        assert self.transport is not None
+        q = self._repairs.get(peer)
+        while q:
+            backlog = self.transport.backlog(peer)
+            if backlog is None:  # link lost: the next digest exchange starts over
+                q.clear()
+                return
+            if backlog > _REPAIR_BACKLOG:
+                asyncio.get_running_loop().call_later(0.005, self._drain_repairs, peer)
+                return
+            if not self._send(peer, q[0]):
+                q.clear()
+                return
+            q.popleft()
 
     def _merge(self, peer: str, records: tuple[Record, ...]) -> None:
         if self.ready:
@@ -351,18 +390,25 @@ class Agent:
             self._note_written(applied.written)
             self.metrics.apply_seconds.observe(time.perf_counter() - started)
             mono = time.monotonic()
+            ops: Counter[tuple[str, str]] = Counter()
             for name, _, value in res.writes:
+                ops[(name, "delete" if value is None else "update")] += 1
+            for (name, op), n in ops.items():
                 st = self.map_stats[name]
-                st.applied += 1
+                st.applied += n
                 st.last_apply = mono
-                self.metrics.applied.labels(name, "delete" if value is None else "update").inc()
-        if res.forward:
+                self.metrics.applied.labels(name, op).inc(n)
+        # Relay what reached us second-hand only: a record from a peer we are linked with went
+        # to every other peer from its origin too (full mesh). Where the origin's link to some
+        # peer is cut, the digest rounds carry its records there through us.
+        relay = [r for r in res.forward if r.stamp.node not in self._linked]
+        if relay:
             for other, s in self.sessions.items():
                 if other != peer:
-                    s.outbox.add(res.forward)
+                    s.outbox.add(relay)
         if res.reply:
             self._session(peer).outbox.add(res.reply)
-        if res.forward or res.reply:
+        if relay or res.reply:
             self._flush_soon()
 
     def _note_written(self, written: list[tuple[str, bytes, bytes | None]]) -> None:

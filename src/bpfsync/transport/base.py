@@ -110,6 +110,12 @@ class Transport(Protocol):
         """
         ...
 
+    def backlog(self, peer: str) -> int | None:
+        """Encoded bytes queued for ``peer`` and not yet written; None while its link is down.
+
+        Bulk senders (repair answers) pace themselves on it instead of filling the queue."""
+        ...
+
     def events(self) -> AsyncIterator[Event]:
         """The single stream of connection events and received messages; ends at ``close``."""
         ...

@@ -115,6 +115,10 @@ class GrpcMesh:
             return False
         return True
 
+    def backlog(self, peer: str) -> int | None:
+        link = self._by_node.get(peer)
+        return None if link is None else link.queued_bytes
+
     def broadcast(self, message: Message, to: Iterable[str] | None = None) -> list[str]:
         frame = self._encode(message)
         targets = list(self._by_node) if to is None else to

@@ -100,6 +100,10 @@ class MemoryTransport:
     def send(self, peer: str, message: Message) -> bool:
         return bool(self.broadcast(message, [peer]))
 
+    def backlog(self, peer: str) -> int | None:
+        # delivery is immediate: nothing ever waits, but a cut link has no backlog at all
+        return 0 if self._net.linked(self.node, peer) else None
+
     def broadcast(self, message: Message, to: Iterable[str] | None = None) -> list[str]:
         frame = codec.encode(message)
         if len(frame) > self._net.max_message_bytes:

@@ -125,7 +125,7 @@ class AutoWatcher:
         if self.why_not_traced:
             polled = sorted(set(self.maps) - self.traced)
             log.warning(
-                "trace watcher not used for %s (%s): polling every %.1f s instead",
+                "trace watcher not used for %s (%s): polling every %g s instead",
                 ", ".join(polled), self.why_not_traced, self.poll_interval,
             )  # fmt: skip
         now = time.monotonic()
@@ -260,8 +260,11 @@ class AutoWatcher:
             due = [n for n, t in self._due.items() if t <= now or n in self._rescan]
         for name in due:
             self._rescan.discard(name)
-            self._due[name] = time.monotonic() + self._interval[name]
             out += self._scan(name)
+            # never spend more than about half the time scanning: a 1M-entry map takes ~0.3 s
+            p = self._pollers[name]
+            busy = 2 * (p.last_scan_seconds + p.last_diff_seconds)
+            self._due[name] = time.monotonic() + max(self._interval[name], busy)
         return out
 
     def _scan(self, name: str) -> list[Change]:
