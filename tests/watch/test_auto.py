@@ -95,7 +95,7 @@ def test_polls_alone_with_one_log_line_when_tracing_is_refused(
         assert auto.read(timeout=5) == [Change("m", k(1), None, Seen.POLL)]
     auto.close()
     (line,) = warnings(caplog)
-    assert "fexit refused by policy" in line and "polling every 0.1 s" in line
+    assert "fexit refused by policy" in line and "polling every 0.05 s" in line
     assert isinstance(auto, Watcher)
 
 
