@@ -1,0 +1,150 @@
+"""Counter maps across three real agents: both layouts, with maps made by bpftool (no BTF)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from bpfsync.demo.cluster import free_port
+from bpfsync.kernel.maps import Map
+
+U32 = 4
+ROOT = Path("/sys/fs/bpf")
+
+
+def _create(path: Path) -> Map:
+    subprocess.run(["bpftool", "map", "create", str(path), "type", "hash", "key", "4", "value",
+                    "8", "entries", "1024", "name", path.name[:15]], check=True)
+    return Map.open(str(path))
+
+
+def _wait(cond: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return cond()
+
+
+class Trio:
+    """Three nodes, each a counter map (+ a companion map for the exact layout) and an agent."""
+
+    def __init__(self, layout: str, configs: Path) -> None:
+        self.configs = configs
+        self.root = ROOT / f"bpfsync-ctr-{uuid.uuid4().hex[:8]}"
+        self.names = ("a", "b", "c")
+        self.ports = {n: free_port() for n in self.names}
+        self.http = {n: free_port() for n in self.names}
+        self.maps: dict[str, Map] = {}
+        self.companions: dict[str, Map] = {}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        for n in self.names:
+            (self.root / n).mkdir(parents=True)
+            self.maps[n] = _create(self.root / n / "hits")
+            entry: dict[str, object] = {"path": str(self.root / n / "hits"), "policy": "counter"}
+            if layout == "exact":
+                self.companions[n] = _create(self.root / n / "hits_peers")
+                entry |= {"counters": "exact", "companion": str(self.root / n / "hits_peers")}
+            cfg = {
+                "node_id": n, "listen": f"127.0.0.1:{self.ports[n]}",
+                "peers": [f"127.0.0.1:{self.ports[o]}" for o in self.names if o != n],
+                "http_listen": f"127.0.0.1:{self.http[n]}", "maps": [entry],
+                "watch": {"poll_interval": 0.05},
+            }
+            (configs / f"{n}.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+
+    def start(self) -> None:
+        for n in self.names:
+            cfg = self.configs / f"{n}.yaml"
+            with (self.configs / f"{n}.log").open("wb") as log:
+                self.procs[n] = subprocess.Popen(
+                    [sys.executable, "-m", "bpfsync.cli.main", "run", "--config", str(cfg)],
+                    stdout=log, stderr=log,
+                )
+
+    def status(self, n: str) -> dict[str, object] | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http[n]}/status", timeout=2) as r:
+                data: dict[str, object] = json.load(r)
+                return data
+        except OSError:
+            return None
+
+    def ready(self) -> bool:
+        return all((st := self.status(n)) is not None and st.get("ready") for n in self.names)
+
+    def count(self, m: Map, key: int) -> int:
+        raw = m.lookup(key.to_bytes(U32, "little"))
+        return 0 if raw is None else int.from_bytes(raw, "little")
+
+    def bump(self, n: str, key: int, by: int) -> None:
+        """The data plane of node ``n`` counts ``by`` more for ``key`` (read-modify-write)."""
+        m = self.maps[n]
+        m.update(key.to_bytes(U32, "little"), (self.count(m, key) + by).to_bytes(8, "little"))
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            p.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for m in [*self.maps.values(), *self.companions.values()]:
+            m.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def trio(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Trio]:
+    t = Trio(request.param, tmp_path)
+    try:
+        yield t
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("trio", ["exact"], indirect=True)
+def test_exact_counters_fill_the_companion_with_the_other_nodes_sum(trio: Trio) -> None:
+    trio.start()
+    assert _wait(trio.ready, 30)
+    adds = {"a": 5, "b": 3, "c": 11}
+    for n, by in adds.items():
+        trio.bump(n, 7, by)
+
+    def settled() -> bool:
+        return all(
+            trio.count(trio.companions[n], 7) == sum(v for o, v in adds.items() if o != n)
+            for n in trio.names
+        )
+
+    assert _wait(settled, 30), {n: trio.count(trio.companions[n], 7) for n in trio.names}
+    # the data plane's own maps were never written by the agents
+    assert {n: trio.count(trio.maps[n], 7) for n in trio.names} == adds
+
+
+@pytest.mark.parametrize("trio", ["in-place"], indirect=True)
+def test_in_place_counters_hold_the_cluster_total(trio: Trio) -> None:
+    trio.start()
+    assert _wait(trio.ready, 30)
+    for rnd in range(3):
+        for i, n in enumerate(trio.names):
+            trio.bump(n, 9, i + 1 + rnd)
+        time.sleep(0.3)
+    total = sum(i + 1 + rnd for rnd in range(3) for i in range(3))
+
+    def settled() -> bool:
+        return all(trio.count(trio.maps[n], 9) == total for n in trio.names)
+
+    assert _wait(settled, 30), {n: trio.count(trio.maps[n], 9) for n in trio.names}
