@@ -53,6 +53,7 @@ log = logging.getLogger("bpfsync.agent")
 
 _STALE_WINDOW = 5.0  # seconds after an apply during which odd watcher reports are re-read
 _MAX_BATCH_BYTES = 4 << 20
+_BUSY_S = 1.0  # a peer's batch within this many seconds defers routine (non-urgent) repair
 _REPAIR_BACKLOG = 8 << 20  # bytes queued on a link before repair answers wait for it to drain
 
 
@@ -122,6 +123,8 @@ class Agent:
         self._held: list[WatchEvent] = []
         self._unanswered: dict[str, dict[str, Digest]] = {}  # peer -> map -> its latest digest
         self._linked: set[str] = set()  # peers whose link from us is up
+        self._peer_links: dict[str, frozenset[str]] = {}  # what each peer's digests said
+        self._last_batch = 0.0  # monotonic time of the last numbered batch received
         self._repairs: dict[str, deque[Batch | Pull]] = defaultdict(deque)  # paced answers
         self._status: dict[str, Any] = {"node": self.node, "ready": False}
         self._http: StatusServer | None = None
@@ -298,7 +301,7 @@ class Agent:
         self._linked.add(peer)
         log.info("peer up", extra={"peer": peer, "incarnation": hello.incarnation})
         if s.take_repair() or not self.ready:
-            self._send_digests(peer)  # until ready, every peer that comes up may catch us up
+            self._send_digests(peer, urgent=True)  # until ready, any peer may catch us up
         self._flush_soon()
 
     def _peer_down(self, peer: str, error: BpfsyncError | None) -> None:
@@ -310,15 +313,25 @@ class Agent:
 
     def _maybe_repair(self, peer: str, s: PeerSession) -> None:
         if s.take_repair():
-            self._send_digests(peer)
+            self._send_digests(peer, urgent=True)
 
-    def _send_digests(self, peer: str) -> None:
+    def _send_digests(self, peer: str, *, urgent: bool = False) -> None:
+        linked = tuple(sorted(self._linked))
         for name in self.maps:
-            self._send(peer, self.replica.digest(name))
+            d = self.replica.digest(name)
+            self._send(peer, Digest(d.map, d.buckets, linked, urgent))
+
+    def _busy(self) -> bool:
+        """Changes are flowing: digests differ by what is in flight, so routine repair waits."""
+        return time.monotonic() - self._last_batch < _BUSY_S or any(
+            s.outbox or s.unacked for s in self.sessions.values()
+        )
 
     def _received(self, peer: str, msg: object) -> None:
         s = self._session(peer)
         if isinstance(msg, Batch):
+            if msg.seq > 0:
+                self._last_batch = time.monotonic()
             if s.on_batch(msg):
                 self._merge(peer, msg.records)
             if msg.seq > 0:
@@ -327,7 +340,9 @@ class Agent:
             s.on_ack(msg)
             self._flush_soon()  # the window may have opened
         elif isinstance(msg, Digest):
-            self._answer_digest(peer, s, msg)
+            self._peer_links[peer] = frozenset(msg.linked)
+            if msg.urgent or not self._busy():
+                self._answer_digest(peer, s, msg)
         elif isinstance(msg, Pull):
             self._send_repair(peer, s, self.replica.answer_pull(msg, peer))
             self._caught_up(msg.map, peer, len(msg.buckets))
@@ -398,17 +413,23 @@ class Agent:
                 st.applied += n
                 st.last_apply = mono
                 self.metrics.applied.labels(name, op).inc(n)
-        # Relay what reached us second-hand only: a record from a peer we are linked with went
-        # to every other peer from its origin too (full mesh). Where the origin's link to some
-        # peer is cut, the digest rounds carry its records there through us.
-        relay = [r for r in res.forward if r.stamp.node not in self._linked]
-        if relay:
+        # Relay a record to a peer only where that peer says (in its digests) that it has no link
+        # to the record's origin: in a healthy full mesh every origin reaches every peer itself,
+        # and relaying everything would double each node's receive work.
+        relayed = False
+        if res.forward:
             for other, s in self.sessions.items():
-                if other != peer:
+                links = self._peer_links.get(other)
+                if other == peer or links is None:
+                    continue
+                relay = [r for r in res.forward if r.stamp.node not in links
+                         and r.stamp.node != other]
+                if relay:
                     s.outbox.add(relay)
+                    relayed = True
         if res.reply:
             self._session(peer).outbox.add(res.reply)
-        if relay or res.reply:
+        if relayed or res.reply:
             self._flush_soon()
 
     def _note_written(self, written: list[tuple[str, bytes, bytes | None]]) -> None:

@@ -8,7 +8,7 @@ Protocol between two nodes, over one ordered, bidirectional link:
     both sides      Hello        who I am (node id, incarnation) and which maps I sync, with sizes
     sender          Batch        records, numbered per sender: seq 1, 2, 3, ... per incarnation
     receiver        Ack          highest seq received and applied without a gap
-    either side     Digest       per-bucket hashes of one map's replicated state
+    either side     Digest       per-bucket hashes of one map's state, and the sender's links
     either side     Pull         "send me every record in these buckets" (answered with a Batch)
 
 A reconnecting sender resends batches above the last Ack; a gap it cannot fill (its outbox
@@ -73,6 +73,8 @@ class Ack:
 class Digest:
     map: str
     buckets: tuple[int, ...]  # one 64-bit hash per bucket; equal states give equal digests
+    linked: tuple[str, ...] = ()  # nodes the sender has links up to: peers relay around cuts
+    urgent: bool = False  # catch-up or gap repair: to be answered even while the peer is busy
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,6 +70,8 @@ def encode(message: Message) -> bytes:
         _need_name(message.map, "Digest.map")
         frame.digest.map = message.map
         frame.digest.buckets.extend(message.buckets)
+        frame.digest.linked.extend(message.linked)
+        frame.digest.urgent = message.urgent
     elif isinstance(message, Pull):
         _need_name(message.map, "Pull.map")
         frame.pull.map = message.map
@@ -131,7 +133,13 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, peer: str = "") -> Mess
         if kind == "digest":
             d = frame.digest
             _check_count(len(d.buckets), limits.max_buckets, "Digest buckets")
-            return Digest(map=_name(d.map, limits, "Digest.map"), buckets=tuple(d.buckets))
+            _check_count(len(d.linked), limits.max_maps, "Digest linked nodes")
+            return Digest(
+                map=_name(d.map, limits, "Digest.map"),
+                buckets=tuple(d.buckets),
+                linked=tuple(_name(n, limits, "Digest.linked") for n in d.linked),
+                urgent=d.urgent,
+            )
         if kind == "pull":
             p = frame.pull
             _check_count(len(p.buckets), limits.max_buckets, "Pull buckets")
