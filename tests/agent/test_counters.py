@@ -148,3 +148,23 @@ def test_in_place_counters_hold_the_cluster_total(trio: Trio) -> None:
         return all(trio.count(trio.maps[n], 9) == total for n in trio.names)
 
     assert _wait(settled, 30), {n: trio.count(trio.maps[n], 9) for n in trio.names}
+
+
+@pytest.mark.parametrize("trio", ["in-place"], indirect=True)
+def test_dump_shows_every_nodes_slot(trio: Trio) -> None:
+    trio.start()
+    assert _wait(trio.ready, 30)
+    key = int.from_bytes(bytes([198, 18, 0, 7]), "little")  # an IPv4 address as a __u32 key
+    for i, n in enumerate(trio.names):
+        trio.bump(n, key, 10 * (i + 1))
+    assert _wait(lambda: all(trio.count(trio.maps[n], key) == 60 for n in trio.names), 30)
+    res = subprocess.run(
+        [sys.executable, "-m", "bpfsync.cli.main", "dump", str(trio.root / "a" / "hits"),
+         "--json", "--addr", "key", "--agent", f"127.0.0.1:{trio.http['a']}"],
+        capture_output=True, text=True, check=True,
+    )
+    (line,) = [json.loads(x) for x in res.stdout.splitlines()]
+    assert line["key_fields"] == "198.18.0.7"
+    slots = {node: int.from_bytes(bytes.fromhex(v), "little")
+             for node, v in line["slots"].items()}
+    assert slots == {"a": 10, "b": 20, "c": 30}, line

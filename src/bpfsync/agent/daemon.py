@@ -53,6 +53,8 @@ log = logging.getLogger("bpfsync.agent")
 
 _STALE_WINDOW = 5.0  # seconds after an apply during which odd watcher reports are re-read
 _MAX_BATCH_BYTES = 4 << 20
+_SLOTS_LIMIT = 100_000  # keys /slots returns at most
+_LOCAL_SLICE = 8192  # watcher events handled between two turns of the event loop
 _BUSY_S = 1.0  # a peer's batch within this many seconds defers routine (non-urgent) repair
 _REPAIR_BACKLOG = 8 << 20  # bytes queued on a link before repair answers wait for it to drain
 
@@ -144,7 +146,7 @@ class Agent:
         self._stop.set()
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         watcher, baselines = open_watcher(self.cfg.watch, self.maps)
         self._watcher = watcher
         for name, items in baselines.items():
@@ -154,7 +156,8 @@ class Agent:
         self.transport = self._transport_factory(self.hello)
         if self.cfg.http_listen:
             host, _, port = self.cfg.http_listen.rpartition(":")
-            self._http = StatusServer(host, int(port), self.metrics.registry, self.status)
+            self._http = StatusServer(host, int(port), self.metrics.registry, self.status,
+                                      self._slots_threadsafe)
             self._http.start()
         self._refresh_status()
         await self.transport.start()
@@ -196,7 +199,11 @@ class Agent:
             if not self.ready:
                 self._held.extend(events)  # stamped only after catch-up (replica rule S3)
                 continue
-            self._local(events)
+            # a scan of a busy map can report a million changes: take them in slices and let
+            # the transport send and receive in between
+            for i in range(0, len(events), _LOCAL_SLICE):
+                self._local(events[i : i + _LOCAL_SLICE])
+                await asyncio.sleep(0)
 
     def _local(self, events: list[WatchEvent]) -> None:
         now = _now()
@@ -536,6 +543,25 @@ class Agent:
             "replica": dict(self.replica.stats),
             "transport": dict(self.transport.stats) if self.transport else {},
         }
+
+    def _slots_threadsafe(self, name: str) -> dict[str, Any]:
+        """Every node's register per key of map ``name``: computed on the loop (the replica is
+        the loop's), asked for from the HTTP thread."""
+        if name not in self.synced:
+            raise KeyError(name)
+
+        async def collect() -> dict[str, Any]:
+            keys: dict[str, dict[str, Any]] = {}
+            for rec in self.replica.records(name):
+                if len(keys) >= _SLOTS_LIMIT and rec.key.hex() not in keys:
+                    continue
+                keys.setdefault(rec.key.hex(), {})[rec.stamp.node] = {
+                    "value": None if rec.value is None else rec.value.hex(),
+                    "stamp": [rec.stamp.wall, rec.stamp.logical],
+                }
+            return {"map": name, "policy": self.synced[name].policy.name, "keys": keys}
+
+        return asyncio.run_coroutine_threadsafe(collect(), self._loop).result(timeout=10)
 
     def status(self) -> dict[str, Any]:
         return self._status

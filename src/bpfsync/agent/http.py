@@ -1,4 +1,5 @@
-"""The agent's HTTP endpoint: /metrics (Prometheus), /healthz, /readyz and /status (JSON).
+"""The agent's HTTP endpoint: /metrics (Prometheus), /healthz, /readyz, /status and /slots/MAP
+(every node's register per key, JSON; what `bpfsync dump --agent` shows).
 
 Served by the standard library's WSGI server in a daemon thread: a few requests a second from a
 scraper and a CLI do not justify another web framework.
@@ -37,9 +38,11 @@ class StatusServer:
         port: int,
         registry: CollectorRegistry,
         status: Callable[[], dict[str, Any]],
+        slots: Callable[[str], dict[str, Any]] | None = None,
     ) -> None:
         self._metrics = make_wsgi_app(registry)
         self._status = status
+        self._slots = slots
         self._server = make_server(host, port, self._app, _Server, handler_class=_QuietHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
                                         name="bpfsync-http")
@@ -67,6 +70,11 @@ class StatusServer:
             return _reply(start, "200 OK" if ready else "503 Service Unavailable", {"ready": ready})
         if path == "/status":
             return _reply(start, "200 OK", state)
+        if path.startswith("/slots/") and self._slots is not None:
+            try:
+                return _reply(start, "200 OK", self._slots(path.removeprefix("/slots/")))
+            except KeyError as err:
+                return _reply(start, "404 Not Found", {"error": f"no synced map {err.args[0]!r}"})
         return _reply(start, "404 Not Found", {"error": f"no such endpoint {path}"})
 
 

@@ -62,12 +62,28 @@ def watch(
 def dump(
     map_spec: Annotated[str, typer.Argument(metavar="MAP", help="pin path, name:NAME or id:N")],
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+    addr: Annotated[
+        list[str] | None,
+        typer.Option(help="print this field as an IP address ('key' for the whole key); repeat. "
+                     "Fields named like saddr, daddr, src_ip, ip, addr are by default"),
+    ] = None,
+    agent: Annotated[
+        str | None,
+        typer.Option(help="HOST:PORT of the agent syncing MAP (its --http): also show every "
+                     "node's slot per key (counter, max, min maps)"),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="the map's sync name at the agent (default: pin name)")
+    ] = None,
 ) -> None:
-    """Print every entry of a map, fields decoded by BTF."""
+    """Print every entry of a map, fields decoded by BTF.
+
+    Example: bpfsync dump /sys/fs/bpf/dns_rl/rl_counts --addr key --agent 127.0.0.1:9100
+    """
     from bpfsync.cli.watching import run_dump
 
     try:
-        run_dump(map_spec, as_json=as_json)
+        run_dump(map_spec, as_json=as_json, addr=addr or [], agent=agent, sync_name=name)
     except BpfsyncError as e:
         raise _fail(e) from e
 

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
+import re
 import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
@@ -19,32 +25,48 @@ from bpfsync.watch.trace import TraceWatcher
 _MODES = ("auto", "trace", "poll")
 
 
-class Decoder:
-    """Keys and values of one map as JSON-ready fields; per-CPU values one list item per CPU."""
+_ADDR_NAMES = re.compile(r"(^|[._])(s|d)?(addr|ip|ipv4|ipv6|src_ip|dst_ip|saddr|daddr)$")
 
-    def __init__(self, m: Map) -> None:
+
+class Decoder:
+    """Keys and values of one map as JSON-ready fields; per-CPU values one list item per CPU.
+
+    IPv4/IPv6 fields (4 or 16 bytes, named like an address or listed in ``addr``) are shown as
+    addresses; ``addr`` may name ``key`` for a whole raw key (a map keyed by ``__u32`` saddr).
+    """
+
+    def __init__(self, m: Map, addr: Sequence[str] = ()) -> None:
         self.key_layout, self.value_layout = map_layouts_or_raw(m.info)
         self.percpu = m.percpu
         self.ncpus = m.ncpus
         self.stride = m.value_stride // m.ncpus if m.percpu else m.value_size
+        self.addr = set(addr)
 
     def key(self, raw: bytes) -> Any:
-        return _fields(self.key_layout, raw)
+        if "key" in self.addr and len(raw) in (4, 16):
+            return str(ipaddress.ip_address(raw))
+        return self._fields(self.key_layout, raw)
 
     def value(self, raw: bytes) -> Any:
         if not self.percpu:
-            return _fields(self.value_layout, raw)
+            return self._fields(self.value_layout, raw)
         size = self.value_layout.size
         return [
-            _fields(self.value_layout, raw[i * self.stride : i * self.stride + size])
+            self._fields(self.value_layout, raw[i * self.stride : i * self.stride + size])
             for i in range(self.ncpus)
         ]
 
-
-def _fields(layout: Layout, raw: bytes) -> Any:
-    if layout.is_raw:
-        return raw.hex()
-    return layout.decode(raw)
+    def _fields(self, layout: Layout, raw: bytes) -> Any:
+        if layout.is_raw:
+            return raw.hex()
+        out = layout.decode(raw)
+        for f in layout.fields:
+            if f.size in (4, 16) and not f.count and (
+                f.name in self.addr or _ADDR_NAMES.search(f.name)
+            ):
+                # network byte order in the packet, and so in the map
+                out[f.name] = str(ipaddress.ip_address(raw[f.offset : f.offset + f.size]))
+        return out
 
 
 def run_watch(spec: str, *, mode: str, interval: float, as_json: bool, count: int) -> None:
@@ -113,17 +135,46 @@ def _print_overflow(ev: Overflow, as_json: bool, out: Console) -> None:
         out.print(f"[yellow]overflow[/]: {ev.dropped} events dropped, rescanning", style="bold")
 
 
-def run_dump(spec: str, *, as_json: bool) -> None:
+def run_dump(
+    spec: str, *, as_json: bool, addr: Sequence[str] = (), agent: str | None = None,
+    sync_name: str | None = None,
+) -> None:
     out = Console(highlight=False)
     with Map.open(spec) as m:
-        dec = Decoder(m)
+        dec = Decoder(m, addr)
         entries = m.dump()
+        slots: dict[str, dict[str, Any]] = {}
+        if agent is not None:
+            name = sync_name or (os.path.basename(spec) if spec.startswith("/") else m.name)
+            slots = _fetch_slots(agent, name)
         if not as_json:
             out.print(f"{m!r}: {len(entries)} entries", style="dim")
         for key, value in entries:
             k, v = dec.key(key), dec.value(value)
+            per_node = {
+                node: None if s["value"] is None else dec.value(bytes.fromhex(s["value"]))
+                for node, s in slots.get(key.hex(), {}).items()
+            }
             if as_json:
-                sys.stdout.write(json.dumps({"key": key.hex(), "value": value.hex(),
-                                             "key_fields": k, "value_fields": v}) + "\n")
+                line: dict[str, Any] = {"key": key.hex(), "value": value.hex(),
+                                        "key_fields": k, "value_fields": v}
+                if agent is not None:
+                    line["slots"] = per_node
+                sys.stdout.write(json.dumps(line) + "\n")
             else:
                 out.print(f"{k} = {v}")
+                for node, slot in sorted(per_node.items()):
+                    out.print(f"    node {node}: {slot}", style="dim")
+
+
+def _fetch_slots(agent: str, name: str) -> dict[str, dict[str, Any]]:
+    url = f"http://{agent}/slots/{name}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            data: dict[str, Any] = json.load(resp)
+    except urllib.error.HTTPError as e:
+        raise ConfigError(f"the agent at {agent} has no synced map {name!r} (give --name)") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise ConfigError(f"no agent answers on {url} ({e}); is it running with --http?") from e
+    keys: dict[str, dict[str, Any]] = data["keys"]
+    return keys
