@@ -1,17 +1,16 @@
-"""The agent: wires the kernel maps, a watcher, the replica and a transport together.
+"""The agent: wires the kernel maps, a watcher, the replica and the peers together.
 
-Everything that decides lives in bpfsync.core; this module moves data between the parts:
+Everything that decides lives in bpfsync.core; this module and peering.py move data between the
+parts:
 
-    watcher thread ──Change──► replica.local_change ──Record──► each peer's session outbox
-    transport ──Batch──► session.on_batch ──► replica.receive ──writes──► applier ──► kernel
-                                                         └──forward/reply──► other outboxes
-    flush timer (~1 ms): session.next_batch ──► transport.send
-    digest timer, first contact, gaps: Digest ──► peer answers Pull + records ──► repaired
+    watcher thread ──Change──► replica.local_change ──Record──► peering.broadcast
+    peering (transport) ──records──► replica.receive ──writes──► applier ──► kernel
+                                                       └──forward/reply──► peering (relay)
 
 Readiness: the node reports ready once, for every map, a peer has answered its first digest
 (the answer's records precede the Pull on the same stream, so a Pull means "caught up with that
 peer"), or, when no peer is reachable at all, after ``catchup_timeout_s``: a lone first node of
-a cluster must still come up.
+a cluster must still come up. Local changes seen before that are held, then stamped.
 
 Stale watcher reports: a scan or ring record may be read before an apply and processed after
 it; its value then differs from what the replica knows the kernel holds and would look like a
@@ -26,7 +25,7 @@ import logging
 import os
 import signal
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,27 +35,22 @@ from bpfsync.agent.bridge import WatchBridge
 from bpfsync.agent.config import AgentConfig
 from bpfsync.agent.http import StatusServer
 from bpfsync.agent.metrics import AgentMetrics
+from bpfsync.agent.peering import Peering
 from bpfsync.agent.synced import SyncedMap, open_synced
 from bpfsync.agent.watchers import open_watcher
-from bpfsync.core.messages import Ack, Batch, Digest, Hello, Pull, Record
-from bpfsync.core.outbox import Outbox, split
-from bpfsync.core.replica import Replica
-from bpfsync.core.session import PeerSession, map_mismatches
-from bpfsync.errors import BpfsyncError, PeerError
+from bpfsync.core.messages import Hello, Record
+from bpfsync.core.replica import ApplyResult, Replica
 from bpfsync.kernel.maps import Map
 from bpfsync.model import Change, Overflow, WatchEvent
-from bpfsync.transport.base import PeerDown, PeerUp, Received, Transport
+from bpfsync.transport.base import Transport
 from bpfsync.transport.grpc_mesh import GrpcMesh
 from bpfsync.transport.options import MeshOptions
 
 log = logging.getLogger("bpfsync.agent")
 
 _STALE_WINDOW = 5.0  # seconds after an apply during which odd watcher reports are re-read
-_MAX_BATCH_BYTES = 4 << 20
 _SLOTS_LIMIT = 100_000  # keys /slots returns at most
 _LOCAL_SLICE = 8192  # watcher events handled between two turns of the event loop
-_BUSY_S = 1.0  # a peer's batch within this many seconds defers routine (non-urgent) repair
-_REPAIR_BACKLOG = 8 << 20  # bytes queued on a link before repair answers wait for it to drain
 
 
 def _now() -> int:
@@ -117,17 +111,11 @@ class Agent:
         self.hello = Hello(self.node, self.incarnation, tuple(schemas))
         self._transport_factory = transport_factory or self._grpc
         self.transport: Transport | None = None
-        self.sessions: dict[str, PeerSession] = {}
+        self.peering: Peering | None = None
         self.catchup = _CatchUp(pending={s.name for s in schemas})
         self.ready = False
         self._stop = asyncio.Event()
-        self._flush_scheduled = False
         self._held: list[WatchEvent] = []
-        self._unanswered: dict[str, dict[str, Digest]] = {}  # peer -> map -> its latest digest
-        self._linked: set[str] = set()  # peers whose link from us is up
-        self._peer_links: dict[str, frozenset[str]] = {}  # what each peer's digests said
-        self._last_batch = 0.0  # monotonic time of the last numbered batch received
-        self._repairs: dict[str, deque[Batch | Pull]] = defaultdict(deque)  # paced answers
         self._status: dict[str, Any] = {"node": self.node, "ready": False}
         self._http: StatusServer | None = None
         self._bridge: WatchBridge | None = None
@@ -154,6 +142,16 @@ class Agent:
             self.replica.seed(name, ((k, sm.fold(v) or b"") for k, v in items))
         self._bridge = WatchBridge(watcher, loop)
         self.transport = self._transport_factory(self.hello)
+        keys = sum(sm.map.max_entries for sm in self.synced.values())
+        self.peering = Peering(
+            self.node, self.replica, self.schemas, self.transport, self.cfg.sync, self.metrics,
+            # coalescing keeps at most one record per key (per origin for per-origin maps), so
+            # an outbox that holds every key never overflows into a digest repair
+            outbox_records=max(1 << 16, 2 * keys),
+            on_records=self._merge,
+            on_caught_up=self._caught_up,
+            catching_up=lambda: not self.ready,
+        )
         if self.cfg.http_listen:
             host, _, port = self.cfg.http_listen.rpartition(":")
             self._http = StatusServer(host, int(port), self.metrics.registry, self.status,
@@ -165,7 +163,7 @@ class Agent:
         log.info("agent started", extra={"node": self.node, "listen": self.cfg.listen,
                                           "maps": sorted(self.maps)})
         tasks = [
-            asyncio.create_task(self._transport_loop(), name="transport"),
+            asyncio.create_task(self.peering.run(), name="peers"),
             asyncio.create_task(self._watch_loop(), name="watch"),
             asyncio.create_task(self._timer_loop(), name="timers"),
         ]
@@ -236,10 +234,8 @@ class Agent:
         self._broadcast(records)
 
     def _broadcast(self, records: list[Record]) -> None:
-        if records:
-            for s in self.sessions.values():
-                s.outbox.add(records)
-            self._flush_soon()
+        if self.peering is not None:
+            self.peering.broadcast(records)
 
     def _fold_races(self, records: tuple[Record, ...]) -> None:
         """In-place counters: before peers' counts are folded into a key, take the increments
@@ -264,139 +260,8 @@ class Agent:
                 mine.append(own)
         self._broadcast(mine)
 
-    # --- peers ---------------------------------------------------------------------------------
-
-    def _session(self, peer: str) -> PeerSession:
-        s = self.sessions.get(peer)
-        if s is None:
-            # coalescing keeps at most one record per key (per origin for per-origin maps), so
-            # an outbox that holds every key never overflows into a digest repair
-            keys = sum(sm.map.max_entries for sm in self.synced.values())
-            outbox = Outbox(max_records=max(1 << 16, 2 * keys),
-                            per_origin_maps=self.replica.per_origin_maps)
-            s = PeerSession(self.node, peer, outbox=outbox)
-            self.sessions[peer] = s
-        return s
-
-    def _send(self, peer: str, message: Ack | Batch | Digest | Pull) -> bool:
-        assert self.transport is not None
-        return self.transport.send(peer, message)
-
-    async def _transport_loop(self) -> None:
-        assert self.transport is not None
-        async for ev in self.transport.events():
-            try:
-                if isinstance(ev, Received):
-                    self._received(ev.peer, ev.message)
-                elif isinstance(ev, PeerUp):
-                    self._peer_up(ev.peer, ev.hello)
-                elif isinstance(ev, PeerDown):
-                    self._peer_down(ev.peer, ev.error)
-            except PeerError as err:
-                self.metrics.rejected.labels(type(err).__name__).inc()
-                log.warning("refused input from peer %s: %s", ev.peer, err)
-
-    def _peer_up(self, peer: str, hello: Hello) -> None:
-        s = self._session(peer)
-        for name, why in map_mismatches(self.schemas, hello).items():
-            log.warning("peer %s does not sync map %s like this node: %s", peer, name, why)
-        for batch in s.link_up(hello):
-            self._send(peer, batch)
-        for digest in self._unanswered.pop(peer, {}).values():
-            self._answer_digest(peer, s, digest)
-        self.metrics.peer_connected.labels(peer).set(1)
-        self._linked.add(peer)
-        log.info("peer up", extra={"peer": peer, "incarnation": hello.incarnation})
-        if s.take_repair() or not self.ready:
-            self._send_digests(peer, urgent=True)  # until ready, any peer may catch us up
-        self._flush_soon()
-
-    def _peer_down(self, peer: str, error: BpfsyncError | None) -> None:
-        self._session(peer).link_down()
-        self._repairs.pop(peer, None)
-        self.metrics.peer_connected.labels(peer).set(0)
-        self._linked.discard(peer)
-        log.info("peer down", extra={"peer": peer, "error": str(error) if error else None})
-
-    def _maybe_repair(self, peer: str, s: PeerSession) -> None:
-        if s.take_repair():
-            self._send_digests(peer, urgent=True)
-
-    def _send_digests(self, peer: str, *, urgent: bool = False) -> None:
-        linked = tuple(sorted(self._linked))
-        for name in self.maps:
-            d = self.replica.digest(name)
-            self._send(peer, Digest(d.map, d.buckets, linked, urgent))
-
-    def _busy(self) -> bool:
-        """Changes are flowing: digests differ by what is in flight, so routine repair waits."""
-        return time.monotonic() - self._last_batch < _BUSY_S or any(
-            s.outbox or s.unacked for s in self.sessions.values()
-        )
-
-    def _received(self, peer: str, msg: object) -> None:
-        s = self._session(peer)
-        if isinstance(msg, Batch):
-            if msg.seq > 0:
-                self._last_batch = time.monotonic()
-            if s.on_batch(msg):
-                self._merge(peer, msg.records)
-            if msg.seq > 0:
-                self._send(peer, s.ack())
-        elif isinstance(msg, Ack):
-            s.on_ack(msg)
-            self._flush_soon()  # the window may have opened
-        elif isinstance(msg, Digest):
-            self._peer_links[peer] = frozenset(msg.linked)
-            if msg.urgent or not self._busy():
-                self._answer_digest(peer, s, msg)
-        elif isinstance(msg, Pull):
-            self._send_repair(peer, s, self.replica.answer_pull(msg, peer))
-            self._caught_up(msg.map, peer, len(msg.buckets))
-        elif isinstance(msg, Hello):
-            self._send(peer, s.on_hello(msg))
-        self._maybe_repair(peer, s)
-
-    def _answer_digest(self, peer: str, s: PeerSession, digest: Digest) -> None:
-        """Our records where the peer's digest differs, then a Pull, empty or not: the Pull tells
-        the peer it has everything we had for it (the catch-up mark, see ``_caught_up``)."""
-        assert self.transport is not None
-        if self.transport.backlog(peer) is None:
-            # our link to the peer is not up yet (it dialed us first): answer when it is
-            self._unanswered.setdefault(peer, {})[digest.map] = digest
-            return
-        pull, records = self.replica.answer_digest(digest, peer)
-        self._send_repair(peer, s, records, pull or Pull(digest.map, ()))
-
-    def _send_repair(
-        self, peer: str, s: PeerSession, records: list[Record], tail: Pull | None = None
-    ) -> None:
-        """Queue a repair answer, paced by the link's backlog (a 1M-entry answer is ~70 MB:
-        enqueued at once it would overflow the send queue and reset the link)."""
-        q = self._repairs[peer]
-        for chunk in split(records, self.cfg.sync.max_batch_records, self._batch_bytes()):
-            q.append(s.repair_batch(chunk))
-        if tail is not None:
-            q.append(tail)
-        self._drain_repairs(peer)
-
-    def _drain_repairs(self, peer: str) -> None:
-        assert self.transport is not None
-        q = self._repairs.get(peer)
-        while q:
-            backlog = self.transport.backlog(peer)
-            if backlog is None:  # link lost: the next digest exchange starts over
-                q.clear()
-                return
-            if backlog > _REPAIR_BACKLOG:
-                asyncio.get_running_loop().call_later(0.005, self._drain_repairs, peer)
-                return
-            if not self._send(peer, q[0]):
-                q.clear()
-                return
-            q.popleft()
-
-    def _merge(self, peer: str, records: tuple[Record, ...]) -> None:
+    def _merge(self, peer: str, records: tuple[Record, ...]) -> ApplyResult:
+        """Peer records: merge, write what changed to the kernel, return what to pass on."""
         if self.ready:
             self._fold_races(records)
         res = self.replica.receive(records, _now(), peer)
@@ -420,24 +285,7 @@ class Agent:
                 st.applied += n
                 st.last_apply = mono
                 self.metrics.applied.labels(name, op).inc(n)
-        # Relay a record to a peer only where that peer says (in its digests) that it has no link
-        # to the record's origin: in a healthy full mesh every origin reaches every peer itself,
-        # and relaying everything would double each node's receive work.
-        relayed = False
-        if res.forward:
-            for other, s in self.sessions.items():
-                links = self._peer_links.get(other)
-                if other == peer or links is None:
-                    continue
-                relay = [r for r in res.forward if r.stamp.node not in links
-                         and r.stamp.node != other]
-                if relay:
-                    s.outbox.add(relay)
-                    relayed = True
-        if res.reply:
-            self._session(peer).outbox.add(res.reply)
-        if relayed or res.reply:
-            self._flush_soon()
+        return res
 
     def _note_written(self, written: list[tuple[str, bytes, bytes | None]]) -> None:
         """Tell a polling watcher what we wrote, so its next scan is compared with it."""
@@ -449,24 +297,6 @@ class Agent:
             per_map[name].append((key, value))
         for name, kvs in per_map.items():
             note(name, kvs)
-
-    def _batch_bytes(self) -> int:
-        return min(_MAX_BATCH_BYTES, self.cfg.sync.max_message_bytes // 2)
-
-    def _flush_soon(self) -> None:
-        if self._flush_scheduled:
-            return
-        self._flush_scheduled = True
-        asyncio.get_running_loop().call_later(self.cfg.sync.batch_window_ms / 1000, self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        limit, nbytes = self.cfg.sync.max_batch_records, self._batch_bytes()
-        for peer, s in self.sessions.items():
-            while (batch := s.next_batch(limit, nbytes)) is not None:
-                if not self._send(peer, batch):
-                    break  # held by the session: resent when the link comes back
-            self._maybe_repair(peer, s)
 
     # --- catch-up and timers -------------------------------------------------------------------
 
@@ -496,8 +326,7 @@ class Agent:
             await asyncio.sleep(0.25)
             mono = time.monotonic()
             if not self.ready and mono - self.catchup.started > sync.catchup_timeout_s:
-                peers = self.transport.peers() if self.transport else []
-                up = [p.node for p in peers if p.connected]
+                up = self.peering.connected() if self.peering is not None else []
                 if not up:
                     self._become_ready("no peer reachable: starting alone")
                 elif mono - self.catchup.started > 3 * sync.catchup_timeout_s:
@@ -505,26 +334,15 @@ class Agent:
             if mono >= next_digest:
                 next_digest = mono + sync.anti_entropy_interval_s
                 self.replica.expire(_now())
-                for peer in self.sessions:
-                    self._send_digests(peer)
+                if self.peering is not None:
+                    self.peering.digest_round()
             self._refresh_status()
 
     # --- status --------------------------------------------------------------------------------
 
     def _refresh_status(self) -> None:
         """Computed on the loop, read by the HTTP thread: never touches state off the loop."""
-        peers = []
-        if self.transport is not None:
-            for p in self.transport.peers():
-                s = self.sessions.get(p.node or "")
-                peers.append({
-                    "address": p.address, "node": p.node, "connected": p.connected,
-                    "inbound": p.inbound, "sent": p.messages_sent, "received": p.messages_received,
-                    "reconnects": p.reconnects, "last_error": p.last_error,
-                    "queued_bytes": p.queued_bytes, "dropped": p.dropped,
-                    "unacked_batches": s.unacked if s else 0,
-                    "lag_records": len(s.outbox) if s else 0,
-                })
+        peers = self.peering.peers() if self.peering is not None else []
         maps = []
         for name in self.maps:
             st = self.map_stats[name]

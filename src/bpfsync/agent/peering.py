@@ -1,0 +1,271 @@
+"""Talking to peers: one PeerSession each, the transport's events, digests, paced repair
+answers, relay and the ~1 ms flush. The agent hands it records to send and merges what it passes
+back; every decision about records themselves stays in the core.
+
+Rules of this module (the core's rules are in core/session.py and core/replica.py):
+
+- Digests carry the links the sender has up. A record is relayed to a peer only when that peer's
+  last digest says it has no link to the record's origin: in a healthy full mesh every origin
+  reaches every peer itself, and relaying everything would double each node's receive work.
+- A digest is answered with our records where it differs, then a Pull (empty or not), on the
+  same ordered stream: the Pull tells the asker it has everything we had for it (catch-up).
+  Routine digests wait while changes flow (their difference is only what is in flight); urgent
+  ones (catch-up, gap repair) are answered at once.
+- Repair answers are paced on the link's backlog: a 1M-entry answer is ~70 MB, which enqueued at
+  once would overflow the send queue and reset the link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from bpfsync.agent.config import SyncConfig
+from bpfsync.agent.metrics import AgentMetrics
+from bpfsync.core.messages import Ack, Batch, Digest, Hello, MapSchema, Pull, Record
+from bpfsync.core.outbox import Outbox, split
+from bpfsync.core.replica import ApplyResult, Replica
+from bpfsync.core.session import PeerSession, map_mismatches
+from bpfsync.errors import BpfsyncError, PeerError
+from bpfsync.transport.base import PeerDown, PeerUp, Received, Transport
+
+log = logging.getLogger("bpfsync.agent")
+
+_MAX_BATCH_BYTES = 4 << 20
+_BUSY_S = 1.0  # a peer's batch within this many seconds defers routine (non-urgent) repair
+_REPAIR_BACKLOG = 8 << 20  # bytes queued on a link before repair answers wait for it to drain
+
+# (peer, records) -> what merging them asks of us; None when the records were not merged
+OnRecords = Callable[[str, tuple[Record, ...]], ApplyResult | None]
+
+
+class Peering:
+    def __init__(
+        self,
+        node: str,
+        replica: Replica,
+        schemas: Sequence[MapSchema],
+        transport: Transport,
+        sync: SyncConfig,
+        metrics: AgentMetrics,
+        *,
+        outbox_records: int,
+        on_records: OnRecords,
+        on_caught_up: Callable[[str, str, int], None],
+        catching_up: Callable[[], bool],
+    ) -> None:
+        self.node = node
+        self.replica = replica
+        self.schemas = list(schemas)
+        self.transport = transport
+        self.sync = sync
+        self.metrics = metrics
+        self.sessions: dict[str, PeerSession] = {}
+        self._outbox_records = outbox_records
+        self._on_records = on_records
+        self._on_caught_up = on_caught_up
+        self._catching_up = catching_up
+        self._flush_scheduled = False
+        self._linked: set[str] = set()  # peers whose link from us is up
+        self._peer_links: dict[str, frozenset[str]] = {}  # what each peer's digests said
+        self._last_batch = 0.0  # monotonic time of the last numbered batch received
+        self._repairs: dict[str, deque[Batch | Pull]] = defaultdict(deque)
+        self._unanswered: dict[str, dict[str, Digest]] = {}  # peer -> map -> its latest digest
+
+    # --- what the agent calls ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Handle the transport's events until it closes."""
+        async for ev in self.transport.events():
+            try:
+                if isinstance(ev, Received):
+                    self._received(ev.peer, ev.message)
+                elif isinstance(ev, PeerUp):
+                    self._peer_up(ev.peer, ev.hello)
+                elif isinstance(ev, PeerDown):
+                    self._peer_down(ev.peer, ev.error)
+            except PeerError as err:
+                self.metrics.rejected.labels(type(err).__name__).inc()
+                log.warning("refused input from peer %s: %s", ev.peer, err)
+
+    def broadcast(self, records: list[Record]) -> None:
+        """Local changes: to every peer."""
+        if records:
+            for s in self.sessions.values():
+                s.outbox.add(records)
+            self._flush_soon()
+
+    def digest_round(self) -> None:
+        """The periodic anti-entropy round: a digest of every map to every peer."""
+        for peer in self.sessions:
+            self._send_digests(peer)
+
+    def peers(self) -> list[dict[str, Any]]:
+        rows = []
+        for p in self.transport.peers():
+            s = self.sessions.get(p.node or "")
+            rows.append({
+                "address": p.address, "node": p.node, "connected": p.connected,
+                "inbound": p.inbound, "sent": p.messages_sent, "received": p.messages_received,
+                "bytes_sent": p.bytes_sent, "bytes_received": p.bytes_received,
+                "reconnects": p.reconnects, "last_error": p.last_error,
+                "queued_bytes": p.queued_bytes, "dropped": p.dropped,
+                "unacked_batches": s.unacked if s else 0,
+                "lag_records": len(s.outbox) if s else 0,
+            })
+        return rows
+
+    def connected(self) -> list[str]:
+        return sorted(self._linked)
+
+    # --- events --------------------------------------------------------------------------------
+
+    def _session(self, peer: str) -> PeerSession:
+        s = self.sessions.get(peer)
+        if s is None:
+            outbox = Outbox(max_records=self._outbox_records,
+                            per_origin_maps=self.replica.per_origin_maps)
+            s = self.sessions[peer] = PeerSession(self.node, peer, outbox=outbox)
+        return s
+
+    def _send(self, peer: str, message: Ack | Batch | Digest | Pull) -> bool:
+        return self.transport.send(peer, message)
+
+    def _peer_up(self, peer: str, hello: Hello) -> None:
+        s = self._session(peer)
+        for name, why in map_mismatches(self.schemas, hello).items():
+            log.warning("peer %s does not sync map %s like this node: %s", peer, name, why)
+        for batch in s.link_up(hello):
+            self._send(peer, batch)
+        for digest in self._unanswered.pop(peer, {}).values():
+            self._answer_digest(peer, s, digest)
+        self.metrics.peer_connected.labels(peer).set(1)
+        self._linked.add(peer)
+        log.info("peer up", extra={"peer": peer, "incarnation": hello.incarnation})
+        if s.take_repair() or self._catching_up():
+            self._send_digests(peer, urgent=True)  # until ready, any peer may catch us up
+        self._flush_soon()
+
+    def _peer_down(self, peer: str, error: BpfsyncError | None) -> None:
+        self._session(peer).link_down()
+        self._repairs.pop(peer, None)
+        self.metrics.peer_connected.labels(peer).set(0)
+        self._linked.discard(peer)
+        log.info("peer down", extra={"peer": peer, "error": str(error) if error else None})
+
+    def _received(self, peer: str, msg: object) -> None:
+        s = self._session(peer)
+        if isinstance(msg, Batch):
+            if msg.seq > 0:
+                self._last_batch = time.monotonic()
+            if s.on_batch(msg):
+                res = self._on_records(peer, msg.records)
+                if res is not None:
+                    self._pass_on(peer, res)
+            if msg.seq > 0:
+                self._send(peer, s.ack())
+        elif isinstance(msg, Ack):
+            s.on_ack(msg)
+            self._flush_soon()  # the window may have opened
+        elif isinstance(msg, Digest):
+            self._peer_links[peer] = frozenset(msg.linked)
+            if msg.urgent or not self._busy():
+                self._answer_digest(peer, s, msg)
+        elif isinstance(msg, Pull):
+            self._send_repair(peer, s, self.replica.answer_pull(msg, peer))
+            self._on_caught_up(msg.map, peer, len(msg.buckets))
+        elif isinstance(msg, Hello):
+            self._send(peer, s.on_hello(msg))
+        if s.take_repair():
+            self._send_digests(peer, urgent=True)
+
+    def _pass_on(self, sender: str, res: ApplyResult) -> None:
+        """Relay what changed our state to peers cut off from its origin; reply to the sender
+        where we hold something newer."""
+        relayed = False
+        if res.forward:
+            for other, s in self.sessions.items():
+                links = self._peer_links.get(other)
+                if other == sender or links is None:
+                    continue
+                relay = [r for r in res.forward
+                         if r.stamp.node not in links and r.stamp.node != other]
+                if relay:
+                    s.outbox.add(relay)
+                    relayed = True
+        if res.reply:
+            self._session(sender).outbox.add(res.reply)
+        if relayed or res.reply:
+            self._flush_soon()
+
+    # --- digests and repair --------------------------------------------------------------------
+
+    def _send_digests(self, peer: str, *, urgent: bool = False) -> None:
+        linked = tuple(sorted(self._linked))
+        for schema in self.schemas:
+            d = self.replica.digest(schema.name)
+            self._send(peer, Digest(d.map, d.buckets, linked, urgent))
+
+    def _busy(self) -> bool:
+        """Changes are flowing: digests differ by what is in flight, so routine repair waits."""
+        return time.monotonic() - self._last_batch < _BUSY_S or any(
+            s.outbox or s.unacked for s in self.sessions.values()
+        )
+
+    def _answer_digest(self, peer: str, s: PeerSession, digest: Digest) -> None:
+        if self.transport.backlog(peer) is None:
+            # our link to the peer is not up yet (it dialed us first): answer when it is
+            self._unanswered.setdefault(peer, {})[digest.map] = digest
+            return
+        pull, records = self.replica.answer_digest(digest, peer)
+        self._send_repair(peer, s, records, pull or Pull(digest.map, ()))
+
+    def _send_repair(
+        self, peer: str, s: PeerSession, records: list[Record], tail: Pull | None = None
+    ) -> None:
+        q = self._repairs[peer]
+        for chunk in split(records, self.sync.max_batch_records, self._batch_bytes()):
+            q.append(s.repair_batch(chunk))
+        if tail is not None:
+            q.append(tail)
+        self._drain_repairs(peer)
+
+    def _drain_repairs(self, peer: str) -> None:
+        q = self._repairs.get(peer)
+        while q:
+            backlog = self.transport.backlog(peer)
+            if backlog is None:  # link lost: the next digest exchange starts over
+                q.clear()
+                return
+            if backlog > _REPAIR_BACKLOG:
+                asyncio.get_running_loop().call_later(0.005, self._drain_repairs, peer)
+                return
+            if not self._send(peer, q[0]):
+                q.clear()
+                return
+            q.popleft()
+
+    # --- flushing ------------------------------------------------------------------------------
+
+    def _batch_bytes(self) -> int:
+        return min(_MAX_BATCH_BYTES, self.sync.max_message_bytes // 2)
+
+    def _flush_soon(self) -> None:
+        if self._flush_scheduled:
+            return
+        self._flush_scheduled = True
+        asyncio.get_running_loop().call_later(self.sync.batch_window_ms / 1000, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        limit, nbytes = self.sync.max_batch_records, self._batch_bytes()
+        for peer, s in self.sessions.items():
+            while (batch := s.next_batch(limit, nbytes)) is not None:
+                if not self._send(peer, batch):
+                    break  # held by the session: resent when the link comes back
+            if s.take_repair():
+                self._send_digests(peer, urgent=True)
