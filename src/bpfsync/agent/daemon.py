@@ -135,7 +135,8 @@ class Agent:
 
     async def run(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
-        watcher, baselines = open_watcher(self.cfg.watch, self.maps)
+        in_place = [name for name, sm in self.synced.items() if sm.policy.per_origin]
+        watcher, baselines = open_watcher(self.cfg.watch, self.maps, in_place)
         self._watcher = watcher
         for name, items in baselines.items():
             sm = self.synced[name]
@@ -237,40 +238,51 @@ class Agent:
         if self.peering is not None:
             self.peering.broadcast(records)
 
-    def _fold_races(self, records: tuple[Record, ...]) -> None:
-        """In-place counters: before peers' counts are folded into a key, take the increments
-        the data plane made since we last looked into our own slot, so the total written next
-        includes them instead of overwriting them (synced.py)."""
-        now = _now()
-        mine: list[Record] = []
-        seen: set[tuple[str, bytes]] = set()
+    def _merge(self, peer: str, records: tuple[Record, ...]) -> ApplyResult:
+        """Peer records: merge, write what changed to the kernel, return what to pass on.
+
+        In-place counters go key by key: re-read the key, take the increments the data plane
+        made since we last looked into our own slot, merge the peers' records of that key and
+        write the new total at once. The data plane's increments can then only be lost in the
+        few microseconds between that read and that write (synced.py; `exact` has no window).
+        """
+        res = ApplyResult()
+        rest: list[Record] = []
+        per_key: dict[tuple[str, bytes], list[Record]] = defaultdict(list)
         for rec in records:
             sm = self.synced.get(rec.map)
-            if sm is None or not sm.in_place_counters or len(rec.key) != sm.map.key_size:
-                continue  # not an in-place counter, or receive() refuses it anyway
-            if (rec.map, rec.key) in seen:
-                continue
-            seen.add((rec.map, rec.key))
-            current = sm.map.lookup(rec.key)
-            if current == self.replica.kernel_view(rec.map, rec.key):
-                continue
-            self.metrics.raced.labels(rec.map).inc()
-            own = self.replica.local_change(rec.map, rec.key, current, now)
+            if self.ready and sm is not None and sm.in_place_counters and (
+                len(rec.key) == sm.map.key_size
+            ):
+                per_key[(rec.map, rec.key)].append(rec)
+            else:
+                rest.append(rec)
+        mine: list[Record] = []
+        for (name, key), recs in per_key.items():
+            own = self._fold_race(self.synced[name], key)
             if own is not None:
                 mine.append(own)
+            self._receive(peer, tuple(recs), res)
         self._broadcast(mine)
+        if rest:
+            self._receive(peer, tuple(rest), res)
+        if res.rejected:
+            log.warning("refused %d records from peer %s: %s", len(res.rejected), peer,
+                        res.rejected[0][1])
+        return res
 
-    def _merge(self, peer: str, records: tuple[Record, ...]) -> ApplyResult:
-        """Peer records: merge, write what changed to the kernel, return what to pass on."""
-        if self.ready:
-            self._fold_races(records)
+    def _fold_race(self, sm: SyncedMap, key: bytes) -> Record | None:
+        current = sm.map.lookup(key)
+        if current == self.replica.kernel_view(sm.name, key):
+            return None
+        self.metrics.raced.labels(sm.name).inc()
+        return self.replica.local_change(sm.name, key, current, _now())
+
+    def _receive(self, peer: str, records: tuple[Record, ...], into: ApplyResult) -> None:
         res = self.replica.receive(records, _now(), peer)
         for rec, err in res.rejected:
             self.map_stats[rec.map].rejected += 1
             self.metrics.rejected.labels(type(err).__name__).inc()
-        if res.rejected:
-            log.warning("refused %d records from peer %s: %s", len(res.rejected), peer,
-                        res.rejected[0][1])
         if res.writes:
             started = time.perf_counter()
             applied = self.applier.apply(res.writes)
@@ -285,7 +297,10 @@ class Agent:
                 st.applied += n
                 st.last_apply = mono
                 self.metrics.applied.labels(name, op).inc(n)
-        return res
+        into.writes += res.writes
+        into.forward += res.forward
+        into.reply += res.reply
+        into.rejected += res.rejected
 
     def _note_written(self, written: list[tuple[str, bytes, bytes | None]]) -> None:
         """Tell a polling watcher what we wrote, so its next scan is compared with it."""

@@ -6,6 +6,7 @@ seed dump and the watcher's baseline would be in neither the replica nor any lat
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from typing import Protocol
@@ -17,6 +18,7 @@ from bpfsync.watch.auto import AutoWatcher
 from bpfsync.watch.trace import TraceWatcher
 
 Items = Iterable[tuple[bytes, bytes]]
+log = logging.getLogger("bpfsync.watch")
 
 
 class BatchWatcher(Protocol):
@@ -28,10 +30,18 @@ class BatchWatcher(Protocol):
 
 
 def open_watcher(
-    cfg: WatchConfig, maps: Mapping[str, Map]
+    cfg: WatchConfig, maps: Mapping[str, Map], in_place: Iterable[str] = ()
 ) -> tuple[BatchWatcher, dict[str, Items]]:
-    """Start the configured watcher on ``maps``; returns it and each map's content at start."""
+    """Start the configured watcher on ``maps``; returns it and each map's content at start.
+
+    ``in_place`` names maps whose values the data plane changes through lookup pointers
+    (counter, max and min policies): they are polled at the full poll rate even when traced."""
     tgid = os.getpid()
+    if cfg.mode == "trace" and in_place:
+        log.warning(
+            "watch mode trace cannot see writes through lookup pointers, which counter, max and"
+            " min maps (%s) usually get: use mode auto or poll", ", ".join(sorted(in_place)),
+        )
     if cfg.mode == "trace":
         tracer = TraceWatcher(maps, agent_tgid=tgid)
         tracer.start()  # attached before the dump: nothing between the two goes unseen
@@ -42,6 +52,7 @@ def open_watcher(
         repair_interval=cfg.auto_poll_interval,
         tracing=cfg.mode == "auto",
         agent_tgid=tgid,
+        in_place=in_place,
     )
     auto.start()
     return auto, {name: auto.baseline(name) for name in maps}

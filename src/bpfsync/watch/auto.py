@@ -72,6 +72,7 @@ class AutoWatcher:
         ring_size: int | None = None,
         emit_initial: bool = False,
         tracer_factory: TracerFactory | None = None,
+        in_place: Iterable[str] = (),
     ) -> None:
         if poll_interval <= 0 or repair_interval <= 0:
             raise ValueError("poll intervals must be positive")
@@ -85,6 +86,9 @@ class AutoWatcher:
         self.ring_size = ring_size
         self.emit_initial = emit_initial
         self.tracer_factory = tracer_factory or self._trace_watcher
+        # maps the data plane writes through lookup pointers (counters): tracing cannot see
+        # those writes, so they are polled at poll_interval even where they are traced
+        self.in_place = frozenset(in_place)
         self.trace: Tracer | None = None
         self.traced: frozenset[str] = frozenset()
         self.why_not_traced = ""  # empty when every map is traced
@@ -130,8 +134,8 @@ class AutoWatcher:
             )  # fmt: skip
         now = time.monotonic()
         for name in self.maps:
-            traced = name in self.traced
-            self._interval[name] = self.repair_interval if traced else self.poll_interval
+            slow = name in self.traced and name not in self.in_place
+            self._interval[name] = self.repair_interval if slow else self.poll_interval
             self._due[name] = now + self._interval[name]
             self._pollers[name].emit_initial = self.emit_initial
         try:
