@@ -11,8 +11,9 @@ Rules of this module (the core's rules are in core/session.py and core/replica.p
   same ordered stream: the Pull tells the asker it has everything we had for it (catch-up).
   Routine digests wait while changes flow (their difference is only what is in flight); urgent
   ones (catch-up, gap repair) are answered at once.
-- Repair answers are paced on the link's backlog: a 1M-entry answer is ~70 MB, which enqueued at
-  once would overflow the send queue and reset the link.
+- Batches and repair answers are paced on the link's backlog: a 1M-entry answer is ~70 MB, and
+  a peer slower than our writers would otherwise see its send queue overflow and its link reset
+  (then everything unacked is sent again). Meanwhile records wait, coalesced, in the outbox.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ log = logging.getLogger("bpfsync.agent")
 _MAX_BATCH_BYTES = 4 << 20
 _BUSY_S = 1.0  # a peer's batch within this many seconds defers routine (non-urgent) repair
 _REPAIR_BACKLOG = 8 << 20  # bytes queued on a link before repair answers wait for it to drain
+_SEND_BACKLOG = 16 << 20  # ... before new batches wait (the link resets past 64 MiB)
 
 # (peer, records) -> what merging them asks of us; None when the records were not merged
 OnRecords = Callable[[str, tuple[Record, ...]], ApplyResult | None]
@@ -261,11 +263,24 @@ class Peering:
         asyncio.get_running_loop().call_later(self.sync.batch_window_ms / 1000, self._flush)
 
     def _flush(self) -> None:
+        """Send what the outboxes hold, as long as each link keeps up. A peer that falls behind
+        is not buried (its send queue would overflow and reset the link): its records wait in
+        the outbox, where later changes of the same key replace earlier ones."""
         self._flush_scheduled = False
         limit, nbytes = self.sync.max_batch_records, self._batch_bytes()
+        behind = False
         for peer, s in self.sessions.items():
-            while (batch := s.next_batch(limit, nbytes)) is not None:
-                if not self._send(peer, batch):
-                    break  # held by the session: resent when the link comes back
+            while True:
+                backlog = self.transport.backlog(peer)
+                if backlog is None:
+                    break  # link down: the session resends when it is back
+                if backlog > _SEND_BACKLOG:
+                    behind = behind or bool(s.outbox)
+                    break
+                batch = s.next_batch(limit, nbytes)
+                if batch is None or not self._send(peer, batch):
+                    break
             if s.take_repair():
                 self._send_digests(peer, urgent=True)
+        if behind:
+            asyncio.get_running_loop().call_later(0.002, self._flush_soon)
