@@ -7,10 +7,11 @@ parts:
     peering (transport) ──records──► replica.receive ──writes──► applier ──► kernel
                                                        └──forward/reply──► peering (relay)
 
-Readiness: the node reports ready once, for every map, a peer has answered its first digest
-(the answer's records precede the Pull on the same stream, so a Pull means "caught up with that
-peer"), or, when no peer is reachable at all, after ``catchup_timeout_s``: a lone first node of
-a cluster must still come up. Local changes seen before that are held, then stamped.
+Readiness: the node reports ready once, for every map, every peer it is linked with (and at
+least one) has answered its first digest (the answer's records precede the Pull on the same
+stream, so a Pull means "caught up with that peer"), or, when no peer is reachable at all, after
+``catchup_timeout_s``: a lone first node of a cluster must still come up. Local changes seen
+before that are held, then stamped.
 
 Stale watcher reports: a scan or ring record may be read before an apply and processed after
 it; its value then differs from what the replica knows the kernel holds and would look like a
@@ -68,11 +69,18 @@ class MapStats:
 
 @dataclass(slots=True)
 class _CatchUp:
-    """Which maps still wait for a peer's first answer."""
+    """Which peers have answered our first digest of each map."""
 
-    pending: set[str]
+    maps: list[str]
+    answered: dict[str, set[str]] = field(default_factory=dict)  # map -> peers
     started: float = field(default_factory=time.monotonic)
     done_at: float | None = None
+
+    def done(self, linked: list[str]) -> bool:
+        """Every map answered by at least one peer and by every peer linked right now."""
+        return all(
+            (got := self.answered.get(m)) and got.issuperset(linked) for m in self.maps
+        )
 
 
 class Agent:
@@ -112,7 +120,7 @@ class Agent:
         self._transport_factory = transport_factory or self._grpc
         self.transport: Transport | None = None
         self.peering: Peering | None = None
-        self.catchup = _CatchUp(pending={s.name for s in schemas})
+        self.catchup = _CatchUp(maps=[s.name for s in schemas])
         self.ready = False
         self._stop = asyncio.Event()
         self._held: list[WatchEvent] = []
@@ -316,12 +324,16 @@ class Agent:
     # --- catch-up and timers -------------------------------------------------------------------
 
     def _caught_up(self, name: str, peer: str, differing: int) -> None:
-        if self.ready or name not in self.catchup.pending:
+        if self.ready:
             return
-        self.catchup.pending.discard(name)
+        self.catchup.answered.setdefault(name, set()).add(peer)
         log.info("caught up", extra={"map": name, "peer": peer, "buckets_repaired": differing})
-        if not self.catchup.pending:
-            self._become_ready("caught up with peers")
+        self._check_caught_up()
+
+    def _check_caught_up(self) -> None:
+        linked = self.peering.connected() if self.peering is not None else []
+        if not self.ready and self.catchup.done(linked):
+            self._become_ready(f"caught up with {', '.join(linked) or 'peers'}")
 
     def _become_ready(self, why: str) -> None:
         self.ready = True
@@ -340,6 +352,7 @@ class Agent:
         while True:
             await asyncio.sleep(0.25)
             mono = time.monotonic()
+            self._check_caught_up()  # a peer that went away no longer holds us back
             if not self.ready and mono - self.catchup.started > sync.catchup_timeout_s:
                 up = self.peering.connected() if self.peering is not None else []
                 if not up:
