@@ -354,10 +354,13 @@ class Agent:
             mono = time.monotonic()
             self._check_caught_up()  # a peer that went away no longer holds us back
             if not self.ready and mono - self.catchup.started > sync.catchup_timeout_s:
-                up = self.peering.connected() if self.peering is not None else []
+                assert self.peering is not None
+                up = self.peering.connected()
                 if not up:
                     self._become_ready("no peer reachable: starting alone")
-                elif mono - self.catchup.started > 3 * sync.catchup_timeout_s:
+                elif mono - max(self.catchup.started, self.peering.last_batch_at) > (
+                    3 * sync.catchup_timeout_s
+                ):  # linked, but silent: not even a repair batch for that long
                     self._become_ready(f"peers {up} did not answer the catch-up digest")
             if mono >= next_digest:
                 next_digest = mono + sync.anti_entropy_interval_s

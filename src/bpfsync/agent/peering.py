@@ -75,6 +75,7 @@ class Peering:
         self._linked: set[str] = set()  # peers whose link from us is up
         self._peer_links: dict[str, frozenset[str]] = {}  # what each peer's digests said
         self._last_batch = 0.0  # monotonic time of the last numbered batch received
+        self.last_batch_at = 0.0  # ... of the last batch of any kind (repair answers included)
         self._repairs: dict[str, deque[Batch | Pull]] = defaultdict(deque)
         self._unanswered: dict[str, dict[str, Digest]] = {}  # peer -> map -> its latest digest
 
@@ -162,8 +163,9 @@ class Peering:
     def _received(self, peer: str, msg: object) -> None:
         s = self._session(peer)
         if isinstance(msg, Batch):
+            self.last_batch_at = time.monotonic()
             if msg.seq > 0:
-                self._last_batch = time.monotonic()
+                self._last_batch = self.last_batch_at
             if s.on_batch(msg):
                 res = self._on_records(peer, msg.records)
                 if res is not None:
