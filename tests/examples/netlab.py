@@ -27,7 +27,6 @@ import ctypes
 import json
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -43,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from bpfsync.demo.cluster import free_port
+from bpfsync.demo.cluster import free_port, stop_process
 from bpfsync.kernel.links import Link
 from bpfsync.kernel.maps import Map
 from bpfsync.kernel.objects import BpfObject
@@ -180,16 +179,7 @@ class Agent:
 
     def stop(self, timeout: float = 10.0) -> int | None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return proc.returncode
+        return None if proc is None else stop_process(proc, timeout=timeout)
 
     @property
     def running(self) -> bool:

@@ -22,7 +22,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bpfsync.agent.config import MapConfig
-from bpfsync.core.merge import Companion, FieldPolicy, FieldRule, Policy, policy_for
+from bpfsync.core.merge import (
+    Companion,
+    FieldPolicy,
+    FieldRule,
+    Policy,
+    combine_fields,
+    policy_for,
+)
 from bpfsync.core.messages import MapSchema
 from bpfsync.errors import ConfigError, NotFoundError
 from bpfsync.kernel.btf import map_layouts, map_layouts_or_raw
@@ -126,16 +133,5 @@ def fold_percpu(raw: bytes, size: int, ncpus: int, rules: tuple[FieldRule, ...])
         lo, hi = epoch.offset, epoch.offset + epoch.size
         top = max(int.from_bytes(v[lo:hi], "little") for v in values)
         values = [v for v in values if int.from_bytes(v[lo:hi], "little") == top]
-    # bytes no counter/max/min rule covers: from the CPU with the most recent (largest) value
-    out = bytearray(max(values))
-    for rule in rules:
-        if rule.op not in ("counter", "max", "min"):
-            continue
-        lo, hi = rule.offset, rule.offset + rule.size
-        nums = [int.from_bytes(v[lo:hi], "little") for v in values]
-        if rule.op == "counter":
-            n = sum(nums) % (1 << (8 * rule.size))
-        else:
-            n = max(nums) if rule.op == "max" else min(nums)
-        out[lo:hi] = n.to_bytes(rule.size, "little")
-    return bytes(out)
+    # bytes no counter/max/min rule covers: from the CPU with the largest value, a stable pick
+    return combine_fields(max(values), values, rules)

@@ -179,18 +179,8 @@ class FieldPolicy(Policy):
         for rec in live[1:]:
             latest = pick(latest, rec)
         assert latest.value is not None
-        out = bytearray(latest.value)
-        for rule in self.rules:
-            if rule.op in ("lww", "epoch"):
-                continue  # already the latest origin's bytes (which is at the top epoch)
-            lo, hi = rule.offset, rule.offset + rule.size
-            nums = [int.from_bytes(r.value[lo:hi], "little") for r in live if r.value is not None]
-            if rule.op == "counter":
-                n = sum(nums) % (1 << (8 * rule.size))
-            else:
-                n = max(nums) if rule.op == "max" else min(nums)
-            out[lo:hi] = n.to_bytes(rule.size, "little")
-        return bytes(out)
+        return combine_fields(latest.value, [r.value for r in live if r.value is not None],
+                              self.rules)
 
     def own_part(self, observed: bytes, others: Sequence[Record]) -> bytes:
         counters = [r for r in self.rules if r.op == "counter"]
@@ -230,6 +220,23 @@ class Companion(Policy):
 
     def own_part(self, observed: bytes, others: Sequence[Record]) -> bytes:
         return observed
+
+
+def combine_fields(base: bytes, values: Sequence[bytes], rules: Iterable[FieldRule]) -> bytes:
+    """``base`` with each counter/max/min field replaced by the sum/max/min over ``values``;
+    lww and epoch fields, and bytes no rule covers, stay as in ``base``."""
+    out = bytearray(base)
+    for rule in rules:
+        if rule.op in ("lww", "epoch"):
+            continue
+        lo, hi = rule.offset, rule.offset + rule.size
+        nums = [int.from_bytes(v[lo:hi], "little") for v in values]
+        if rule.op == "counter":
+            n = sum(nums) % (1 << (8 * rule.size))  # wraps like the kernel's u32/u64
+        else:
+            n = max(nums) if rule.op == "max" else min(nums)
+        out[lo:hi] = n.to_bytes(rule.size, "little")
+    return bytes(out)
 
 
 def policy_for(schema: MapSchema) -> Policy:

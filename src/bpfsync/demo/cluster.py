@@ -48,6 +48,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def stop_process(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10.0
+) -> int:
+    """Signal ``proc``, wait up to ``timeout`` seconds, then kill it; returns its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 def session(n: int) -> bytes:
     """A deterministic demo value derived from ``n``."""
     return VALUE.pack(n * 1500, n % 7, 1024 + n % 50000, 6 if n % 2 else 17, n % 256)
@@ -96,17 +110,8 @@ class Node:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
         """Signal the agent and wait for it; returns its exit code (None if it was not running)."""
-        if self.proc is None:
-            return None
         proc, self.proc = self.proc, None
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return proc.returncode
+        return None if proc is None else stop_process(proc, sig, timeout)
 
     @property
     def running(self) -> bool:
