@@ -135,3 +135,19 @@ def test_snapshot_get() -> None:
     assert s.get(b"cd") == b"2" and s.get(b"xx") is None
     with pytest.raises(ValueError):
         s.get(b"abc")
+
+
+def test_get_many_matches_get() -> None:
+    from bpfsync.kernel.dump import MapDump
+    from bpfsync.watch.snapshot import Snapshot
+
+    for key_size in (4, 8, 12):  # exact codes, and hashed ones
+        keys = [i.to_bytes(key_size, "little") for i in range(0, 2000, 3)]
+        values = [(i * 7).to_bytes(8, "little") for i in range(len(keys))]
+        snap = Snapshot(MapDump.from_bytes(b"".join(keys), b"".join(values), key_size, 8))
+        probe = [i.to_bytes(key_size, "little") for i in range(0, 2100, 2)]
+        assert snap.get_many(probe) == [snap.get(k) for k in probe]
+        assert any(v is not None for v in snap.get_many(probe))
+        assert any(v is None for v in snap.get_many(probe))
+    empty = Snapshot(MapDump.from_bytes(b"", b"", 4, 8))
+    assert empty.get_many([b"\x00" * 4]) == [None]

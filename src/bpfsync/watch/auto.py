@@ -283,8 +283,8 @@ class AutoWatcher:
         changes = diff(name, prev, snap)
         if overlay:
             changes = [c for c in changes if c.key not in overlay]
-            for key, told in overlay.items():
-                now = snap.get(key)
-                if now != told:
+            told = list(overlay.items())
+            for (key, value), now in zip(told, snap.get_many([k for k, _ in told]), strict=True):
+                if now != value:
                     changes.append(Change(name, key, now, Seen.POLL))
         return changes
