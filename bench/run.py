@@ -399,6 +399,42 @@ def catchup(entries: int, wait_max: float) -> dict[str, Any]:
         }
 
 
+def burst(entries: int, wait_max: float) -> dict[str, Any]:
+    """One burst of ``entries`` distinct writes on a (one batch update): the time until b and c
+    hold exactly a's content. Unlike the offered-rate phases, nothing is rewritten while it
+    drains, so this is the replication capacity itself (detection, send, merge and apply)."""
+    factory = lambda n, r, p, h: BigNode(n, r, p, h, 1 << 20)  # noqa: E731
+    with BenchCluster(factory, ("a", "b", "c"), "bench-burst") as c:
+        a, b, cc = c["a"], c["b"], c["c"]
+        c.start_with(0.25)
+        if not c.wait(lambda: all(n.is_ready() for n in (a, b, cc)), 60):
+            return {"entries": entries, "seconds": None}
+        keys = np.arange(entries, dtype=np.uint32)
+        vals = np.zeros((entries, 2), dtype=np.uint64)
+        vals[:, 0] = 1500
+        vals[:, 1] = np.arange(entries, dtype=np.uint64)
+        t0 = time.perf_counter()
+        a.map.update_batch(keys, vals)
+
+        def done() -> bool:
+            return (b.map.dump().count == entries and cc.map.dump().count == entries
+                    and same_content(a, [b, cc]))
+
+        ok = c.wait(done, wait_max, every=0.1)
+        secs = time.perf_counter() - t0
+        return {"entries": entries, "seconds": secs if ok else None,
+                "rate": entries / secs if ok else 0.0}
+
+
+def trace_bench(seconds: float) -> list[str]:
+    """bench/trace_events.py (host ring reader, and the tracer in the kernel VM): its lines."""
+    res = subprocess.run([sys.executable, str(Path(__file__).with_name("trace_events.py")),
+                          "--seconds", str(seconds)], capture_output=True, text=True,
+                         timeout=900)
+    lines = [x for x in res.stdout.splitlines() if x.startswith(("host", "vm"))]
+    return lines or [f"trace bench failed (exit {res.returncode}): {res.stderr[-300:]}"]
+
+
 def detection(entries: int) -> dict[str, float]:
     with poll_scan.scratch_map("hash", 4, 16, entries) as m:
         keys = np.arange(entries, dtype=np.uint32)
@@ -489,6 +525,15 @@ def main() -> None:
         log(f"catch-up of {args.catchup_entries} entries")
         R["catchup"] = catchup(args.catchup_entries, 60.0 if q else 120.0)
         log(f"  {R['catchup']}")
+    if "burst" not in skip:
+        n = 200_000 if q else 1_000_000
+        log(f"burst of {n} writes on a")
+        R["burst"] = burst(n, 120.0 if q else 300.0)
+        log(f"  {R['burst']}")
+    if "trace" not in skip:
+        log("trace watcher events/s (host ring reader; fexit tracer in the kernel VM)")
+        R["trace"] = trace_bench(2.0 if q else 3.0)
+        log("  " + "\n  ".join(R["trace"]))
     if "detect" not in skip:
         log("detection (poll scan+diff)")
         R["detect"] = detection(1_000_000)
@@ -541,6 +586,18 @@ def report(R: dict[str, Any], argv: list[str]) -> None:
                          f"{lt['p50']:.1f}/{lt['p99']:.1f}/{lt['p999']:.1f} ms "
                          f"({lt['observed']:,} of {lt['written']:,} seen)",
                          f"p99 {lt['p99'] / seed['p99_ms']:.1f}x seed", "p99 <=10 ms"))
+    bu = R.get("burst")
+    if bu:
+        if bu["seconds"] is None:
+            rows.append((f"burst of {bu['entries']:,} writes on a -> identical on b and c",
+                         "NOT in time", "", ">=200k/s, >=100x"))
+        else:
+            rows.append((f"burst of {bu['entries']:,} writes on a -> identical on b and c",
+                         f"{bu['seconds']:.1f} s = {bu['rate']:,.0f} records/s to each peer",
+                         f"{bu['rate'] / seed['rate']:,.1f}x", ">=200k/s, >=100x"))
+    for line in R.get("trace", []):
+        rows.append(("trace watcher events into Python", " ".join(line.split()), "",
+                     ">=1M events/s"))
     cu = R.get("catchup")
     if cu:
         idt = f"{cu['identical_s']:.2f} s" if cu["identical_s"] is not None else "NOT in time"
