@@ -44,13 +44,12 @@ from bpfsync.demo.cluster import (
     DEMO_UPDATE,
     MAP_NAME,
     OP,
+    AgentProcess,
     Cluster,
     Node,
-    demo_object,
     free_port,
 )
 from bpfsync.kernel.maps import Map
-from bpfsync.kernel.objects import BpfObject
 from bpfsync.watch.poll import MapPoller
 
 PYSPY = Path(sys.executable).parent / "py-spy"
@@ -62,18 +61,7 @@ class BigNode(Node):
     """Node.__init__ with ``set_max_entries`` before load."""
 
     def __init__(self, name: str, root: Path, port: int, http_port: int, entries: int) -> None:
-        self.name, self.dir, self.port, self.http_port = name, root / name, port, http_port
-        self.pin = self.dir / MAP_NAME
-        self.peers = []
-        self.proc = None
-        self.log_path = Path(f"/tmp/bpfsync-{root.name}-{name}.log")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.obj = BpfObject.open(demo_object())
-        self.obj.map_spec(MAP_NAME).set_max_entries(entries)
-        self.obj.load()
-        self.map = self.obj.map(MAP_NAME)
-        self.map.pin(str(self.pin))
-        self.writer = self.obj.program("write_op")
+        super().__init__(name, root, port, http_port, entries)
 
 
 class PlainNode(Node):
@@ -81,11 +69,10 @@ class PlainNode(Node):
 
     def __init__(self, name: str, root: Path, port: int, http_port: int, entries: int,
                  value_size: int) -> None:
-        self.name, self.dir, self.port, self.http_port = name, root / name, port, http_port
+        AgentProcess.__init__(self, http_port, Path(f"/tmp/bpfsync-{root.name}-{name}.log"))
+        self.name, self.dir, self.port = name, root / name, port
         self.pin = self.dir / MAP_NAME
         self.peers = []
-        self.proc = None
-        self.log_path = Path(f"/tmp/bpfsync-{root.name}-{name}.log")
         self.dir.mkdir(parents=True, exist_ok=True)
         subprocess.run(["bpftool", "map", "create", str(self.pin), "type", "hash", "key", "4",
                         "value", str(value_size), "entries", str(entries), "name", MAP_NAME],

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from bpfsync.demo.cluster import free_port
+from bpfsync.demo.cluster import AgentProcess, free_port
 from bpfsync.kernel.maps import Map
 
 U32 = 4
@@ -48,7 +46,7 @@ class Trio:
         self.http = {n: free_port() for n in self.names}
         self.maps: dict[str, Map] = {}
         self.companions: dict[str, Map] = {}
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.agents = {n: AgentProcess(self.http[n], configs / f"{n}.log") for n in self.names}
         for n in self.names:
             (self.root / n).mkdir(parents=True)
             self.maps[n] = _create(self.root / n / "hits")
@@ -65,24 +63,11 @@ class Trio:
             (configs / f"{n}.yaml").write_text(json.dumps(cfg))  # JSON is YAML
 
     def start(self) -> None:
-        for n in self.names:
-            cfg = self.configs / f"{n}.yaml"
-            with (self.configs / f"{n}.log").open("wb") as log:
-                self.procs[n] = subprocess.Popen(
-                    [sys.executable, "-m", "bpfsync.cli.main", "run", "--config", str(cfg)],
-                    stdout=log, stderr=log,
-                )
-
-    def status(self, n: str) -> dict[str, object] | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http[n]}/status", timeout=2) as r:
-                data: dict[str, object] = json.load(r)
-                return data
-        except OSError:
-            return None
+        for n, agent in self.agents.items():
+            agent.spawn(["run", "--config", str(self.configs / f"{n}.yaml")])
 
     def ready(self) -> bool:
-        return all((st := self.status(n)) is not None and st.get("ready") for n in self.names)
+        return all(agent.is_ready() for agent in self.agents.values())
 
     def count(self, m: Map, key: int) -> int:
         raw = m.lookup(key.to_bytes(U32, "little"))
@@ -94,13 +79,8 @@ class Trio:
         m.update(key.to_bytes(U32, "little"), (self.count(m, key) + by).to_bytes(8, "little"))
 
     def close(self) -> None:
-        for p in self.procs.values():
-            p.send_signal(signal.SIGTERM)
-        for p in self.procs.values():
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        for agent in self.agents.values():
+            agent.stop()
         for m in [*self.maps.values(), *self.companions.values()]:
             m.close()
         shutil.rmtree(self.root, ignore_errors=True)

@@ -33,8 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -42,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from bpfsync.demo.cluster import free_port, stop_process
+from bpfsync.demo.cluster import AgentProcess, free_port
 from bpfsync.kernel.links import Link
 from bpfsync.kernel.maps import Map
 from bpfsync.kernel.objects import BpfObject
@@ -145,16 +143,14 @@ print(sent)
 """
 
 
-class Agent:
+class Agent(AgentProcess):
     """One ``bpfsync run --config FILE`` process and its HTTP status endpoint."""
 
     def __init__(self, node: str, workdir: Path) -> None:
+        super().__init__(free_port(), workdir / f"{node}.log")
         self.node = node
         self.port = free_port()
-        self.http_port = free_port()
         self.config_path = workdir / f"{node}.yaml"
-        self.log_path = workdir / f"{node}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
@@ -173,33 +169,7 @@ class Agent:
         self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "bpfsync.cli.main", "run", "--config", str(self.config_path)]
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        proc, self.proc = self.proc, None
-        return None if proc is None else stop_process(proc, timeout=timeout)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def status(self) -> dict[str, Any] | None:
-        url = f"http://127.0.0.1:{self.http_port}/status"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                data: dict[str, Any] = json.load(resp)
-                return data
-        except (urllib.error.URLError, OSError, ValueError):
-            return None
-
-    def ready(self) -> bool:
-        st = self.status()
-        return bool(st and st.get("ready"))
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        self.spawn(["run", "--config", str(self.config_path)])
 
 
 class Node:
@@ -373,7 +343,7 @@ class Netlab:
             node.agent.configure(peers, own, watch_mode)
         for node in self:
             node.agent.start()
-        if not wait_for(lambda: all(n.agent.ready() or not n.agent.running for n in self),
+        if not wait_for(lambda: all(n.agent.is_ready() or not n.agent.running for n in self),
                         timeout, every=0.1):
             raise TimeoutError(f"agents not ready after {timeout} s\n{self.logs()}")
         dead = [n.name for n in self if not n.agent.running]

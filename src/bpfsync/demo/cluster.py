@@ -67,46 +67,21 @@ def session(n: int) -> bytes:
     return VALUE.pack(n * 1500, n % 7, 1024 + n % 50000, 6 if n % 2 else 17, n % 256)
 
 
-class Node:
-    """One node: its map (pinned), its BPF writer program and, while started, its agent."""
+class AgentProcess:
+    """One ``bpfsync run`` process: its log in a file, its HTTP /status endpoint."""
 
-    def __init__(self, name: str, root: Path, port: int, http_port: int) -> None:
-        self.name = name
-        self.dir = root / name
-        self.pin = self.dir / MAP_NAME
-        self.port = port
+    def __init__(self, http_port: int, log_path: Path) -> None:
         self.http_port = http_port
-        self.peers: list[str] = []
+        self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = Path(f"/tmp/bpfsync-{root.name}-{name}.log")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.obj = BpfObject.open(demo_object())
-        self.obj.load()
-        self.map = self.obj.map(MAP_NAME)
-        self.map.pin(str(self.pin))
-        self.writer = self.obj.program("write_op")
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    # --- the agent -----------------------------------------------------------------------------
-
-    def command(self, extra: Sequence[str] = ()) -> list[str]:
-        cmd = [sys.executable, "-m", "bpfsync.cli.main", "run", "--node-id", self.name,
-               "--listen", self.address, "--map", str(self.pin),
-               "--http", f"127.0.0.1:{self.http_port}"]
-        for p in self.peers:
-            cmd += ["--peer", p]
-        return cmd + list(extra)
-
-    def start(self, extra: Sequence[str] = ()) -> None:
+    def spawn(self, args: Sequence[str]) -> None:
+        """Start ``bpfsync ARGS...`` (e.g. ``run --config FILE``), appending to the log."""
         if self.proc is not None and self.proc.poll() is None:
-            raise RuntimeError(f"node {self.name} is already running")
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(self.command(extra), stdout=log, stderr=log,
-                                     stdin=subprocess.DEVNULL)
-        log.close()
+            raise RuntimeError(f"agent {self.log_path.stem} is already running")
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "bpfsync.cli.main", *args],
+                                         stdout=log, stderr=log, stdin=subprocess.DEVNULL)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
         """Signal the agent and wait for it; returns its exit code (None if it was not running)."""
@@ -132,6 +107,45 @@ class Node:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class Node(AgentProcess):
+    """One node: its map (pinned), its BPF writer program and, while started, its agent."""
+
+    def __init__(
+        self, name: str, root: Path, port: int, http_port: int, entries: int | None = None
+    ) -> None:
+        """``entries``: the map's max_entries, when not the object's 65,536."""
+        super().__init__(http_port, Path(f"/tmp/bpfsync-{root.name}-{name}.log"))
+        self.name = name
+        self.dir = root / name
+        self.pin = self.dir / MAP_NAME
+        self.port = port
+        self.peers: list[str] = []
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.obj = BpfObject.open(demo_object())
+        if entries is not None:
+            self.obj.map_spec(MAP_NAME).set_max_entries(entries)
+        self.obj.load()
+        self.map = self.obj.map(MAP_NAME)
+        self.map.pin(str(self.pin))
+        self.writer = self.obj.program("write_op")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    # --- the agent -----------------------------------------------------------------------------
+
+    def command(self, extra: Sequence[str] = ()) -> list[str]:
+        cmd = ["run", "--node-id", self.name, "--listen", self.address, "--map", str(self.pin),
+               "--http", f"127.0.0.1:{self.http_port}"]
+        for p in self.peers:
+            cmd += ["--peer", p]
+        return cmd + list(extra)
+
+    def start(self, extra: Sequence[str] = ()) -> None:
+        self.spawn(self.command(extra))
 
     # --- the data plane ------------------------------------------------------------------------
 
