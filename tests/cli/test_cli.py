@@ -91,3 +91,19 @@ def test_status_shows_peers_and_maps() -> None:
         res = subprocess.run([*BPFSYNC, "status", "--http", "127.0.0.1:1"], capture_output=True,
                              text=True)
         assert res.returncode == 2 and "no agent answers" in res.stderr
+
+
+def test_busy_http_port_is_a_clear_error(node: Node) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        res = subprocess.run(
+            [*BPFSYNC, "run", "--node-id", "a", "--map", str(node.pin),
+             "--http", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert res.returncode == 2, res.stderr
+    assert f"http_listen 127.0.0.1:{port}" in res.stderr and "Traceback" not in res.stderr

@@ -38,7 +38,7 @@ from bpfsync.agent.http import StatusServer
 from bpfsync.agent.metrics import AgentMetrics
 from bpfsync.agent.peering import Peering
 from bpfsync.agent.synced import SyncedMap, open_synced
-from bpfsync.agent.watchers import open_watcher
+from bpfsync.agent.watchers import BatchWatcher, open_watcher
 from bpfsync.core.messages import Hello, Record
 from bpfsync.core.replica import ApplyResult, Replica
 from bpfsync.kernel.maps import Map
@@ -127,7 +127,8 @@ class Agent:
         self._status: dict[str, Any] = {"node": self.node, "ready": False}
         self._http: StatusServer | None = None
         self._bridge: WatchBridge | None = None
-        self._watcher: object = None
+        self._watcher: BatchWatcher | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- set-up --------------------------------------------------------------------------------
 
@@ -148,7 +149,7 @@ class Agent:
         self._watcher = watcher
         for name, items in baselines.items():
             sm = self.synced[name]
-            self.replica.seed(name, ((k, sm.fold(v) or b"") for k, v in items))
+            self.replica.seed(name, ((k, sm.fold_value(v)) for k, v in items))
         self._bridge = WatchBridge(watcher, loop)
         self.transport = self._transport_factory(self.hello)
         keys = sum(sm.map.max_entries for sm in self.synced.values())
@@ -312,14 +313,13 @@ class Agent:
 
     def _note_written(self, written: list[tuple[str, bytes, bytes | None]]) -> None:
         """Tell a polling watcher what we wrote, so its next scan is compared with it."""
-        note = getattr(self._watcher, "note_written", None)
-        if note is None or not written:
+        if self._watcher is None or not written:
             return
         per_map: dict[str, list[tuple[bytes, bytes | None]]] = defaultdict(list)
         for name, key, value in written:
             per_map[name].append((key, value))
         for name, kvs in per_map.items():
-            note(name, kvs)
+            self._watcher.note_written(name, kvs)
 
     # --- catch-up and timers -------------------------------------------------------------------
 
@@ -410,6 +410,7 @@ class Agent:
                 }
             return {"map": name, "policy": self.synced[name].policy.name, "keys": keys}
 
+        assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(collect(), self._loop).result(timeout=10)
 
     def status(self) -> dict[str, Any]:

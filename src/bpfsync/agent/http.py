@@ -16,6 +16,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
+from bpfsync.errors import ConfigError
+
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
 
@@ -43,7 +45,11 @@ class StatusServer:
         self._metrics = make_wsgi_app(registry)
         self._status = status
         self._slots = slots
-        self._server = make_server(host, port, self._app, _Server, handler_class=_QuietHandler)
+        try:
+            self._server = make_server(host, port, self._app, _Server,
+                                       handler_class=_QuietHandler)
+        except OSError as err:
+            raise ConfigError(f"http_listen {host}:{port}: {err.strerror}") from err
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
                                         name="bpfsync-http")
 

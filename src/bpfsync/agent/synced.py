@@ -61,7 +61,10 @@ class SyncedMap:
 
     def fold(self, raw: bytes | None) -> bytes | None:
         """The kernel's value as the core sees it: per-CPU values folded into one."""
-        if raw is None or not self.map.percpu:
+        return None if raw is None else self.fold_value(raw)
+
+    def fold_value(self, raw: bytes) -> bytes:
+        if not self.map.percpu:
             return raw
         return fold_percpu(raw, self.map.value_size, self.map.ncpus, self.rules)
 

@@ -32,7 +32,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from itertools import repeat
@@ -301,6 +301,10 @@ class TraceWatcher:
         """Yield events as they arrive until ``close()``."""
         while not self._closed:
             yield from self.read(timeout=0.5)
+
+    def note_written(self, name: str, writes: Iterable[tuple[bytes, bytes | None]]) -> None:
+        """Nothing to do: the consumer's own writes are suppressed in the kernel, and there is
+        no scan to compare with them (AutoWatcher.note_written has the polling side)."""
 
     def stats(self) -> TraceStats:
         with self._lock:
