@@ -1,4 +1,4 @@
-"""Counter maps across three real agents: both layouts, with maps made by bpftool (no BTF)."""
+"""Counter maps across three real agents: both layouts, with maps made without BTF."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bpfsync.demo.cluster import AgentProcess, free_port
+from bpfsync.kernel.info import MapType
 from bpfsync.kernel.maps import Map
 
 U32 = 4
@@ -21,9 +22,9 @@ ROOT = Path("/sys/fs/bpf")
 
 
 def _create(path: Path) -> Map:
-    subprocess.run(["bpftool", "map", "create", str(path), "type", "hash", "key", "4", "value",
-                    "8", "entries", "1024", "name", path.name[:15]], check=True)
-    return Map.open(str(path))
+    m = Map.create(MapType.HASH, U32, 8, 1024, name=path.name)  # no BTF: whole-value policy
+    m.pin(str(path))
+    return m
 
 
 def _wait(cond: Callable[[], bool], timeout: float) -> bool:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from bpfsync.kernel.info import MapType
 from bpfsync.kernel.maps import Map
 from bpfsync.kernel.objects import BpfObject
 
@@ -41,33 +41,13 @@ def pin_dir() -> Iterator[str]:
 
 @pytest.fixture
 def make_map(pin_dir: str) -> Iterator[Callable[..., Map]]:
-    """``make_map(type, key_size, value_size, entries, name=...)``: a map created by bpftool
-    (so without BTF), pinned in ``pin_dir`` and opened."""
+    """``make_map(type, key_size, value_size, entries, name=...)``: a map without BTF (like
+    bpftool makes them), pinned in ``pin_dir`` and opened."""
     opened: list[Map] = []
 
     def make(kind: str, key: int, value: int, entries: int, name: str = "bst_map") -> Map:
-        pin = os.path.join(pin_dir, f"{name}-{len(opened)}")
-        subprocess.run(
-            [
-                "bpftool",
-                "map",
-                "create",
-                pin,
-                "type",
-                kind,
-                "key",
-                str(key),
-                "value",
-                str(value),
-                "entries",
-                str(entries),
-                "name",
-                name,
-            ],
-            check=True,
-            capture_output=True,
-        )
-        m = Map.open_pinned(pin)
+        m = Map.create(MapType[kind.upper()], key, value, entries, name=name)
+        m.pin(os.path.join(pin_dir, f"{name}-{len(opened)}"))
         opened.append(m)
         return m
 

@@ -205,3 +205,26 @@ def test_closed_map_refuses_use(make_map: Callable[..., Map]) -> None:
     assert m.closed
     with pytest.raises(ValueError, match="closed"):
         m.lookup(b"abcd")
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [MapType.HASH, MapType.LRU_HASH, MapType.PERCPU_HASH, MapType.LRU_PERCPU_HASH,
+     MapType.ARRAY, MapType.PERCPU_ARRAY],
+)
+def test_create_makes_a_working_map(kind: MapType) -> None:
+    with Map.create(kind, 4, 12, 64, name="bst_create") as m:
+        assert (m.info.type, m.key_size, m.value_size, m.max_entries, m.name) == (
+            kind, 4, 12, 64, "bst_create"
+        )
+        key = (3).to_bytes(4, "little")
+        value = bytes(i % 256 for i in range(m.value_stride))
+        m.update(key, value)
+        assert m.lookup(key) == value
+
+
+def test_create_refuses_what_the_kernel_refuses() -> None:
+    with pytest.raises(InvalidError):
+        Map.create(MapType.HASH, 0, 8, 16)
+    with pytest.raises(ValueError, match="15 characters"):
+        Map.create(MapType.HASH, 4, 8, 16, name="a-name-that-is-too-long")

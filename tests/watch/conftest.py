@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from bpfsync.kernel.info import MapType
 from bpfsync.kernel.maps import Map
 from bpfsync.kernel.objects import BpfObject
 
@@ -47,37 +46,13 @@ def load_object() -> Iterator[Callable[..., BpfObject]]:
 
 @pytest.fixture
 def make_map() -> Iterator[Callable[..., Map]]:
-    """``make_map(type, key_size, value_size, entries)``: a bpftool-made map, opened; its pin
-    is removed at once (the open fd keeps it) and the map goes at teardown."""
-    pin_dir = f"/sys/fs/bpf/bpfsync-test-{uuid.uuid4().hex[:12]}"
-    os.mkdir(pin_dir)
+    """``make_map(type, key_size, value_size, entries)``: a map without BTF, open (not pinned);
+    it goes at teardown."""
     opened: list[Map] = []
 
     def make(kind: str, key: int, value: int, entries: int) -> Map:
-        pin = os.path.join(pin_dir, str(len(opened)))
-        subprocess.run(
-            [
-                "bpftool",
-                "map",
-                "create",
-                pin,
-                "type",
-                kind,
-                "key",
-                str(key),
-                "value",
-                str(value),
-                "entries",
-                str(entries),
-                "name",
-                "bst_poll",
-            ],
-            check=True,
-            capture_output=True,
-        )
-        m = Map.open_pinned(pin)
+        m = Map.create(MapType[kind.upper()], key, value, entries, name="bst_poll")
         opened.append(m)
-        os.unlink(pin)
         return m
 
     try:
@@ -85,7 +60,6 @@ def make_map() -> Iterator[Callable[..., Map]]:
     finally:
         for m in opened:
             m.close()
-        shutil.rmtree(pin_dir, ignore_errors=True)
 
 
 @dataclass(frozen=True)

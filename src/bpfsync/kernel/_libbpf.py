@@ -190,6 +190,7 @@ _VA_LIST_SIZE = {"x86_64": 24, "aarch64": 32}.get(platform.machine(), 0)
 
 _PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     # bpf.h: low-level syscall wrappers
+    "bpf_map_create": (c_int, [c_int, c_char_p, c_uint32, c_uint32, c_uint32, c_void_p]),
     "bpf_map_get_fd_by_id": (c_int, [c_uint32]),
     "bpf_map_get_next_id": (c_int, [c_uint32, POINTER(c_uint32)]),
     "bpf_obj_get": (c_int, [c_char_p]),
@@ -355,6 +356,12 @@ def _str(raw: bytes | None) -> str:
 
 
 # --- ids, pins, info ---------------------------------------------------------------------------
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int, entries: int) -> int:
+    what = f"create map {name or '(unnamed)'} (type {map_type}, {key_size}/{value_size} bytes)"
+    return check(lib().bpf_map_create(map_type, _s(name) if name else None, key_size,
+                                      value_size, entries, None), what)
 
 
 def map_get_fd_by_id(map_id: int) -> int:

@@ -34,7 +34,7 @@ from bpfsync.errors import (
 )
 from bpfsync.kernel import _libbpf
 from bpfsync.kernel.dump import DEFAULT_CHUNK, MapDump, iterate_all, lookup_batch_all
-from bpfsync.kernel.info import MapInfo, UpdateFlags, possible_cpus, value_stride
+from bpfsync.kernel.info import MapInfo, MapType, UpdateFlags, possible_cpus, value_stride
 
 # A contiguous buffer of packed entries, or a convenience list of one ``bytes`` per entry.
 Buffer = bytes | bytearray | memoryview | npt.NDArray[np.generic]
@@ -82,6 +82,15 @@ class Map:
             os.close(fd)
             raise InvalidError(f"{path} is a pinned {kind or 'object'}, not a map", errno.EINVAL)
         return cls(fd)
+
+    @classmethod
+    def create(
+        cls, map_type: MapType, key_size: int, value_size: int, max_entries: int, name: str = ""
+    ) -> Map:
+        """A new map without BTF (like ``bpftool map create``); pin it to keep it past close."""
+        if len(name) > 15:
+            raise ValueError(f"map names are at most 15 characters, {name!r} is {len(name)}")
+        return cls(_libbpf.map_create(int(map_type), name, key_size, value_size, max_entries))
 
     @classmethod
     def open_by_id(cls, map_id: int) -> Map:
