@@ -116,6 +116,7 @@ class Agent:
             policies={name: sm.policy for name, sm in self.synced.items()},
         )
         self.applier = Applier(self.synced, self.replica)
+        self._in_place = any(sm.in_place_counters for sm in self.synced.values())
         self.hello = Hello(self.node, self.incarnation, tuple(schemas))
         self._transport_factory = transport_factory or self._grpc
         self.transport: Transport | None = None
@@ -256,6 +257,9 @@ class Agent:
         few microseconds between that read and that write (synced.py; `exact` has no window).
         """
         res = ApplyResult()
+        if not (self.ready and self._in_place):
+            self._receive(peer, records, res)
+            return res
         rest: list[Record] = []
         per_key: dict[tuple[str, bytes], list[Record]] = defaultdict(list)
         for rec in records:

@@ -151,6 +151,7 @@ class Peering:
         log.info("peer up", extra={"peer": peer, "incarnation": hello.incarnation})
         if s.take_repair() or self._catching_up():
             self._send_digests(peer, urgent=True)  # until ready, any peer may catch us up
+        self._announce_links(but=peer)
         self._flush_soon()
 
     def _peer_down(self, peer: str, error: BpfsyncError | None) -> None:
@@ -159,6 +160,14 @@ class Peering:
         self.metrics.peer_connected.labels(peer).set(0)
         self._linked.discard(peer)
         log.info("peer down", extra={"peer": peer, "error": str(error) if error else None})
+        self._announce_links(but=peer)
+
+    def _announce_links(self, but: str) -> None:
+        """Our links changed: tell the other peers at once (digests carry them), so they start
+        or stop relaying to us without waiting for the next digest round."""
+        for other in self._linked:
+            if other != but:
+                self._send_digests(other)
 
     def _received(self, peer: str, msg: object) -> None:
         s = self._session(peer)

@@ -19,7 +19,7 @@ op, over the CPUs at the newest epoch when the value has an epoch field.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bpfsync.agent.config import MapConfig
 from bpfsync.core.merge import (
@@ -50,14 +50,17 @@ class SyncedMap:
     key_layout: Layout
     companion: Map | None = None
     rules: tuple[FieldRule, ...] = ()
+    in_place_counters: bool = field(init=False)  # peers' counts folded into the map itself
 
     @property
     def percpu(self) -> bool:
         return self.map.percpu
 
-    @property
-    def in_place_counters(self) -> bool:
-        return self.companion is None and any(r.op == "counter" for r in self.rules)
+    def __post_init__(self) -> None:
+        # asked once per received record: computed once
+        self.in_place_counters = self.companion is None and any(
+            r.op == "counter" for r in self.rules
+        )
 
     def fold(self, raw: bytes | None) -> bytes | None:
         """The kernel's value as the core sees it: per-CPU values folded into one."""

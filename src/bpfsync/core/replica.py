@@ -58,8 +58,8 @@ Rules
       it: the agent should feed local changes only after the first catch-up (the clock has then
       observed those stamps) or ``max_drift_ns`` after start, or a new write could lose to this
       node's own older one.
-  C1  Every accepted record's stamp is observed by the clock, so a local write made after
-      seeing a record outranks it.
+  C1  The clock observes the highest stamp accepted in each batch (every stamp is checked
+      for drift), so a local write made after seeing a record outranks it.
 """
 
 from __future__ import annotations
@@ -283,6 +283,7 @@ class Replica:
         touched: dict[tuple[str, bytes], tuple[MapTable, int, bytes | None]] = {}
         replies: dict[tuple[str, bytes, str], tuple[MapTable, Record]] = {}
         stats = self.stats
+        top: Stamp | None = None  # C1: observing the highest stamp covers every lower one
         for rec in records:
             try:
                 table = self._admit(rec, now_ns, sender)
@@ -290,6 +291,8 @@ class Replica:
                 res.rejected.append((rec, err))
                 stats["rejected." + REJECT_REASONS.get(type(err), "other")] += 1
                 continue
+            if top is None or rec.stamp > top:
+                top = rec.stamp
             b = table.bucket(rec.key)
             horizon = table.horizon
             if (
@@ -323,6 +326,8 @@ class Replica:
             if want != before:
                 res.writes.append((name, key, want))
             self._deviations[name].pop(key, None)
+        if top is not None:
+            self.clock.observe(top, now_ns, sender)
         return res
 
     # --- anti-entropy ----------------------------------------------------------------------
@@ -419,7 +424,7 @@ class Replica:
             or not 0 <= stamp.logical < _U64
         ):
             raise MalformedMessageError(f"record for {rec.map!r}: bad stamp {stamp!r}", sender)
-        self.clock.observe(stamp, now_ns, sender)  # C1; raises ClockDriftError
+        self.clock.check(stamp, now_ns, sender)  # raises ClockDriftError
         return table
 
     def _expected(self, table: MapTable, key: bytes, b: int | None = None) -> bytes | None:
