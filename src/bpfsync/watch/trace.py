@@ -26,7 +26,6 @@ BPF_MAP_LOOKUP_AND_DELETE_BATCH. ``AutoWatcher``'s poll covers them.
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import os
 import struct
@@ -41,11 +40,10 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from bpfsync.errors import NotSupportedError, kernel_error
-from bpfsync.kernel import _libbpf
+from bpfsync.errors import NotSupportedError
 from bpfsync.kernel.btf import KIND_VAR, vmlinux
 from bpfsync.kernel.features import function_exists
-from bpfsync.kernel.info import MapInfo, MapType
+from bpfsync.kernel.info import MapInfo, MapType, ProgramInfo
 from bpfsync.kernel.links import Link
 from bpfsync.kernel.maps import Map
 from bpfsync.kernel.objects import BpfObject
@@ -378,7 +376,7 @@ class TraceWatcher:
         now = time.monotonic()
         if now >= self._next_miss_check:
             self._next_miss_check = now + MISS_CHECK_SECONDS
-            misses = sum(_recursion_misses(fd) for fd in self._prog_fds)
+            misses = sum(ProgramInfo.from_fd(fd).recursion_misses for fd in self._prog_fds)
             if misses != self._misses:
                 out.append(Overflow(None, misses - self._misses))
                 self._misses = misses
@@ -445,23 +443,3 @@ class TraceWatcher:
             fn = prog.section.partition("/")[2]
             if prog.name not in _OWN_HOOK_PROGRAMS:
                 self.attached.append(fn)
-
-
-# --- program info: recursion misses ----------------------------------------------------------
-
-# struct bpf_prog_info (linux/bpf.h) up to attach_btf_id: recursion_misses is the u64 at 208.
-_PROG_INFO_SIZE = 232
-_RECURSION_MISSES_OFFSET = 208
-
-
-def _recursion_misses(prog_fd: int) -> int:
-    """How often the kernel skipped this tracing program because it was already running on the
-    CPU (kernel 5.12+; 0 where the field does not exist)."""
-    buf = ctypes.create_string_buffer(_PROG_INFO_SIZE)
-    size = ctypes.c_uint32(_PROG_INFO_SIZE)
-    ret = _libbpf.lib().bpf_obj_get_info_by_fd(prog_fd, buf, ctypes.byref(size))
-    if ret < 0:
-        raise kernel_error(ret, "get program info")
-    if size.value < _RECURSION_MISSES_OFFSET + 8:
-        return 0
-    return int(struct.unpack_from("<Q", buf.raw, _RECURSION_MISSES_OFFSET)[0])
