@@ -120,8 +120,16 @@ class BenchCluster(Cluster):
 # --- helpers -----------------------------------------------------------------------------------
 
 def applied(node: Node) -> int:
-    st = node.status()
-    return int(st["maps"][0]["applied"]) if st and st.get("maps") else 0
+    """The agent's count of records written to its map; a busy agent may answer /status late
+    (its HTTP thread competes for the GIL), so ask again rather than count a timeout as 0."""
+    deadline = time.monotonic() + 20
+    while True:
+        st = node.status()
+        if st and st.get("maps"):
+            return int(st["maps"][0]["applied"])
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"agent {node.name} did not answer /status for 20 s")
+        time.sleep(0.2)
 
 
 def rss_mb(pid: int) -> float:
