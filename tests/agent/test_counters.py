@@ -48,6 +48,14 @@ class Trio:
         self.maps: dict[str, Map] = {}
         self.companions: dict[str, Map] = {}
         self.agents = {n: AgentProcess(self.http[n], configs / f"{n}.log") for n in self.names}
+        try:
+            self._build(layout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, layout: str) -> None:
+        configs = self.configs
         for n in self.names:
             (self.root / n).mkdir(parents=True)
             self.maps[n] = _create(self.root / n / "hits")
