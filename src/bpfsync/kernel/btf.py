@@ -16,10 +16,10 @@ import ctypes
 import errno
 import functools
 import threading
-from types import TracebackType
 
 from bpfsync.errors import InvalidError, NotFoundError
 from bpfsync.kernel import _libbpf
+from bpfsync.kernel._closing import Closing
 from bpfsync.kernel.info import MapInfo
 from bpfsync.layout import Field, Kind, Layout
 
@@ -91,7 +91,7 @@ class BtfType:
         return int(self.ref)
 
 
-class Btf:
+class Btf(Closing):
     """A BTF object loaded from the kernel (libbpf ``struct btf``); ``close()`` frees it."""
 
     def __init__(self, ptr: _libbpf.Ptr, what: str) -> None:
@@ -218,17 +218,6 @@ class Btf:
         ptr, self.ptr = self.ptr, 0
         if ptr:
             _libbpf.btf_free(ptr)
-
-    def __enter__(self) -> Btf:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _is_char(t: BtfType) -> bool:

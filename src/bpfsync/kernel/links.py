@@ -8,13 +8,13 @@ like an fd that is closed: keep a reference for as long as the program must stay
 from __future__ import annotations
 
 import contextlib
-from types import TracebackType
 
 from bpfsync.errors import KernelError
 from bpfsync.kernel import _libbpf
+from bpfsync.kernel._closing import Closing
 
 
-class Link:
+class Link(Closing):
     """A program attached somewhere; ``what`` says where, for messages."""
 
     def __init__(self, ptr: _libbpf.Ptr, what: str) -> None:
@@ -45,21 +45,14 @@ class Link:
         if ptr is not None:
             _libbpf.link_destroy(ptr)
 
+    def close(self) -> None:
+        """``destroy()``: what the end of a ``with`` block does."""
+        self.destroy()
+
     def _live(self) -> _libbpf.Ptr:
         if self._ptr is None:
             raise ValueError(f"link {self.what} is destroyed")
         return self._ptr
-
-    def __enter__(self) -> Link:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.destroy()
 
     def __del__(self) -> None:
         with contextlib.suppress(KernelError, AttributeError):

@@ -18,7 +18,6 @@ import ctypes
 import errno
 import os
 from collections.abc import Iterator, Sequence
-from types import TracebackType
 
 import numpy as np
 import numpy.typing as npt
@@ -33,6 +32,7 @@ from bpfsync.errors import (
     kernel_error,
 )
 from bpfsync.kernel import _libbpf
+from bpfsync.kernel._closing import Closing
 from bpfsync.kernel.dump import DEFAULT_CHUNK, MapDump, iterate_all, lookup_batch_all
 from bpfsync.kernel.info import MapInfo, MapType, UpdateFlags, possible_cpus, value_stride
 
@@ -41,7 +41,7 @@ Buffer = bytes | bytearray | memoryview | npt.NDArray[np.generic]
 Entries = Buffer | Sequence[bytes]
 
 
-class Map:
+class Map(Closing):
     """An open BPF map. Create with ``Map.open`` and friends; owns ``fd`` until ``close()``."""
 
     def __init__(self, fd: int, info: MapInfo | None = None) -> None:
@@ -253,17 +253,6 @@ class Map:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
-
-    def __enter__(self) -> Map:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         if getattr(self, "_fd", -1) >= 0:

@@ -22,7 +22,6 @@ import errno
 import logging
 import os
 import re
-from types import TracebackType
 from typing import NamedTuple
 
 from bpfsync.errors import (
@@ -33,6 +32,7 @@ from bpfsync.errors import (
     kernel_error,
 )
 from bpfsync.kernel import _libbpf
+from bpfsync.kernel._closing import Closing
 from bpfsync.kernel.info import MapType, ProgramInfo
 from bpfsync.kernel.links import Link
 from bpfsync.kernel.maps import Map
@@ -162,7 +162,7 @@ class MapSpec:
         return f"<MapSpec {self.name}>"
 
 
-class BpfObject:
+class BpfObject(Closing):
     """A BPF ELF object opened with libbpf. Close it (or use ``with``) to free kernel objects."""
 
     def __init__(self, ptr: _libbpf.Ptr, path: str) -> None:
@@ -253,17 +253,6 @@ class BpfObject:
         if self.loaded != loaded:
             when = "after" if loaded else "before"
             raise ValueError(f"{op} is only possible {when} load() ({self.path})")
-
-    def __enter__(self) -> BpfObject:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         if getattr(self, "_ptr", None) is not None:
