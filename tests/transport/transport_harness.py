@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from bpfsync.core.messages import Batch, Hello, MapSchema, Record, Stamp
+from bpfsync.demo.cluster import free_port
 from bpfsync.transport import Event, GrpcMesh, MeshOptions, PeerDown, PeerUp, Received
 
 T = TypeVar("T")
@@ -41,12 +41,6 @@ async def eventually(check: Callable[[], T | None], what: str, timeout: float = 
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.01)
     return result
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def hello(node: str) -> Hello:

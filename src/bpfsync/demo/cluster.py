@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -42,10 +43,25 @@ def demo_object() -> Path:
     return path
 
 
+_PORTS = range(20000, 32000)  # below the kernel's ephemeral range (32768-60999 by default)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port that is free now and stays free until an agent binds it: picked below
+    the ephemeral range, so no outgoing connection or port-0 listener can take it meanwhile."""
+    for _ in range(1000):
+        port = random.choice(_PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free loopback port in 20000-31999")
 
 
 def stop_process(

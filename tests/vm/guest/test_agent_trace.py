@@ -38,7 +38,10 @@ def test_agents_sync_by_trace_without_echoes() -> None:
             (m,) = st["maps"]
             return {"local": m["local_changes"], "applied": m["applied"]}
 
-        assert local(a) == {"local": 50, "applied": 40}, local(a)  # 40 puts, 10 deletes
+        # a made 40 puts and 10 deletes; a put and delete of one key may reach the agent as one
+        # report of "absent" (its re-read after an apply sees the key gone), which changes nothing
+        got = local(a)
+        assert 30 <= got["local"] <= 50 and got["applied"] == 40, got
         got = local(b)
         assert got["local"] == 40, got  # its own BPF writes only: a's are not echoed
         # a's put and delete of a key 0-9 may be coalesced into one tombstone on the way, and a
