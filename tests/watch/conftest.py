@@ -1,5 +1,5 @@
-"""Fixtures for the watcher tests: BPF objects, bpftool-made maps, and a veth pair whose far end
-sits in a network namespace of its own (198.18.0.1/30 here, 198.18.0.2/30 there).
+"""Fixtures for the watcher tests: a veth pair whose far end sits in a network namespace of its
+own (198.18.0.1/30 here, 198.18.0.2/30 there). BPF objects and maps: tests/conftest.py.
 
 Everything created (objects, pins, links, namespaces, interfaces) is removed at teardown, also
 when the test fails. Needs root and the test objects built by ``make bpf``.
@@ -11,55 +11,13 @@ import itertools
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from bpfsync.kernel.info import MapType
-from bpfsync.kernel.maps import Map
-from bpfsync.kernel.objects import BpfObject
-
-TESTS_BPF = Path(__file__).resolve().parent.parent / "bpf"
 _names = itertools.count()
-
-
-@pytest.fixture
-def load_object() -> Iterator[Callable[..., BpfObject]]:
-    """``load_object(name)``: tests/bpf/<name>.bpf.o opened and loaded; closed at teardown."""
-    objects: list[BpfObject] = []
-
-    def load(name: str) -> BpfObject:
-        path = TESTS_BPF / f"{name}.bpf.o"
-        if not path.exists():
-            pytest.fail(f"{path} is missing: run `make bpf`")
-        obj = BpfObject.open(path)
-        objects.append(obj)
-        obj.load()
-        return obj
-
-    yield load
-    for obj in objects:
-        obj.close()
-
-
-@pytest.fixture
-def make_map() -> Iterator[Callable[..., Map]]:
-    """``make_map(type, key_size, value_size, entries)``: a map without BTF, open (not pinned);
-    it goes at teardown."""
-    opened: list[Map] = []
-
-    def make(kind: str, key: int, value: int, entries: int) -> Map:
-        m = Map.create(MapType[kind.upper()], key, value, entries, name="bst_poll")
-        opened.append(m)
-        return m
-
-    try:
-        yield make
-    finally:
-        for m in opened:
-            m.close()
 
 
 @dataclass(frozen=True)
