@@ -235,6 +235,8 @@ class Peering:
             self._unanswered.setdefault(peer, {})[digest.map] = digest
             return
         pull, records = self.replica.answer_digest(digest, peer)
+        if pull is not None:
+            self.metrics.repairs.labels(digest.map).inc(len(pull.buckets))
         self._send_repair(peer, s, records, pull or Pull(digest.map, ()))
 
     def _send_repair(
