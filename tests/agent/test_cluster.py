@@ -5,6 +5,9 @@ from __future__ import annotations
 import random
 import signal
 import time
+import urllib.request
+
+import numpy as np
 
 from tcp_proxy import Proxy
 
@@ -148,3 +151,22 @@ def test_changes_relay_around_a_cut_link() -> None:
             ca.close()
         for n in cl:
             assert n.stop() == 0, n.log()[-2000:]  # SIGTERM: a clean exit
+
+
+def test_user_space_writes_are_traced_at_bpf2_where_fexit_is_refused(cluster: Cluster) -> None:
+    """This host refuses fexit, so the agents hook bpf(2): with scans 60 s apart, only those
+    hooks can carry a user-space write to the peers within seconds."""
+    cluster.start(["--poll-interval", "60"])
+    assert cluster.wait_ready(30)
+    st = cluster["a"].status()
+    assert st is not None and st["watch"] == "syscall+poll", st
+    for k in range(200):
+        cluster["a"].put(k, session(k))
+    cluster["b"].map.update_batch(
+        np.arange(200, 300, dtype=np.uint32),
+        np.frombuffer(b"".join(session(k) for k in range(200, 300)), np.uint8).reshape(100, -1),
+    )
+    assert cluster.wait_converged(10), "user-space writes did not travel without a scan"
+    assert len(cluster["c"].content()) == 300
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{cluster['a'].http_port}/metrics").read()
+    assert b'bpfsync_local_changes_total{map="sessions",seen="trace"} 200.0' in metrics

@@ -22,6 +22,7 @@ from bpfsync.watch.trace import (
     RECORD,
     REQUIRED_FUNCTIONS,
     VALUE_MAX,
+    Hooks,
     TraceWatcher,
     check_traceable,
     object_path,
@@ -106,7 +107,7 @@ def test_start_loads_where_tracing_is_allowed_and_says_why_not_elsewhere(
 ) -> None:
     m = make_map("hash", 4, 8, 16)
     ok, _ = tracing_supported()
-    watcher = TraceWatcher({"m": m})
+    watcher = TraceWatcher({"m": m}, hooks=Hooks.FEXIT)  # AUTO would fall back to bpf(2) hooks
     try:
         if ok:
             watcher.start()

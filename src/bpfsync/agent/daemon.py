@@ -393,6 +393,7 @@ class Agent:
         self._status = {
             "node": self.node, "incarnation": self.incarnation, "ready": self.ready,
             "pid": os.getpid(), "peers": peers, "maps": maps,
+            "watch": self._watcher.mode if self._watcher is not None else "starting",
             "replica": dict(self.replica.stats),
             "transport": dict(self.transport.stats) if self.transport else {},
         }

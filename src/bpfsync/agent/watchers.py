@@ -15,7 +15,7 @@ from bpfsync.agent.config import WatchConfig
 from bpfsync.kernel.maps import Map
 from bpfsync.model import WatchEvent
 from bpfsync.watch.auto import AutoWatcher
-from bpfsync.watch.trace import TraceWatcher
+from bpfsync.watch.trace import Hooks, TraceWatcher
 
 Items = Iterable[tuple[bytes, bytes]]
 log = logging.getLogger("bpfsync.watch")
@@ -23,6 +23,9 @@ log = logging.getLogger("bpfsync.watch")
 
 class BatchWatcher(Protocol):
     """A started watcher read in batches (AutoWatcher, TraceWatcher)."""
+
+    @property
+    def mode(self) -> str: ...
 
     def read(self, timeout: float | None = 0.0) -> list[WatchEvent]: ...
 
@@ -45,7 +48,8 @@ def open_watcher(
             " min maps (%s) usually get: use mode auto or poll", ", ".join(sorted(in_place)),
         )
     if cfg.mode == "trace":
-        tracer = TraceWatcher(maps, agent_tgid=tgid)
+        # fexit only: the bpf(2) hooks would silently miss every write by a BPF program
+        tracer = TraceWatcher(maps, agent_tgid=tgid, hooks=Hooks.FEXIT)
         tracer.start()  # attached before the dump: nothing between the two goes unseen
         return tracer, {name: m.dump() for name, m in maps.items()}
     auto = AutoWatcher(

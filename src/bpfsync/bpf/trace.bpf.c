@@ -302,3 +302,219 @@ TRACE_LOOKUP_AND_DELETE(htab_lru_percpu_map_lookup_and_delete_elem)
 /* bpf(2) updates of per-CPU maps bypass the map ops */
 TRACE_UPDATE(bpf_percpu_hash_update)
 TRACE_UPDATE(bpf_percpu_array_update)
+
+/* ---- syscall hooks: where the kernel refuses fentry/fexit ----------------------------------
+ *
+ * Some kernels' policy refuses fentry/fexit (EPERM at load) but runs BTF tracepoints. There, the
+ * raw sys_enter/sys_exit tracepoints see every bpf(2) command that writes a map: the map is
+ * resolved from the caller's fd table at entry, and at exit, when the command succeeded, the keys
+ * and values are read from the caller's buffers (the thread is still in the kernel, so they are
+ * exactly what was written). That covers every write made from user space, single or batched,
+ * within microseconds. It cannot see BPF programs' writes (no syscall): user space polls for
+ * those. Own writes are the agent process's bpf(2) calls: a syscall runs in task context, so the
+ * tgid is exact here. The cost to other processes: one compare per syscall (the syscall number).
+ * x86-64 only (the syscall number and the argument registers).
+ */
+#define TRACE_NR_BPF 321
+#define TRACE_ENOENT 2
+
+/* A map-writing bpf(2) command between sys_enter and sys_exit (key: thread id). */
+struct sys_call {
+	__u64 attr;       /* the caller's union bpf_attr */
+	__u32 cmd;
+	__u32 map_id;
+	__u32 key_size;
+	__u32 value_size; /* one element in the caller's buffer; 0: not captured (per-CPU) */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct sys_call);
+} sys_calls SEC(".maps");
+
+/* The file operations of map fds: only such a file's private_data is a struct bpf_map. Weak:
+ * without kallsyms it resolves to 0 and the check is skipped (the command's success at exit
+ * then vouches for the fd). */
+extern const void bpf_map_fops __ksym __weak;
+
+static __always_inline struct bpf_map *fd_map(__u32 fd)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file **fds, *file = NULL;
+
+	if (!fdt || fd >= BPF_CORE_READ(fdt, max_fds))
+		return NULL;
+	fds = BPF_CORE_READ(fdt, fd);
+	if (bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file)
+		return NULL;
+	if (&bpf_map_fops && BPF_CORE_READ(file, f_op) != (void *)&bpf_map_fops)
+		return NULL;
+	return BPF_CORE_READ(file, private_data);
+}
+
+static __always_inline bool is_batch_cmd(__u32 cmd)
+{
+	return cmd == BPF_MAP_UPDATE_BATCH || cmd == BPF_MAP_DELETE_BATCH ||
+	       cmd == BPF_MAP_LOOKUP_AND_DELETE_BATCH;
+}
+
+SEC("tp_btf/sys_enter")
+int BPF_PROG(sys_bpf_enter, struct pt_regs *regs, long id)
+{
+	struct sys_call call = {};
+	__u32 zero = 0, fd = 0, tid;
+	struct trace_config *cfg;
+	struct bpf_map *map;
+	__u64 pid_tgid;
+
+	if (id != TRACE_NR_BPF)
+		return 0;
+	call.cmd = BPF_CORE_READ(regs, di);
+	if (!is_map_write_cmd(call.cmd))
+		return 0;
+	call.attr = BPF_CORE_READ(regs, si);
+	if (bpf_probe_read_user(&fd, sizeof(fd),
+				(void *)(call.attr + (is_batch_cmd(call.cmd) ?
+						      offsetof(union bpf_attr, batch.map_fd) :
+						      offsetof(union bpf_attr, map_fd)))))
+		return 0;
+	map = fd_map(fd);
+	if (!map)
+		return 0;
+	call.map_id = BPF_CORE_READ(map, id);
+	if (!bpf_map_lookup_elem(&watched, &call.map_id))
+		return 0;
+	pid_tgid = bpf_get_current_pid_tgid();
+	cfg = bpf_map_lookup_elem(&trace_config, &zero);
+	if (cfg && is_agent(cfg, pid_tgid)) {
+		count(TRACE_CNT_SUPPRESSED);
+		return 0;
+	}
+	call.key_size = BPF_CORE_READ(map, key_size);
+	call.value_size = is_percpu(map) ? 0 : BPF_CORE_READ(map, value_size);
+	tid = (__u32)pid_tgid;
+	bpf_map_update_elem(&sys_calls, &tid, &call, BPF_ANY);
+	return 0;
+}
+
+struct user_elems {
+	__u64 keys;
+	__u64 values; /* 0: deletes, or values not captured */
+	struct trace_watch *w;
+	__u32 map_id;
+	__u32 key_size;
+	__u32 value_size;
+	__u32 tgid;
+	__u8 op;
+	__u8 flags;
+};
+
+static __always_inline void dropped(struct trace_watch *w)
+{
+	__sync_fetch_and_add(&w->dropped, 1);
+	count(TRACE_CNT_DROPPED);
+}
+
+/* One element read from the caller's buffers; non-zero stops the loop (the ring is full or
+ * the buffer unreadable: counted as dropped, so user space rescans). */
+static long report_user(__u32 i, struct user_elems *e)
+{
+	struct trace_record *rec;
+	__u64 ks, vs = 0, src;
+
+	rec = bpf_ringbuf_reserve(&events, sizeof(*rec), 0);
+	if (!rec) {
+		dropped(e->w);
+		return 1;
+	}
+	/* each size is clamped right before its read: 6.1's verifier forgets a bound kept
+	 * across calls (spilled to the stack) */
+	src = e->keys + (__u64)i * e->key_size;
+	ks = e->key_size;
+	if (ks > TRACE_KEY_MAX)
+		ks = TRACE_KEY_MAX;
+	if (bpf_probe_read_user(rec->key, ks, (void *)src))
+		goto unreadable;
+	if (e->values) {
+		src = e->values + (__u64)i * e->value_size;
+		vs = e->value_size;
+		if (vs > TRACE_VALUE_MAX)
+			vs = TRACE_VALUE_MAX;
+		if (bpf_probe_read_user(rec->value, vs, (void *)src))
+			goto unreadable;
+	}
+	rec->map_id = e->map_id;
+	rec->key_len = ks;
+	rec->value_len = vs;
+	rec->op = e->op;
+	rec->flags = e->flags;
+	rec->cpu = bpf_get_smp_processor_id();
+	rec->tgid = e->tgid;
+	bpf_ringbuf_submit(rec, 0);
+	count(TRACE_CNT_SUBMITTED);
+	return 0;
+unreadable:
+	bpf_ringbuf_discard(rec, 0);
+	dropped(e->w);
+	return 1;
+}
+
+SEC("tp_btf/sys_exit")
+int BPF_PROG(sys_bpf_exit, struct pt_regs *regs, long ret)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)pid_tgid, n = 1;
+	struct user_elems e = {};
+	struct sys_call *p, call;
+	const union bpf_attr *attr;
+
+	p = bpf_map_lookup_elem(&sys_calls, &tid);
+	if (!p)
+		return 0;
+	call = *p;
+	bpf_map_delete_elem(&sys_calls, &tid);
+	if (BPF_CORE_READ(regs, orig_ax) != TRACE_NR_BPF)
+		return 0; /* left by a thread that never returned from bpf(2); not ours */
+	e.w = bpf_map_lookup_elem(&watched, &call.map_id);
+	if (!e.w)
+		return 0;
+	attr = (const union bpf_attr *)call.attr;
+	e.map_id = call.map_id;
+	e.key_size = call.key_size;
+	e.value_size = call.value_size;
+	e.tgid = pid_tgid >> 32;
+	e.op = call.cmd == BPF_MAP_UPDATE_ELEM || call.cmd == BPF_MAP_UPDATE_BATCH ?
+		       TRACE_OP_UPDATE : TRACE_OP_DELETE;
+	if (e.op == TRACE_OP_UPDATE && !call.value_size)
+		e.flags = TRACE_F_VALUE_NOT_CAPTURED;
+	if (!is_batch_cmd(call.cmd)) {
+		if (ret)
+			return 0; /* failed ops change nothing */
+		e.keys = BPF_CORE_READ_USER(attr, key);
+		if (call.cmd == BPF_MAP_UPDATE_ELEM && call.value_size)
+			e.values = BPF_CORE_READ_USER(attr, value);
+		report_user(0, &e);
+		return 0;
+	}
+	/* A batch reports how many elements it processed in batch.count, also when it stops at an
+	 * error part-way; an error before any element leaves count as the caller set it. So only a
+	 * clean run (or lookup-and-delete's normal end, -ENOENT) is read element by element; any
+	 * other error counts as dropped and user space rescans. */
+	if (ret && !(ret == -TRACE_ENOENT && call.cmd == BPF_MAP_LOOKUP_AND_DELETE_BATCH)) {
+		dropped(e.w);
+		return 0;
+	}
+	n = BPF_CORE_READ_USER(attr, batch.count);
+	if (n > TRACE_BATCH_MAX) {
+		dropped(e.w);
+		return 0;
+	}
+	e.keys = BPF_CORE_READ_USER(attr, batch.keys);
+	if (call.cmd == BPF_MAP_UPDATE_BATCH && call.value_size)
+		e.values = BPF_CORE_READ_USER(attr, batch.values);
+	bpf_loop(n, report_user, &e, 0);
+	return 0;
+}

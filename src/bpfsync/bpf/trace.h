@@ -20,6 +20,10 @@
 /* Most maps one tracer watches at a time. */
 #define TRACE_WATCH_MAX 1024
 
+/* Most elements of one bpf(2) batch command the syscall hooks report one by one; a larger
+ * batch is counted as dropped, so user space rescans the map instead. */
+#define TRACE_BATCH_MAX (1 << 16)
+
 enum trace_op {
 	TRACE_OP_UPDATE = 1,
 	TRACE_OP_DELETE = 2,

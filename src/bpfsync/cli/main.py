@@ -37,8 +37,9 @@ def _fail(e: BaseException) -> typer.Exit:
 def watch(
     map_spec: Annotated[str, typer.Argument(metavar="MAP", help="pin path, name:NAME or id:N")],
     mode: Annotated[
-        str, typer.Option(help="auto: trace where the kernel allows it plus a slow poll; "
-                          "trace: fexit programs only; poll: batch scans only")
+        str, typer.Option(help="auto: fexit where the kernel allows it plus a slow poll, else "
+                          "bpf(2) syscall hooks plus the poll; trace: fexit programs only; "
+                          "poll: batch scans only")
     ] = "auto",
     interval: Annotated[float, typer.Option(help="poll interval in seconds")] = 0.5,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
@@ -111,6 +112,11 @@ def run(
     watch_mode: Annotated[
         str | None, typer.Option("--watch", help="auto | trace | poll (default auto)")
     ] = None,
+    poll_interval: Annotated[
+        float | None,
+        typer.Option(help="seconds between scans of maps whose BPF programs' writes are not "
+                     "traced (default 0.25)"),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
 ) -> None:
     """Run the sync agent until SIGTERM or SIGINT.
@@ -141,6 +147,8 @@ def run(
         data.update({k: v for k, v in overrides.items() if v is not None})
         if watch_mode:
             data["watch"] = {**data.get("watch", {}), "mode": watch_mode}
+        if poll_interval is not None:
+            data["watch"] = {**data.get("watch", {}), "poll_interval": poll_interval}
         if "node_id" not in data:
             raise typer.BadParameter("give --node-id or a --config file with node_id")
         cfg = parse_config(data, str(config) if config else "command line")
@@ -168,7 +176,7 @@ def status(
         return
     out = Console()
     ready = "[green]ready[/]" if state.get("ready") else "[yellow]catching up[/]"
-    out.print(f"node [bold]{state.get('node')}[/] — {ready}")
+    out.print(f"node [bold]{state.get('node')}[/] — {ready} — watching by {state.get('watch')}")
     peers = Table("peer", "node", "connected", "sent", "received", "reconnects", "last error")
     for p in state.get("peers", []):
         peers.add_row(

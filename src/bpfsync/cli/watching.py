@@ -20,7 +20,7 @@ from bpfsync.kernel.maps import Map
 from bpfsync.layout import Layout
 from bpfsync.model import Change, Overflow
 from bpfsync.watch.auto import AutoWatcher
-from bpfsync.watch.trace import TraceWatcher
+from bpfsync.watch.trace import Hooks, TraceWatcher
 
 _MODES = ("auto", "trace", "poll")
 
@@ -81,13 +81,13 @@ def run_watch(spec: str, *, mode: str, interval: float, as_json: bool, count: in
         maps = {name: m}
         watcher: AutoWatcher | TraceWatcher
         if mode == "trace":
-            watcher = TraceWatcher(maps, agent_tgid=0)
+            watcher = TraceWatcher(maps, agent_tgid=0, hooks=Hooks.FEXIT)
         else:
             watcher = AutoWatcher(maps, poll_interval=interval, tracing=mode == "auto",
                                   agent_tgid=0)
         watcher.start()
         if not as_json:
-            how = getattr(watcher, "mode", "trace")
+            how = watcher.mode
             out.print(f"watching {m!r} ({how}); ^C to stop", style="dim")
         seen = 0
         try:

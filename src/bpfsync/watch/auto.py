@@ -42,6 +42,12 @@ class Tracer(Protocol):
 
     attached: list[str]
 
+    @property
+    def sees_programs(self) -> bool: ...
+
+    @property
+    def refused(self) -> str: ...
+
     def start(self) -> None: ...
 
     def read(self, timeout: float | None = 0.0) -> list[WatchEvent]: ...
@@ -104,7 +110,10 @@ class AutoWatcher:
 
     @property
     def mode(self) -> str:
-        return "trace+poll" if self.trace is not None else "poll"
+        """``trace+poll`` (fexit), ``syscall+poll`` (bpf(2) hooks) or ``poll``."""
+        if self.trace is None:
+            return "poll"
+        return "trace+poll" if self.trace.sees_programs else "syscall+poll"
 
     # --- lifetime ------------------------------------------------------------------------------
 
@@ -132,9 +141,18 @@ class AutoWatcher:
                 "trace watcher not used for %s (%s): polling every %g s instead",
                 ", ".join(polled), self.why_not_traced, self.poll_interval,
             )  # fmt: skip
+        elif self.trace is not None and not self.trace.sees_programs:
+            log.warning(
+                "fexit refused (%s): writes to %s from user space are traced at bpf(2), writes"
+                " by BPF programs are polled every %g s",
+                self.trace.refused or "not available", ", ".join(sorted(self.traced)),
+                self.poll_interval,
+            )  # fmt: skip
         now = time.monotonic()
         for name in self.maps:
-            slow = name in self.traced and name not in self.in_place
+            # the poll is the only eye on BPF programs' writes where the hooks are bpf(2)'s
+            seen = self.trace is not None and self.trace.sees_programs
+            slow = name in self.traced and name not in self.in_place and seen
             self._interval[name] = self.repair_interval if slow else self.poll_interval
             self._due[name] = now + self._interval[name]
             self._pollers[name].emit_initial = self.emit_initial

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from bpfsync.errors import NotSupportedError
+from bpfsync.errors import NotSupportedError, PermissionDeniedError
 from bpfsync.kernel.btf import KIND_VAR, vmlinux
 from bpfsync.kernel.features import function_exists
 from bpfsync.kernel.info import MapInfo, MapType, ProgramInfo
@@ -55,6 +55,7 @@ from bpfsync.model import Change, Overflow, Seen, WatchEvent
 KEY_MAX = 256  # TRACE_KEY_MAX
 VALUE_MAX = 256  # TRACE_VALUE_MAX
 WATCH_MAX = 1024  # TRACE_WATCH_MAX
+BATCH_MAX = 1 << 16  # TRACE_BATCH_MAX
 OP_UPDATE, OP_DELETE = 1, 2  # enum trace_op
 F_VALUE_NOT_CAPTURED, F_INTERRUPT = 1, 2  # enum trace_flag
 
@@ -79,6 +80,14 @@ class OwnMode(enum.IntEnum):
     TGID = 2  # agent process, not in an interrupt (kernel without the bpf(2) entry hook)
 
 
+class Hooks(enum.Enum):
+    """Which kernel hooks report the writes."""
+
+    FEXIT = "fexit"  # the map-op functions: every write, from user space and BPF programs
+    SYSCALL = "syscall"  # bpf(2) entry and exit (tp_btf): user-space writes only
+    AUTO = "auto"  # fexit where the kernel allows it, else syscall
+
+
 class Counter(enum.IntEnum):
     """Slots of the per-CPU ``counters`` array (``enum trace_counter``)."""
 
@@ -90,6 +99,7 @@ class Counter(enum.IntEnum):
 OBJECT = "trace.bpf.o"
 SYSCALL_HOOK = "__x64_sys_bpf"
 _OWN_HOOK_PROGRAMS = ("agent_bpf_enter", "agent_bpf_exit")
+_SYSCALL_PROGRAMS = ("sys_bpf_enter", "sys_bpf_exit")
 # Per-CPU variables that hold the preempt count (6.1/6.15+, 6.2-6.14): without one of them the
 # kernel side cannot tell interrupt context, so it could not suppress own writes safely.
 _PREEMPT_COUNT_VARS = ("__preempt_count", "pcpu_hot")
@@ -178,6 +188,7 @@ class TraceWatcher:
         ring_size: int | None = None,
         max_batch: int = DEFAULT_MAX_RECORDS,
         path: str | os.PathLike[str] | None = None,
+        hooks: Hooks = Hooks.AUTO,
     ) -> None:
         if not maps:
             raise ValueError("nothing to watch")
@@ -197,7 +208,10 @@ class TraceWatcher:
         self.max_batch = max_batch
         self.path = Path(path) if path is not None else None
         self.own_mode = OwnMode.OFF
-        self.attached: list[str] = []  # kernel functions hooked
+        self._want = hooks
+        self.hooks: Hooks | None = None  # the set attached, after start()
+        self.refused = ""  # why the preferred set was refused, when AUTO fell back
+        self.attached: list[str] = []  # kernel functions (or tracepoints) hooked
         self._obj: BpfObject | None = None
         self._links: list[Link] = []
         self._ring: RingBuffer | None = None
@@ -215,15 +229,35 @@ class TraceWatcher:
 
     def start(self) -> None:
         """Load, configure and attach. Raises the ``KernelError`` that says why tracing is
-        impossible here (``PermissionDeniedError`` when a policy refuses fexit programs)."""
-        if self._obj is not None:
+        impossible here (with ``hooks="auto"``: why neither hook set works)."""
+        if self._obj is not None or self.hooks is not None:
             raise ValueError("TraceWatcher.start() called twice")
-        self._check_functions()
-        self.own_mode = self._choose_own_mode()
+        choices = (Hooks.FEXIT, Hooks.SYSCALL) if self._want is Hooks.AUTO else (self._want,)
+        refusals: list[str] = []
+        for hooks in choices:
+            try:
+                self._start(hooks)
+            except (NotSupportedError, PermissionDeniedError) as err:
+                refusals.append(f"{hooks.value}: {str(err).splitlines()[0]}")
+                if hooks is choices[-1]:
+                    if len(refusals) > 1:
+                        raise type(err)("; ".join(refusals), err.errno) from err
+                    raise
+            else:
+                self.hooks = hooks
+                self.refused = "; ".join(refusals)
+                return
+
+    def _start(self, hooks: Hooks) -> None:
+        if hooks is Hooks.FEXIT:
+            self._check_functions()
+            self.own_mode = self._choose_own_mode()
+        else:  # bpf(2) callers run in task context: the tgid alone is exact
+            self.own_mode = OwnMode.TGID if self.agent_tgid else OwnMode.OFF
         obj = BpfObject.open(self.path or object_path())
         self._obj = obj
         try:
-            self._configure_programs(obj)
+            self._configure_programs(obj, hooks)
             if self.ring_size is not None:
                 obj.map_spec("events").set_max_entries(self.ring_size)
             obj.load()
@@ -237,6 +271,18 @@ class TraceWatcher:
         except BaseException:
             self._teardown()
             raise
+
+    @property
+    def mode(self) -> str:
+        """``trace`` (fexit), ``syscall`` (bpf(2) hooks), or ``none`` before ``start()``."""
+        if self.hooks is None:
+            return "none"
+        return "trace" if self.hooks is Hooks.FEXIT else "syscall"
+
+    @property
+    def sees_programs(self) -> bool:
+        """Whether writes made by BPF programs are reported (not by the syscall hooks)."""
+        return self.hooks is Hooks.FEXIT
 
     def close(self) -> None:
         """Detach and free everything; a ``read()`` in another thread returns empty. Idempotent."""
@@ -415,12 +461,16 @@ class TraceWatcher:
             )
         return OwnMode.SYSCALL if function_exists(SYSCALL_HOOK) else OwnMode.TGID
 
-    def _configure_programs(self, obj: BpfObject) -> None:
+    def _configure_programs(self, obj: BpfObject, hooks: Hooks) -> None:
         for prog in obj.programs.values():
             kind, _, fn = prog.section.partition("/")
-            if kind not in ("fentry", "fexit"):
+            if kind == "tp_btf":
+                prog.set_autoload(hooks is Hooks.SYSCALL and prog.name in _SYSCALL_PROGRAMS)
+            elif kind not in ("fentry", "fexit"):
                 continue
-            if prog.name in _OWN_HOOK_PROGRAMS:
+            elif hooks is not Hooks.FEXIT:
+                prog.set_autoload(False)  # one refused fexit program fails the whole load
+            elif prog.name in _OWN_HOOK_PROGRAMS:
                 prog.set_autoload(self.own_mode == OwnMode.SYSCALL)
             else:
                 prog.set_autoload(function_exists(fn))

@@ -23,7 +23,7 @@ from bpfsync.kernel.maps import Map
 from bpfsync.kernel.objects import BpfObject
 from bpfsync.model import Change, Overflow, Seen, WatchEvent
 from bpfsync.watch.auto import AutoWatcher
-from bpfsync.watch.trace import F_INTERRUPT, REQUIRED_FUNCTIONS, OwnMode, TraceWatcher
+from bpfsync.watch.trace import F_INTERRUPT, REQUIRED_FUNCTIONS, Hooks, OwnMode, TraceWatcher
 
 RING = 16 * 4096  # 122 records: small enough for a test to overflow
 KINDS = ["hash", "lru_hash", "percpu_hash", "lru_percpu_hash", "array", "percpu_array"]
@@ -254,3 +254,25 @@ def test_ring_overflow_is_reported_and_repaired_by_the_auto_watcher(writer: BpfO
     for k, v in got.items():
         n = struct.unpack("<I", k)[0]
         assert v == val(n, ~n & 0xFFFFFFFFFFFFFFFF)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_syscall_hooks_report_user_space_writes_on_this_kernel_too(
+    kind: str, writer: BpfObject, writer_maps: dict[str, Map]
+) -> None:
+    """The bpf(2) hooks (the fallback where fexit is refused) on 6.1: a child's single and
+    batched writes are reported with their bytes, this process's are suppressed, and a BPF
+    program's write is not seen (no syscall carries it; the auto watcher's poll does)."""
+    m = writer_maps[kind]
+    with TraceWatcher({kind: m}, ring_size=RING, hooks=Hooks.SYSCALL) as w:
+        assert w.hooks is Hooks.SYSCALL and w.attached == ["sys_enter", "sys_exit"]
+        k1, k2 = key(50), key(51)
+        v1, v2 = full_value(m, 7), full_value(m, 8)
+        in_child(lambda: m.update_batch([k1, k2], [v1, v2]))
+        assert drain(w) == [Change(kind, k1, v1, Seen.TRACE), Change(kind, k2, v2, Seen.TRACE)]
+        m.update(k1, v2)  # this process is the agent: suppressed
+        assert bpf_apply(writer, kind, UPDATE, 52, 9) == 0  # a program's write: not a syscall
+        if deletable(kind):
+            in_child(lambda: m.delete(k2) or None)
+        assert drain(w) == ([Change(kind, k2, None, Seen.TRACE)] if deletable(kind) else [])
+        assert w.stats().suppressed == 1
