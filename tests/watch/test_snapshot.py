@@ -38,11 +38,17 @@ def check(
     cur: list[tuple[bytes, bytes]],
     ks: int,
     vs: int,
+    told: dict[bytes, bytes | None] | None = None,
 ) -> list[Change]:
-    changes = diff("m", snap(prev, ks, vs), snap(cur, ks, vs))
+    changes = diff("m", snap(prev, ks, vs), snap(cur, ks, vs), told)
     keys = [c.key for c in changes]
     assert len(keys) == len(set(keys)), "a key was reported twice"
     before, after = dict(prev), dict(cur)
+    for k, v in (told or {}).items():  # what the consumer already knows
+        if v is None:
+            before.pop(k, None)
+        else:
+            before[k] = v
     assert apply(before, changes) == after
     # minimal: nothing unchanged is reported
     assert all(before.get(c.key) != c.value for c in changes)
@@ -70,6 +76,42 @@ def test_diff_turns_prev_into_cur(key_size: int, value_size: int, data: st.DataO
     if data.draw(st.booleans()):  # a dump's order is arbitrary
         random.Random(data.draw(st.integers())).shuffle(cur_items)
     check(prev_items, cur_items, key_size, value_size)
+
+
+@settings(max_examples=150, deadline=None)
+@given(key_size=st.sampled_from([4, 8, 16]), data=st.data())
+def test_diff_against_what_the_consumer_was_told(key_size: int, data: st.DataObject) -> None:
+    """Told values (a tracer's reports, the consumer's own writes) laid over ``prev``: the
+    diff is exactly what turns that into ``cur`` — known changes are not repeated, and a told
+    value the map no longer holds is corrected."""
+    keys = st.binary(min_size=key_size, max_size=key_size)
+    values = st.binary(min_size=8, max_size=8)
+    prev = data.draw(st.dictionaries(keys, values, max_size=30))
+    cur = dict(prev)
+    cur.update(data.draw(st.dictionaries(keys, values, max_size=10)))
+    for k in data.draw(st.lists(st.sampled_from(sorted(cur)), max_size=5) if cur else st.just([])):
+        cur.pop(k, None)
+    # the consumer was told some of the real changes and some values since overwritten
+    told: dict[bytes, bytes | None] = {}
+    for k in set(prev) | set(cur):
+        choice = data.draw(st.sampled_from(["none", "true", "stale"]))
+        if choice == "true":
+            told[k] = cur.get(k)
+        elif choice == "stale":
+            told[k] = data.draw(st.one_of(st.none(), values))
+    told.update(data.draw(st.dictionaries(keys, st.one_of(st.none(), values), max_size=5)))
+    check(list(prev.items()), list(cur.items()), key_size, 8, told)
+
+
+def test_told_values_hide_known_changes_and_correct_stale_ones() -> None:
+    k = [bytes([i]) * 16 for i in range(4)]  # 16-byte keys: hashed codes, checked by bytes
+    prev = [(k[0], b"a"), (k[1], b"b"), (k[2], b"c")]
+    cur = [(k[0], b"A"), (k[1], b"b"), (k[3], b"d")]
+    told = {k[0]: b"A", k[2]: None, k[1]: b"x"}  # two known changes, one stale report
+    changes = check(prev, cur, 16, 1, told)
+    assert sorted(changes, key=lambda c: c.key) == [
+        Change("m", k[1], b"b", Seen.POLL), Change("m", k[3], b"d", Seen.POLL)
+    ]
 
 
 def test_positional_path_reports_in_place_changes() -> None:
@@ -116,6 +158,7 @@ def test_hash_collisions_fall_back_to_an_exact_diff(monkeypatch: pytest.MonkeyPa
     cur[0] = (cur[0][0], b"\x00")
     cur.reverse()
     check(entries, cur, 12, 1)
+    check(entries, cur, 12, 1, {entries[0][0]: None, entries[20][0]: b"\x05"})
 
 
 def test_key_codes_are_injective_for_short_keys() -> None:

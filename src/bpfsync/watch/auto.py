@@ -26,7 +26,7 @@ from typing import Protocol
 from bpfsync.errors import KernelError, NotSupportedError
 from bpfsync.kernel.dump import MapDump
 from bpfsync.kernel.maps import Map
-from bpfsync.model import Change, Overflow, Seen, WatchEvent
+from bpfsync.model import Change, Overflow, WatchEvent
 from bpfsync.watch.poll import MapPoller
 from bpfsync.watch.snapshot import diff, full
 from bpfsync.watch.trace import TraceWatcher, check_traceable
@@ -298,11 +298,4 @@ class AutoWatcher:
             overlay = self._overlay.pop(name, {})
         if prev is None:
             return full(name, snap) if self.emit_initial else []
-        changes = diff(name, prev, snap)
-        if overlay:
-            changes = [c for c in changes if c.key not in overlay]
-            told = list(overlay.items())
-            for (key, value), now in zip(told, snap.get_many([k for k, _ in told]), strict=True):
-                if now != value:
-                    changes.append(Change(name, key, now, Seen.POLL))
-        return changes
+        return diff(name, prev, snap, overlay)

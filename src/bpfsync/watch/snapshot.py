@@ -16,7 +16,7 @@ Deleted and evicted keys (present before, absent now) are reported with ``value=
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -133,17 +133,42 @@ def rows_differ(a: Rows, b: Rows) -> npt.NDArray[np.bool_]:
     return (a != b).any(axis=1)  # type: ignore[no-any-return]
 
 
-def diff(map_name: str, prev: Snapshot, cur: Snapshot) -> list[Change]:
-    """Changes that turn ``prev`` into ``cur``: new or changed entries, then deletions."""
+def diff(
+    map_name: str, prev: Snapshot, cur: Snapshot, told: Mapping[bytes, bytes | None] | None = None
+) -> list[Change]:
+    """Changes that turn ``prev`` into ``cur``: new or changed entries, then deletions.
+
+    ``told``: values (None: deleted) the consumer learnt since ``prev`` by other means (a
+    tracer, its own writes); the changes are then those that turn ``prev`` with ``told`` laid
+    over it into ``cur``. Keys in ``told`` are set aside and compared in bulk, so the usual case
+    (every change already known) builds no ``Change`` at all.
+    """
     p, c = prev.dump, cur.dump
     if (p.key_size, p.value_size) != (c.key_size, c.value_size):
         raise ValueError("cannot diff scans of maps with different key or value sizes")
+    rows = _diff_rows(prev, cur)
+    if rows is None:
+        return _diff_by_dict(map_name, prev, cur, told or {})
+    updated, gone = rows
+    if not told:
+        return _changes(map_name, cur, updated) + _deletions(map_name, prev, gone)
+    known = _Told(told, c.key_size, c.value_size)
+    updated = updated[~known.holds(take_rows(c.key_array, updated), cur._exact)]
+    gone = gone[~known.holds(take_rows(p.key_array, gone), prev._exact)]
+    out = _changes(map_name, cur, updated) + _deletions(map_name, prev, gone)
+    return out + known.changes_in(map_name, cur)
+
+
+def _diff_rows(prev: Snapshot, cur: Snapshot) -> tuple[Index, Index] | None:
+    """(rows of ``cur`` new or changed since ``prev``, rows of ``prev`` gone from ``cur``),
+    both ascending; None when two different keys share a 64-bit hash code."""
+    p, c = prev.dump, cur.dump
     m = min(p.count, c.count)
     moved_mask = rows_differ(p.key_array[:m], c.key_array[:m])
     moved = np.flatnonzero(moved_mask)
     if p.count == c.count and not len(moved):
         cur._adopt_order(prev)
-        return _changes(map_name, cur, np.flatnonzero(rows_differ(p.value_array, c.value_array)))
+        return np.flatnonzero(rows_differ(p.value_array, c.value_array)), np.empty(0, np.intp)
     # A key at the same position in both scans is the same entry (keys are unique in a scan),
     # so only the rest needs matching. Updates and in-place writes leave most positions alone;
     # an insert or delete shifts everything after it, and then the whole map is matched.
@@ -153,19 +178,71 @@ def diff(map_name: str, prev: Snapshot, cur: Snapshot) -> list[Change]:
         changed = np.empty(0, dtype=np.intp)
         matched = _match(p.key_array, c.key_array, prev.sorted(), cur.sorted(), prev._exact)
         if matched is None:
-            return _diff_by_dict(map_name, prev, cur)
+            return None
         c_idx, p_idx, c_new, p_gone = matched
     else:
         changed = np.flatnonzero(rows_differ(p.value_array[:m], c.value_array[:m]) & ~moved_mask)
         p_keys, c_keys = take_rows(p.key_array, p_rest), take_rows(c.key_array, c_rest)
         matched = _match(p_keys, c_keys, None, None, prev._exact)
         if matched is None:
-            return _diff_by_dict(map_name, prev, cur)
+            return None
         c_idx, p_idx = c_rest[matched[0]], p_rest[matched[1]]
         c_new, p_gone = c_rest[matched[2]], p_rest[matched[3]]
     differ = rows_differ(take_rows(p.value_array, p_idx), take_rows(c.value_array, c_idx))
-    updated = np.sort(np.concatenate([changed, c_idx[differ], c_new]))
-    return _changes(map_name, cur, updated) + _deletions(map_name, prev, np.sort(p_gone))
+    return np.sort(np.concatenate([changed, c_idx[differ], c_new])), np.sort(p_gone)
+
+
+class _Told:
+    """The consumer's known values as arrays: key rows sorted by code, values, presence."""
+
+    def __init__(self, told: Mapping[bytes, bytes | None], key_size: int, value_size: int):
+        n = len(told)
+        self.keys = list(told)
+        self.values = list(told.values())
+        self.key_rows = np.frombuffer(b"".join(self.keys), np.uint8).reshape(n, key_size)
+        self.present = np.fromiter((v is not None for v in self.values), bool, n)
+        blank = bytes(value_size)
+        vals = b"".join(blank if v is None else v for v in self.values)
+        self.value_rows = np.frombuffer(vals, np.uint8).reshape(n, value_size)
+        self.order, self.codes = _sort(self.key_rows)
+
+    def holds(self, keys: Rows, exact: bool) -> npt.NDArray[np.bool_]:
+        """Which of the key rows are told keys (exactly: hashed codes are checked by bytes; a
+        code shared by two told keys can only make a key look untold, i.e. reported twice)."""
+        if not len(keys) or not len(self.codes):
+            return np.zeros(len(keys), bool)
+        codes = key_codes(keys)
+        pos = np.minimum(np.searchsorted(self.codes, codes), len(self.codes) - 1)
+        hit = self.codes[pos] == codes
+        if not exact and hit.any():
+            rows = np.flatnonzero(hit)
+            same = ~rows_differ(take_rows(self.key_rows, self.order[pos[rows]]),
+                                take_rows(keys, rows))  # fmt: skip
+            hit[rows[~same]] = False
+        held: npt.NDArray[np.bool_] = hit
+        return held
+
+    def changes_in(self, map_name: str, cur: Snapshot) -> list[Change]:
+        """A change for every told key whose value in ``cur`` is not the told one."""
+        order, codes = cur.sorted()
+        n = len(self.keys)
+        if len(codes):
+            want = key_codes(self.key_rows)
+            pos = np.minimum(np.searchsorted(codes, want), len(codes) - 1)
+            rows = order[pos]
+            found = codes[pos] == want
+            if not cur._exact:
+                found &= ~rows_differ(take_rows(cur.dump.key_array, rows), self.key_rows)
+            values = take_rows(cur.dump.value_array, rows)
+        else:
+            found = np.zeros(n, bool)
+            values = self.value_rows
+        differ = (found != self.present) | (found & rows_differ(values, self.value_rows))
+        out = []
+        for i in np.flatnonzero(differ).tolist():
+            out.append(Change(map_name, self.keys[i],
+                              values[i].tobytes() if found[i] else None, Seen.POLL))  # fmt: skip
+        return out
 
 
 def take_rows(rows: Rows, idx: Index) -> Rows:
@@ -214,9 +291,16 @@ def _has_dups(sorted_codes: U64) -> bool:
     return bool(len(sorted_codes) > 1 and (sorted_codes[1:] == sorted_codes[:-1]).any())
 
 
-def _diff_by_dict(map_name: str, prev: Snapshot, cur: Snapshot) -> list[Change]:
+def _diff_by_dict(
+    map_name: str, prev: Snapshot, cur: Snapshot, told: Mapping[bytes, bytes | None]
+) -> list[Change]:
     """Exact, slow diff: only reached when two different keys share a 64-bit hash."""
     before, after = prev.to_dict(), cur.to_dict()
+    for key, value in told.items():
+        if value is None:
+            before.pop(key, None)
+        else:
+            before[key] = value
     changes = [Change(map_name, k, v, Seen.POLL) for k, v in after.items() if before.get(k) != v]
     changes += [Change(map_name, k, None, Seen.POLL) for k in before if k not in after]
     return changes

@@ -96,6 +96,8 @@ class Counter(enum.IntEnum):
     SUPPRESSED = 2
 
 
+_SLOT_KEYS = {slot: struct.pack("<I", slot) for slot in Counter}
+
 OBJECT = "trace.bpf.o"
 SYSCALL_HOOK = "__x64_sys_bpf"
 _OWN_HOOK_PROGRAMS = ("agent_bpf_enter", "agent_bpf_exit")
@@ -410,7 +412,7 @@ class TraceWatcher:
     def _overflows(self) -> list[WatchEvent]:
         """Overflow events for records dropped, or writes missed, since the last check."""
         out: list[WatchEvent] = []
-        dropped = self._read_counters()[Counter.DROPPED]
+        dropped = self._read_counter(Counter.DROPPED)  # once per read: one slot, not all
         if dropped != self._dropped_total and self._watch_map is not None:
             self._dropped_total = dropped
             for map_id, w in self._watched.items():
@@ -429,13 +431,13 @@ class TraceWatcher:
         return out
 
     def _read_counters(self) -> list[int]:
+        return [self._read_counter(slot) for slot in Counter]
+
+    def _read_counter(self, slot: Counter) -> int:
         if self._counters is None:
-            return [0] * len(Counter)
-        sums = []
-        for slot in Counter:
-            raw = self._counters.lookup(struct.pack("<I", slot))
-            sums.append(int(np.frombuffer(raw, "<u8").sum()) if raw else 0)
-        return sums
+            return 0
+        raw = self._counters.lookup(_SLOT_KEYS[slot])
+        return int(np.frombuffer(raw, "<u8").sum()) if raw else 0
 
     # --- setup ---------------------------------------------------------------------------------
 
