@@ -8,7 +8,6 @@ import time
 import urllib.request
 
 import numpy as np
-
 from tcp_proxy import Proxy
 
 from bpfsync.demo.cluster import Cluster, session

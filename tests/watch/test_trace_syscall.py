@@ -155,3 +155,21 @@ def test_bpf_programs_writes_are_not_seen_by_the_hooks_but_by_the_poll(
             # struct map_op {u32 op; u32 key; u64 value}: the program updates key 2 to 9
             assert obj.program("apply_op").test_run(struct.pack("<IIQ", 1, 2, 9)).retval == 2
             assert changes(auto, 1) == [Change("m", k(2), v(9), Seen.POLL)]
+
+
+def test_a_batch_larger_than_the_ring_is_recovered_by_the_rescan(make_map: MakeMap) -> None:
+    """A 500-element batch into a 124-record ring: the records that fit are reported, the
+    rest are counted as dropped, and the auto watcher's rescan reports every missing key."""
+    m = make_map("hash", 4, 8, 1024)
+    with AutoWatcher({"m": m}, poll_interval=60, repair_interval=60, agent_tgid=0,
+                     ring_size=16 * 4096) as auto:  # fmt: skip
+        assert auto.mode == "syscall+poll"
+        keys = np.arange(500, dtype=np.uint32)
+        m.update_batch(keys, keys.astype(np.uint64) + 1000)
+        events = changes(auto, 501)
+        overflows = [e for e in events if isinstance(e, Overflow)]
+        assert overflows and overflows[0].map == "m"
+        seen = {e.key: e.value for e in events if isinstance(e, Change)}
+        assert seen == {k(i): v(i + 1000) for i in range(500)}
+        traced = [e for e in events if isinstance(e, Change) and e.seen is Seen.TRACE]
+        assert 0 < len(traced) < 500  # some fitted in the ring, the rest came from the rescan

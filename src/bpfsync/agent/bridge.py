@@ -1,18 +1,26 @@
-"""Carries a blocking watcher's events into the agent's asyncio loop.
+"""Carries a blocking watcher's events into the agent's asyncio loop, coalesced per key.
 
 The watcher runs in its own thread (ring-buffer reads and batch scans block) and is read in
-batches. Each batch is appended to a list under a lock and the loop is woken once per burst, not
-once per event, so a burst of a million changes costs one wake-up and one list swap.
+batches; the loop takes events in slices. In between they wait here, one per key: a newer
+change of a key that is still waiting replaces the older one in place (the key keeps its place
+in the queue). Changes are state, like records, so only a key's latest value matters; when the
+watcher reports faster than the agent can stamp and send (a burst of a million writes, or a
+rescan after a ring overflow), the backlog is bounded by the number of distinct keys and the
+newest values go out first-come, instead of the agent working through every stale
+intermediate value. ``Overflow`` events (metrics only) pass through in order.
+
+The loop is woken once per burst, not once per event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 from typing import TYPE_CHECKING
 
-from bpfsync.model import WatchEvent
+from bpfsync.model import Change, WatchEvent
 
 if TYPE_CHECKING:
     from bpfsync.agent.watchers import BatchWatcher
@@ -25,10 +33,12 @@ class WatchBridge:
         self._watcher = watcher
         self._loop = loop
         self._lock = threading.Lock()
-        self._pending: list[WatchEvent] = []
+        self._pending: dict[tuple[str, bytes], Change] = {}
+        self._other: list[WatchEvent] = []
         self._ready = asyncio.Event()
         self._thread = threading.Thread(target=self._run, name="bpfsync-watch", daemon=True)
         self.error: BaseException | None = None
+        self.coalesced = 0  # changes replaced by a newer change of their key before being taken
         self._closed = threading.Event()
 
     def start(self) -> None:
@@ -38,13 +48,8 @@ class WatchBridge:
         try:
             while not self._closed.is_set():
                 batch = self._watcher.read(0.5)
-                if not batch:
-                    continue
-                with self._lock:
-                    wake = not self._pending
-                    self._pending += batch
-                if wake:
-                    self._loop.call_soon_threadsafe(self._ready.set)
+                if batch:
+                    self._put(batch)
         except BaseException as err:  # surfaced to the loop: the agent cannot run blind
             if self._closed.is_set():
                 return  # closing the watcher under a read may fail that read
@@ -52,12 +57,40 @@ class WatchBridge:
             self.error = err
             self._loop.call_soon_threadsafe(self._ready.set)
 
-    async def take(self) -> list[WatchEvent]:
-        """Wait for events and return every one pending (raises if the watcher died)."""
+    def _put(self, batch: list[WatchEvent]) -> None:
+        with self._lock:
+            pending = self._pending
+            wake = not pending and not self._other
+            before = len(pending)
+            changes = 0
+            for ev in batch:
+                if type(ev) is Change:
+                    pending[(ev.map, ev.key)] = ev  # an existing key keeps its place
+                    changes += 1
+                else:
+                    self._other.append(ev)
+            self.coalesced += changes - (len(pending) - before)
+        if wake:
+            self._loop.call_soon_threadsafe(self._ready.set)
+
+    async def take(self, limit: int) -> list[WatchEvent]:
+        """Wait for events; return the waiting non-change events and up to ``limit`` changes,
+        oldest-queued first (raises if the watcher died)."""
         await self._ready.wait()
         with self._lock:
-            events, self._pending = self._pending, []
-            self._ready.clear()
+            events, self._other = self._other, []
+            pending = self._pending
+            if len(pending) <= limit:
+                events += pending.values()
+                pending.clear()
+            else:
+                # one pass, then delete: popping the first key repeatedly rescans dead slots
+                taken = list(itertools.islice(pending.items(), limit))
+                for reg, _ in taken:
+                    del pending[reg]
+                events += (ev for _, ev in taken)
+            if not pending:
+                self._ready.clear()
         if self.error is not None:
             raise self.error
         return events

@@ -11,7 +11,7 @@ Readiness: the node reports ready once, for every map, every peer it is linked w
 least one) has answered its first digest (the answer's records precede the Pull on the same
 stream, so a Pull means "caught up with that peer"), or, when no peer is reachable at all, after
 ``catchup_timeout_s``: a lone first node of a cluster must still come up. Local changes seen
-before that are held, then stamped.
+before that wait in the bridge (one per key, bridge.py), then are stamped.
 
 Stale watcher reports: a scan or ring record may be read before an apply and processed after
 it; its value then differs from what the replica knows the kernel holds and would look like a
@@ -124,7 +124,8 @@ class Agent:
         self.catchup = _CatchUp(maps=[s.name for s in schemas])
         self.ready = False
         self._stop = asyncio.Event()
-        self._held: list[WatchEvent] = []
+        self._became_ready = asyncio.Event()
+        self._coalesced_seen = 0
         self._status: dict[str, Any] = {"node": self.node, "ready": False}
         self._http: StatusServer | None = None
         self._bridge: WatchBridge | None = None
@@ -203,16 +204,18 @@ class Agent:
 
     async def _watch_loop(self) -> None:
         assert self._bridge is not None
+        # local changes are stamped only after catch-up (replica rule S3); until then they wait
+        # in the bridge, one per key
+        await self._became_ready.wait()
         while True:
-            events = await self._bridge.take()
-            if not self.ready:
-                self._held.extend(events)  # stamped only after catch-up (replica rule S3)
-                continue
-            # a scan of a busy map can report a million changes: take them in slices and let
-            # the transport send and receive in between
-            for i in range(0, len(events), _LOCAL_SLICE):
-                self._local(events[i : i + _LOCAL_SLICE])
-                await asyncio.sleep(0)
+            # in slices: a scan of a busy map can report a million changes, and the transport
+            # must send and receive in between (meanwhile newer changes of waiting keys coalesce)
+            self._local(await self._bridge.take(_LOCAL_SLICE))
+            total = self._bridge.coalesced
+            if total > self._coalesced_seen:
+                self.metrics.coalesced.inc(total - self._coalesced_seen)
+                self._coalesced_seen = total
+            await asyncio.sleep(0)
 
     def _local(self, events: list[WatchEvent]) -> None:
         now = _now()
@@ -345,9 +348,7 @@ class Agent:
         self.metrics.ready.set(1)
         log.info("ready", extra={"why": why,
                                  "after_s": round(self.catchup.done_at - self.catchup.started, 3)})
-        held, self._held = self._held, []
-        if held:
-            self._local(held)
+        self._became_ready.set()  # the watch loop starts stamping what waited in the bridge
         self._refresh_status()
 
     async def _timer_loop(self) -> None:

@@ -28,6 +28,11 @@ class AgentMetrics:
         self.overflows = Counter(
             "bpfsync_watch_overflows", "Ring-buffer overflows that forced a rescan", registry=r,
         )
+        self.coalesced = Counter(
+            "bpfsync_watch_coalesced",
+            "Changes superseded by a newer change of their key before the agent handled them",
+            registry=r,
+        )
         self.repairs = Counter(
             "bpfsync_repair_buckets", "Digest buckets found different and pulled", ["map"],
             registry=r,

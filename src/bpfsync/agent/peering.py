@@ -9,8 +9,17 @@ Rules of this module (the core's rules are in core/session.py and core/replica.p
   reaches every peer itself, and relaying everything would double each node's receive work.
 - A digest is answered with our records where it differs, then a Pull (empty or not), on the
   same ordered stream: the Pull tells the asker it has everything we had for it (catch-up).
-  Routine digests wait while changes flow (their difference is only what is in flight); urgent
-  ones (catch-up, gap repair) are answered at once.
+  Urgent digests (catch-up, gap repair) are answered for every differing bucket. Routine ones
+  (the periodic backstop) only for buckets that differ *stably*: the same hash on both sides as
+  at the peer's previous digest. While changes flow, buckets differ by what is in flight, and
+  answering those would send each other whole maps of records both are about to receive; a
+  bucket that stays different while neither side changes it is a real divergence. And no
+  routine exchange with a peer that has not applied everything we have for it (records in its
+  outbox, or batches it has not acked when its digest arrives: its acks precede its digest on
+  its stream): the difference is then what is on its way, and a Pull would send it twice.
+  Still, a node stalled for seconds (overload) makes in-flight differences look stable; so a
+  routine answer covers at most ``_ROUTINE_BUCKETS`` buckets (taken in turn): a real divergence
+  is small and repaired within a few rounds, a transient one costs little.
 - Batches and repair answers are paced on the link's backlog: a 1M-entry answer is ~70 MB, and
   a peer slower than our writers would otherwise see its send queue overflow and its link reset
   (then everything unacked is sent again). Meanwhile records wait, coalesced, in the outbox.
@@ -21,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,7 +46,7 @@ from bpfsync.transport.base import PeerDown, PeerUp, Received, Transport
 log = logging.getLogger("bpfsync.agent")
 
 _MAX_BATCH_BYTES = 4 << 20
-_BUSY_S = 1.0  # a peer's batch within this many seconds defers routine (non-urgent) repair
+_ROUTINE_BUCKETS = 64  # buckets one routine digest answer may repair (of 1024 by default)
 _REPAIR_BACKLOG = 8 << 20  # bytes queued on a link before repair answers wait for it to drain
 _SEND_BACKLOG = 16 << 20  # ... before new batches wait (the link resets past 64 MiB)
 
@@ -74,10 +83,12 @@ class Peering:
         self._flush_scheduled = False
         self._linked: set[str] = set()  # peers whose link from us is up
         self._peer_links: dict[str, frozenset[str]] = {}  # what each peer's digests said
-        self._last_batch = 0.0  # monotonic time of the last numbered batch received
         self.last_batch_at = 0.0  # ... of the last batch of any kind (repair answers included)
         self._repairs: dict[str, deque[Batch | Pull]] = defaultdict(deque)
         self._unanswered: dict[str, dict[str, Digest]] = {}  # peer -> map -> its latest digest
+        # (peer, map) -> (its last digest's buckets, ours then): what _stable_differences compares
+        self._observed: dict[tuple[str, str], tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self._repair_turn: Counter[tuple[str, str]] = Counter()
 
     # --- what the agent calls ------------------------------------------------------------------
 
@@ -103,9 +114,11 @@ class Peering:
             self._flush_soon()
 
     def digest_round(self) -> None:
-        """The periodic anti-entropy round: a digest of every map to every peer."""
-        for peer in self.sessions:
-            self._send_digests(peer)
+        """The periodic anti-entropy round: a digest of every map to every peer we owe nothing
+        (see the module docstring)."""
+        for peer, s in self.sessions.items():
+            if not (s.outbox or s.unacked):
+                self._send_digests(peer)
 
     def peers(self) -> list[dict[str, Any]]:
         rows = []
@@ -173,8 +186,6 @@ class Peering:
         s = self._session(peer)
         if isinstance(msg, Batch):
             self.last_batch_at = time.monotonic()
-            if msg.seq > 0:
-                self._last_batch = self.last_batch_at
             if s.on_batch(msg):
                 res = self._on_records(peer, msg.records)
                 if res is not None:
@@ -186,8 +197,7 @@ class Peering:
             self._flush_soon()  # the window may have opened
         elif isinstance(msg, Digest):
             self._peer_links[peer] = frozenset(msg.linked)
-            if msg.urgent or not self._busy():
-                self._answer_digest(peer, s, msg)
+            self._answer_digest(peer, s, msg)
         elif isinstance(msg, Pull):
             self._send_repair(peer, s, self.replica.answer_pull(msg, peer))
             self._on_caught_up(msg.map, peer, len(msg.buckets))
@@ -223,18 +233,37 @@ class Peering:
             d = self.replica.digest(schema.name)
             self._send(peer, Digest(d.map, d.buckets, linked, urgent))
 
-    def _busy(self) -> bool:
-        """Changes are flowing: digests differ by what is in flight, so routine repair waits."""
-        return time.monotonic() - self._last_batch < _BUSY_S or any(
-            s.outbox or s.unacked for s in self.sessions.values()
-        )
+    def _stable_differences(self, peer: str, digest: Digest) -> set[int]:
+        """Buckets that differ now and had the same hashes, on both sides, at the peer's
+        previous digest of the map: no change touched them in between on either node."""
+        local = self.replica.digest(digest.map, len(digest.buckets)).buckets
+        before = self._observed.get((peer, digest.map))
+        self._observed[(peer, digest.map)] = (digest.buckets, local)
+        if before is None or len(before[0]) != len(local):
+            return set()
+        stable = [
+            i for i, (theirs, ours, was_theirs, was_ours)
+            in enumerate(zip(digest.buckets, local, *before, strict=True))
+            if theirs != ours and theirs == was_theirs and ours == was_ours
+        ]  # fmt: skip
+        if len(stable) <= _ROUTINE_BUCKETS:
+            return set(stable)
+        self._repair_turn[(peer, digest.map)] += 1
+        start = self._repair_turn[(peer, digest.map)] * _ROUTINE_BUCKETS % len(stable)
+        return set((stable[start:] + stable[:start])[:_ROUTINE_BUCKETS])
 
     def _answer_digest(self, peer: str, s: PeerSession, digest: Digest) -> None:
         if self.transport.backlog(peer) is None:
             # our link to the peer is not up yet (it dialed us first): answer when it is
             self._unanswered.setdefault(peer, {})[digest.map] = digest
             return
-        pull, records = self.replica.answer_digest(digest, peer)
+        only = None
+        if not digest.urgent:
+            if s.outbox or s.unacked:  # records on their way: the difference is likely those
+                self._observed.pop((peer, digest.map), None)
+                return
+            only = self._stable_differences(peer, digest)
+        pull, records = self.replica.answer_digest(digest, peer, only=only)
         if pull is not None:
             self.metrics.repairs.labels(digest.map).inc(len(pull.buckets))
         self._send_repair(peer, s, records, pull or Pull(digest.map, ()))

@@ -13,6 +13,9 @@
  * atomics), LRU evictions, and elements removed by BPF_MAP_LOOKUP_AND_DELETE_BATCH. The poll
  * watcher covers those.
  *
+ * Where the kernel refuses fexit, the syscall hooks at the end of this file report user-space
+ * writes instead (user space chooses one set or the other; see trace.py).
+ *
  * Every record is a fixed-size struct trace_record (trace.h) in a BPF ring buffer; a full ring
  * drops the record and counts it, per map, so user space can rescan instead of losing a change.
  * The other way to miss a write: the kernel skips a tracing program that is already running on
@@ -318,7 +321,8 @@ TRACE_UPDATE(bpf_percpu_array_update)
 #define TRACE_NR_BPF 321
 #define TRACE_ENOENT 2
 
-/* A map-writing bpf(2) command between sys_enter and sys_exit (key: thread id). */
+/* A map-writing bpf(2) command between sys_enter and sys_exit (key: thread id). LRU: a thread
+ * that never returns from bpf(2) (killed in it) leaves its entry behind, to be evicted. */
 struct sys_call {
 	__u64 attr;       /* the caller's union bpf_attr */
 	__u32 cmd;
@@ -328,7 +332,7 @@ struct sys_call {
 };
 
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 4096);
 	__type(key, __u32);
 	__type(value, struct sys_call);
@@ -353,6 +357,12 @@ static __always_inline struct bpf_map *fd_map(__u32 fd)
 	if (&bpf_map_fops && BPF_CORE_READ(file, f_op) != (void *)&bpf_map_fops)
 		return NULL;
 	return BPF_CORE_READ(file, private_data);
+}
+
+static __always_inline void dropped(struct trace_watch *w)
+{
+	__sync_fetch_and_add(&w->dropped, 1);
+	count(TRACE_CNT_DROPPED);
 }
 
 static __always_inline bool is_batch_cmd(__u32 cmd)
@@ -396,7 +406,12 @@ int BPF_PROG(sys_bpf_enter, struct pt_regs *regs, long id)
 	call.key_size = BPF_CORE_READ(map, key_size);
 	call.value_size = is_percpu(map) ? 0 : BPF_CORE_READ(map, value_size);
 	tid = (__u32)pid_tgid;
-	bpf_map_update_elem(&sys_calls, &tid, &call, BPF_ANY);
+	if (bpf_map_update_elem(&sys_calls, &tid, &call, BPF_ANY)) {
+		struct trace_watch *w = bpf_map_lookup_elem(&watched, &call.map_id);
+
+		if (w) /* the write would go unseen: have user space rescan */
+			dropped(w);
+	}
 	return 0;
 }
 
@@ -411,12 +426,6 @@ struct user_elems {
 	__u8 op;
 	__u8 flags;
 };
-
-static __always_inline void dropped(struct trace_watch *w)
-{
-	__sync_fetch_and_add(&w->dropped, 1);
-	count(TRACE_CNT_DROPPED);
-}
 
 /* One element read from the caller's buffers; non-zero stops the loop (the ring is full or
  * the buffer unreadable: counted as dropped, so user space rescans). */

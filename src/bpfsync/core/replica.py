@@ -65,7 +65,7 @@ Rules
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from bpfsync.core.digest import DEFAULT_BUCKETS, diff
@@ -342,8 +342,11 @@ class Replica:
         """Every record (live tombstones included) in the given buckets of ``map``."""
         return list(self._local_table(map).records_in(buckets, nbuckets))
 
-    def answer_digest(self, remote: Digest, sender: str = "") -> tuple[Pull | None, list[Record]]:
-        """A peer's digest: the Pull for the buckets that differ, and our records in them.
+    def answer_digest(
+        self, remote: Digest, sender: str = "", only: Collection[int] | None = None
+    ) -> tuple[Pull | None, list[Record]]:
+        """A peer's digest: the Pull for the buckets that differ, and our records in them
+        (of the buckets in ``only``, when given).
 
         Sending both repairs both sides in one round trip.
         """
@@ -356,6 +359,8 @@ class Replica:
                 sender,
             )
         differing = diff(Digest(remote.map, table.digest_buckets(n)), remote)
+        if only is not None:
+            differing = [b for b in differing if b in only]
         if not differing:
             return None, []
         return Pull(remote.map, tuple(differing)), list(table.records_in(differing, n))

@@ -2,9 +2,11 @@
 
 Tracing reports writes within microseconds but cannot see in-place writes through lookup
 pointers or LRU evictions, and a full ring buffer drops records. So every map is also polled:
-slowly (``repair_interval``) where it is traced, at ``poll_interval`` where it is not. Where the
-kernel refuses tracing (a policy refusing fexit with EPERM, no BTF, an old kernel) or a map cannot
-be traced (type, key or value too large), those maps are polled alone, and one log line says why.
+slowly (``repair_interval``) where fexit traces it, at ``poll_interval`` where it is not traced
+or traced only at bpf(2) (the tracer's fallback where fexit is refused: user-space writes within
+microseconds, BPF programs' writes by the poll), and for ``in_place`` maps. Where the kernel
+refuses tracing altogether (no BTF, an old kernel) or a map cannot be traced (type, key or value
+too large), those maps are polled alone. One log line says which and why.
 
 Repair after loss: an ``Overflow`` from the tracer makes the next ``read()`` rescan the map at
 once, so a dropped event delays a change but never loses it. A rescan must compare the map with

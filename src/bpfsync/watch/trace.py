@@ -1,10 +1,19 @@
-"""The trace watcher: fexit programs report each successful map write through a ring buffer.
+"""The trace watcher: kernel hooks report each successful map write through a ring buffer.
 
-``TraceWatcher`` loads ``bpf/trace.bpf.o``, turns off the programs whose kernel function this
-kernel lacks (probed in its BTF), writes the watched map ids and the agent's process id into the
-object's maps, attaches, and turns ring records into ``Change``s in bulk. Where the kernel
-refuses tracing programs (EPERM by policy, no BTF), ``start()`` raises the ``KernelError`` that
-says why; ``AutoWatcher`` then polls instead.
+``TraceWatcher`` loads ``bpf/trace.bpf.o``, picks one of its two hook sets (``Hooks``), writes
+the watched map ids and the agent's process id into the object's maps, attaches, and turns ring
+records into ``Change``s in bulk:
+
+- ``FEXIT`` — fexit programs on the map-op functions (those this kernel lacks, probed in its
+  BTF, are turned off): every write, from user space and from BPF programs.
+- ``SYSCALL`` — the raw ``sys_enter``/``sys_exit`` tracepoints (tp_btf) around bpf(2): every
+  write made from user space, single or batched, by any process; not BPF programs' writes
+  (``sees_programs`` is False: the caller must poll for those; ``AutoWatcher`` does). For kernels
+  whose policy refuses fexit but runs BTF tracepoints, like this project's CI host.
+- ``AUTO`` (default) — ``FEXIT``, else ``SYSCALL``; ``refused`` says why fexit was not used.
+
+Where neither loads, ``start()`` raises the ``KernelError`` that says why; ``AutoWatcher`` then
+polls alone. The rest of this text holds for both sets unless it says otherwise.
 
 - Only successful ops are reported (fexit sees the return value).
 - Keys, and values of maps that are not per-CPU, are captured up to 256 bytes (``KEY_MAX``,
@@ -20,8 +29,9 @@ says why; ``AutoWatcher`` then polls instead.
   is counted by the kernel as a recursion miss. Both come out as ``Overflow`` events, after
   which the caller must rescan (``AutoWatcher`` does).
 
-Not seen: in-place writes through lookup pointers, LRU evictions, deletions by
-BPF_MAP_LOOKUP_AND_DELETE_BATCH. ``AutoWatcher``'s poll covers them.
+Not seen: in-place writes through lookup pointers, LRU evictions; under ``FEXIT``, deletions by
+BPF_MAP_LOOKUP_AND_DELETE_BATCH; under ``SYSCALL``, anything a BPF program writes, and batches
+of more than ``BATCH_MAX`` elements (reported as ``Overflow``). ``AutoWatcher``'s poll covers them.
 """
 
 from __future__ import annotations

@@ -1,0 +1,78 @@
+"""The bridge between the watcher thread and the agent's loop: coalescing per key, slices,
+pass-through of overflows, and a watcher failure surfacing in the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterable
+
+import pytest
+
+from bpfsync.agent.bridge import WatchBridge
+from bpfsync.model import Change, Overflow, Seen, WatchEvent
+
+
+class ScriptedWatcher:
+    """Returns the batches it is given, one per read; then blocks until closed."""
+
+    mode = "scripted"
+
+    def __init__(self, batches: list[list[WatchEvent]], fail: BaseException | None = None):
+        self.batches = list(batches)
+        self.fail = fail
+        self.drained = threading.Event()
+        self.closed = threading.Event()
+
+    def read(self, timeout: float | None = 0.0) -> list[WatchEvent]:
+        if self.batches:
+            return self.batches.pop(0)
+        self.drained.set()
+        if self.fail is not None:
+            raise self.fail
+        self.closed.wait(0.01)
+        return []
+
+    def note_written(self, name: str, writes: Iterable[tuple[bytes, bytes | None]]) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+def ch(key: int, value: int | None) -> Change:
+    return Change("m", bytes([key]), None if value is None else bytes([value]), Seen.TRACE)
+
+
+def run_bridge(watcher: ScriptedWatcher, limits: list[int]) -> tuple[list[list[WatchEvent]], int]:
+    async def main() -> tuple[list[list[WatchEvent]], int]:
+        bridge = WatchBridge(watcher, asyncio.get_running_loop())
+        bridge.start()
+        await asyncio.to_thread(watcher.drained.wait, 5)
+        try:
+            return [await bridge.take(n) for n in limits], bridge.coalesced
+        finally:
+            await asyncio.to_thread(bridge.close)
+
+    return asyncio.run(main())
+
+
+def test_a_newer_change_replaces_a_waiting_one_in_its_place() -> None:
+    w = ScriptedWatcher([[ch(1, 10), ch(2, 20), Overflow("m", 3)], [ch(1, 11), ch(3, 30)],
+                         [ch(2, None)]])  # fmt: skip
+    (taken,), coalesced = run_bridge(w, [100])
+    assert taken == [Overflow("m", 3), ch(1, 11), ch(2, None), ch(3, 30)]
+    assert coalesced == 2
+
+
+def test_changes_are_taken_in_slices_oldest_first() -> None:
+    w = ScriptedWatcher([[ch(k, k) for k in range(10)]])
+    slices, _ = run_bridge(w, [4, 4, 4])
+    assert slices == [[ch(k, k) for k in range(4)], [ch(k, k) for k in range(4, 8)],
+                      [ch(8, 8), ch(9, 9)]]  # fmt: skip
+
+
+def test_a_failing_watcher_fails_the_loop() -> None:
+    w = ScriptedWatcher([[ch(1, 1)]], fail=RuntimeError("ring gone"))
+    with pytest.raises(RuntimeError, match="ring gone"):
+        run_bridge(w, [10, 10])
