@@ -8,13 +8,18 @@ what keeps a digest of a million-key map cheap (table.py maintains the sums).
 With bucket counts that divide each other (powers of two), a coarse digest is a fold of a fine
 one, because ``h % n == (h % N) % n`` when ``n`` divides ``N``. That allows asking for a small
 digest first and a finer one only where it differs.
+
+The hash is XXH3-64 (the ``xxhash`` package): ten times faster than blake2b here, and it runs
+for every record a node stamps or merges. It is not a cryptographic hash; digests only compare
+the states of authenticated peers, which could send any records they like anyway.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from hashlib import blake2b
+
+from xxhash import xxh3_64_intdigest
 
 from bpfsync.core.messages import Digest, Record
 
@@ -27,7 +32,7 @@ MASK = (1 << 64) - 1
 
 def bucket_of(key: bytes, nbuckets: int) -> int:
     """The bucket of ``key``; the same on every node and platform."""
-    return int.from_bytes(blake2b(key, digest_size=8).digest(), "little") % nbuckets
+    return xxh3_64_intdigest(key) % nbuckets
 
 
 def record_hash(rec: Record) -> int:
@@ -44,7 +49,7 @@ def record_hash(rec: Record) -> int:
         data = b"".join((head, key, mid, node, b"\x00"))
     else:
         data = b"".join((head, key, mid, node, b"\x01", value))
-    return int.from_bytes(blake2b(data, digest_size=8).digest(), "little")
+    return xxh3_64_intdigest(data)
 
 
 def fold(buckets: Sequence[int], nbuckets: int) -> tuple[int, ...]:

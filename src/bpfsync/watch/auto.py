@@ -8,13 +8,20 @@ microseconds, BPF programs' writes by the poll), and for ``in_place`` maps. Wher
 refuses tracing altogether (no BTF, an old kernel) or a map cannot be traced (type, key or value
 too large), those maps are polled alone. One log line says which and why.
 
-Repair after loss: an ``Overflow`` from the tracer makes the next ``read()`` rescan the map at
-once, so a dropped event delays a change but never loses it. A rescan must compare the map with
-what was *reported*, not with the previous scan: a traced change moves the consumer's view away
-from the last scan (k: 1 -> 2 reported, 2 -> 1 dropped; the map equals the last scan, yet the
-consumer still believes 2). So each map keeps an overlay of the values the tracer reported since
-its last scan; a scan is diffed against that scan with the overlay applied. This also keeps the
-periodic poll from repeating what the tracer already reported.
+Scans run in a thread of their own: a 1M-entry map takes ~0.3 s to dump, and the ring must be
+drained meanwhile (at 250k writes/s it would overflow and force yet another rescan). ``read()``
+returns traced events as they come and scan results when they are ready.
+
+Repair after loss: an ``Overflow`` from the tracer makes the scanner rescan the map at once, so a
+dropped event delays a change but never loses it. A rescan must compare the map with what was
+*reported*, not with the previous scan: a traced change moves the consumer's view away from the
+last scan (k: 1 -> 2 reported, 2 -> 1 dropped; the map equals the last scan, yet the consumer
+still believes 2). So each map keeps an overlay of the values reported since its last scan (and
+of the consumer's own writes, ``note_written``); a scan is diffed against the last scan with the
+overlay applied. The overlay is taken *before* the dump: whatever it holds was written before
+the dump began, so the dump holds that value or a newer one, and no report is ever older than
+what the consumer was told; a value reported during the dump waits in the next overlay. This
+also keeps the periodic poll from repeating what the tracer already reported.
 """
 
 from __future__ import annotations
@@ -35,8 +42,8 @@ from bpfsync.watch.trace import TraceWatcher, check_traceable
 
 log = logging.getLogger("bpfsync.watch")
 
-# How many ring batches a repair drains before scanning, so the overlay is current.
-_DRAIN_BATCHES = 64
+# Longest a read() waits on the ring before looking for finished scans.
+_RESULT_CHECK = 0.02
 
 
 class Tracer(Protocol):
@@ -66,7 +73,7 @@ class AutoWatcher:
     ``start()`` never fails for want of tracing: it falls back and logs why. ``read(timeout)``
     returns what is ready, waiting up to ``timeout`` seconds; ``events()`` yields until
     ``close()``, which any thread may call. An ``Overflow`` is passed through (for metrics) and
-    followed, in the same or the next ``read()``, by the rescan's changes.
+    followed, in a later ``read()``, by the rescan's changes.
     """
 
     def __init__(
@@ -107,6 +114,11 @@ class AutoWatcher:
         self._overlay: dict[str, dict[bytes, bytes | None]] = {}
         self._overlay_lock = threading.Lock()  # note_written() comes from the consumer's thread
         self._initial: list[WatchEvent] = []  # the first scans' entries, with emit_initial
+        self._scanned: list[WatchEvent] = []  # scan results not yet read (under _overlay_lock)
+        self._scanned_ready = threading.Event()
+        self._failure: BaseException | None = None  # what killed the scanner, raised by read()
+        self._wake_scanner = threading.Event()
+        self._scanner = threading.Thread(target=self._scan_loop, name="bpfsync-scan", daemon=True)
         self._stop = threading.Event()
         self._started = False
 
@@ -163,6 +175,7 @@ class AutoWatcher:
         except BaseException:
             self.close()
             raise
+        self._scanner.start()
         if self.trace is not None:
             log.info(
                 "watching %s by trace (%s)",
@@ -188,6 +201,10 @@ class AutoWatcher:
     def close(self) -> None:
         """Stop ``events()``/``read()`` and detach the tracer. The maps stay the caller's."""
         self._stop.set()
+        self._wake_scanner.set()
+        self._scanned_ready.set()
+        if self._scanner.is_alive() and self._scanner is not threading.current_thread():
+            self._scanner.join(timeout=10)
         if self.trace is not None:
             self.trace.close()
 
@@ -219,24 +236,25 @@ class AutoWatcher:
     # --- reading -------------------------------------------------------------------------------
 
     def read(self, timeout: float | None = 0.0) -> list[WatchEvent]:
-        """What is ready now (traced changes, repairs, periodic scans); waits up to ``timeout``
-        seconds (None: until something happens) when nothing is."""
+        """What is ready now (traced changes, scan results); waits up to ``timeout`` seconds
+        (None: until something happens) when nothing is."""
         if not self._started:
             raise ValueError("AutoWatcher.read() before start()")
         out: list[WatchEvent] = self._initial
         self._initial = []
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._stop.is_set():
-            wait = self._until_next_poll()
-            if deadline is not None:
-                wait = min(wait, max(0.0, deadline - time.monotonic()))
+            out += self._take_scanned()
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if out:
-                wait = 0.0
+                remaining = 0.0
             if self.trace is not None:
-                out += self._note(self.trace.read(wait))
-            elif wait > 0:
-                self._stop.wait(wait)
-            out += self._poll_due()
+                # bounded, so that scan results finished meanwhile are picked up
+                step = _RESULT_CHECK if remaining is None else min(remaining, _RESULT_CHECK)
+                out += self._note(self.trace.read(step))
+            elif remaining is None or remaining > 0:
+                self._scanned_ready.wait(remaining)
+            out += self._take_scanned()
             if out or (deadline is not None and time.monotonic() >= deadline):
                 break
         return out
@@ -246,10 +264,15 @@ class AutoWatcher:
         while not self._stop.is_set():
             yield from self.read(timeout=0.5)
 
-    def _until_next_poll(self) -> float:
-        if self._rescan:
-            return 0.0
-        return max(0.0, min(self._due.values()) - time.monotonic())
+    def _take_scanned(self) -> list[WatchEvent]:
+        if not self._scanned_ready.is_set():
+            return []
+        with self._overlay_lock:
+            out, self._scanned = self._scanned, []
+            self._scanned_ready.clear()
+            if self._failure is not None:
+                raise self._failure
+        return out
 
     def _note(self, events: list[WatchEvent]) -> list[WatchEvent]:
         """Record what the tracer reported (the overlay) and which maps need a rescan."""
@@ -267,37 +290,48 @@ class AutoWatcher:
                 ov[e.key] = e.value
             elif isinstance(e, Overflow):
                 self._rescan.update(self.traced if e.map is None else (e.map,))
+                self._wake_scanner.set()
 
-    def _poll_due(self) -> list[WatchEvent]:
-        now = time.monotonic()
-        due = [n for n, t in self._due.items() if t <= now or n in self._rescan]
-        if not due:
-            return []
-        out: list[WatchEvent] = []
-        if self.trace is not None and any(n in self.traced for n in due):
-            # bring the overlay up to date, so the scan is compared with what was reported
-            for _ in range(_DRAIN_BATCHES):
-                batch = self._note(self.trace.read(0))
-                out += batch
-                if not batch:
-                    break
-            due = [n for n, t in self._due.items() if t <= now or n in self._rescan]
-        for name in due:
-            self._rescan.discard(name)
-            out += self._scan(name)
-            # never spend more than about half the time scanning: a 1M-entry map takes ~0.3 s
-            p = self._pollers[name]
-            busy = 2 * (p.last_scan_seconds + p.last_diff_seconds)
-            self._due[name] = time.monotonic() + max(self._interval[name], busy)
-        return out
+    # --- the scanner thread ------------------------------------------------------------------
+
+    def _scan_loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                with self._overlay_lock:
+                    now = time.monotonic()
+                    due = [n for n, t in self._due.items() if t <= now or n in self._rescan]
+                    self._rescan.difference_update(due)
+                    wait = min(self._due.values()) - now
+                if not due:
+                    self._wake_scanner.wait(max(0.0, wait))
+                    self._wake_scanner.clear()
+                    continue
+                for name in due:
+                    changes = self._scan(name)
+                    # never spend more than about half the time scanning a map: 1M entries
+                    # take ~0.3 s
+                    p = self._pollers[name]
+                    busy = 2 * (p.last_scan_seconds + p.last_diff_seconds)
+                    self._due[name] = time.monotonic() + max(self._interval[name], busy)
+                    if changes:
+                        with self._overlay_lock:
+                            self._scanned += changes
+                        self._scanned_ready.set()
+        except BaseException as err:  # a reader must not wait forever on a dead scanner
+            if self._stop.is_set():
+                return
+            log.exception("map scan failed")
+            with self._overlay_lock:
+                self._failure = err
+            self._scanned_ready.set()
 
     def _scan(self, name: str) -> list[Change]:
         """Changes between what the consumer was told about ``name`` and its content now."""
         poller = self._pollers[name]
+        with self._overlay_lock:  # before the dump: see the module docstring
+            overlay = self._overlay.pop(name, {})
         snap = poller.rescan()
         prev, poller.baseline = poller.baseline, snap
-        with self._overlay_lock:
-            overlay = self._overlay.pop(name, {})
         if prev is None:
             return full(name, snap) if self.emit_initial else []
         return diff(name, prev, snap, overlay)
