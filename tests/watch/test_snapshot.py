@@ -103,6 +103,25 @@ def test_diff_against_what_the_consumer_was_told(key_size: int, data: st.DataObj
     check(list(prev.items()), list(cur.items()), key_size, 8, told)
 
 
+@settings(max_examples=100, deadline=None)
+@given(key_size=st.sampled_from([4, 16]), data=st.data())
+def test_skipped_keys_are_never_reported(key_size: int, data: st.DataObject) -> None:
+    keys = st.binary(min_size=key_size, max_size=key_size)
+    values = st.binary(min_size=8, max_size=8)
+    prev = data.draw(st.dictionaries(keys, values, max_size=20))
+    cur = data.draw(st.dictionaries(keys, values, max_size=20))
+    told = data.draw(st.dictionaries(keys, st.one_of(st.none(), values), max_size=5))
+    everything = set(prev) | set(cur) | set(told)
+    skip = set(data.draw(st.lists(st.sampled_from(sorted(everything)), max_size=8))
+               if everything else set())  # fmt: skip
+    full = diff("m", snap(list(prev.items()), key_size, 8), snap(list(cur.items()), key_size, 8),
+                told)  # fmt: skip
+    some = diff("m", snap(list(prev.items()), key_size, 8), snap(list(cur.items()), key_size, 8),
+                told, skip)  # fmt: skip
+    assert sorted(some, key=lambda c: c.key) == sorted(
+        (c for c in full if c.key not in skip), key=lambda c: c.key)
+
+
 def test_told_values_hide_known_changes_and_correct_stale_ones() -> None:
     k = [bytes([i]) * 16 for i in range(4)]  # 16-byte keys: hashed codes, checked by bytes
     prev = [(k[0], b"a"), (k[1], b"b"), (k[2], b"c")]

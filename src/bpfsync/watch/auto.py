@@ -334,4 +334,6 @@ class AutoWatcher:
         prev, poller.baseline = poller.baseline, snap
         if prev is None:
             return full(name, snap) if self.emit_initial else []
-        return diff(name, prev, snap, overlay)
+        with self._overlay_lock:  # reported during the dump: the tracer has the last word
+            during = list(self._overlay.get(name, ()))
+        return diff(name, prev, snap, overlay, skip=frozenset(during))

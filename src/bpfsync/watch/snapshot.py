@@ -16,7 +16,7 @@ Deleted and evicted keys (present before, absent now) are reported with ``value=
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -134,29 +134,38 @@ def rows_differ(a: Rows, b: Rows) -> npt.NDArray[np.bool_]:
 
 
 def diff(
-    map_name: str, prev: Snapshot, cur: Snapshot, told: Mapping[bytes, bytes | None] | None = None
+    map_name: str,
+    prev: Snapshot,
+    cur: Snapshot,
+    told: Mapping[bytes, bytes | None] | None = None,
+    skip: Collection[bytes] = (),
 ) -> list[Change]:
     """Changes that turn ``prev`` into ``cur``: new or changed entries, then deletions.
 
     ``told``: values (None: deleted) the consumer learnt since ``prev`` by other means (a
     tracer, its own writes); the changes are then those that turn ``prev`` with ``told`` laid
     over it into ``cur``. Keys in ``told`` are set aside and compared in bulk, so the usual case
-    (every change already known) builds no ``Change`` at all.
+    (every change already known) builds no ``Change`` at all. Keys in ``skip`` are not
+    reported at all (another source reports them: the tracer, for keys written during the scan).
     """
     p, c = prev.dump, cur.dump
     if (p.key_size, p.value_size) != (c.key_size, c.value_size):
         raise ValueError("cannot diff scans of maps with different key or value sizes")
+    if skip and told:
+        told = {k: v for k, v in told.items() if k not in skip}
     rows = _diff_rows(prev, cur)
     if rows is None:
-        return _diff_by_dict(map_name, prev, cur, told or {})
+        slow = _diff_by_dict(map_name, prev, cur, told or {})
+        return [ch for ch in slow if ch.key not in skip] if skip else slow
     updated, gone = rows
-    if not told:
-        return _changes(map_name, cur, updated) + _deletions(map_name, prev, gone)
-    known = _Told(told, c.key_size, c.value_size)
-    updated = updated[~known.holds(take_rows(c.key_array, updated), cur._exact)]
-    gone = gone[~known.holds(take_rows(p.key_array, gone), prev._exact)]
+    known = _Told(told, c.key_size, c.value_size) if told else None
+    skipped = _Told(dict.fromkeys(skip), c.key_size, c.value_size) if skip else None
+    for keys in (known, skipped):
+        if keys is not None:
+            updated = updated[~keys.holds(take_rows(c.key_array, updated), cur._exact)]
+            gone = gone[~keys.holds(take_rows(p.key_array, gone), prev._exact)]
     out = _changes(map_name, cur, updated) + _deletions(map_name, prev, gone)
-    return out + known.changes_in(map_name, cur)
+    return out + known.changes_in(map_name, cur) if known is not None else out
 
 
 def _diff_rows(prev: Snapshot, cur: Snapshot) -> tuple[Index, Index] | None:
