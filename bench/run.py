@@ -18,7 +18,8 @@ Phases (each bounded; every pin and process is cleaned up by the Cluster context
             poll-only at 0.25 s for comparison
   catch-up  a holds N entries and is ready; b starts empty: time to ready and identical, bytes read
             sent by the two agents (ss -ti bytes_sent), RSS of both
-  detect    MapPoller scan+diff of a 1M-entry u32 -> 16 B hash (bench/poll_scan.py's helpers)
+  detect    MapPoller scan+diff of a 1M-entry u32 -> 16 B hash (bench/poll_scan.py's helpers),
+            and what the bpf(2) hooks cost every other process (bench/syscall_hooks.py)
   profile   py-spy record of a and b during thr-user (if py-spy is installed)
 """
 
@@ -42,6 +43,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import poll_scan
 import seed_baseline
+import syscall_hooks
 
 from bpfsync.demo.cluster import (
     BPFFS,
@@ -548,6 +550,9 @@ def main() -> None:
         log("detection (poll scan+diff)")
         R["detect"] = detection(1_000_000)
         log(f"  {R['detect']}")
+        log("what the bpf(2) syscall hooks cost other processes")
+        R["hooks"] = syscall_hooks.run()
+        log(f"  {R['hooks']}")
     with contextlib.suppress(OSError):
         Path(f"/tmp/bpfsync-bench-results-{'quick' if q else 'full'}.json").write_text(
             json.dumps(R, default=str))
@@ -632,6 +637,14 @@ def report(R: dict[str, Any], argv: list[str]) -> None:
                      f"{d['nochange_ms']:.0f} ms / {d['one_pct_ms']:.0f} ms "
                      f"(scan {d['scan_ms']:.0f} + diff {d['diff_ms']:.0f})", "", ""))
 
+    h = R.get("hooks")
+    if h:
+        rows.append(("bpf(2) hooks: cost per syscall of every process (getppid)",
+                     f"{h['getppid_ns']:.0f} -> {h['getppid_hooked_ns']:.0f} ns", "", ""))
+        rows.append(("bpf(2) hooks: a bpf(2) map update of an unwatched map",
+                     f"{h['bpf_update_ns']:.0f} -> {h['bpf_update_hooked_ns']:.0f} ns", "", ""))
+        rows.append(("bpf(2) hooks: watched batch writes -> ring -> numpy",
+                     f"{h['batch_records_per_s'] / 1e6:.2f} M records/s", "", ""))
     w = [max(len(r[i]) for r in [*rows, ("metric", "value", "vs seed", "target")])
          for i in range(4)]
     print("\n" + "  ".join(h.ljust(w[i]) for i, h in enumerate(("metric", "value", "vs seed",

@@ -112,6 +112,9 @@ class WatchConfig(_Strict):
     mode: Literal["auto", "trace", "poll"] = "auto"
     poll_interval: Annotated[float, Field(gt=0, le=3600)] = 0.25
     auto_poll_interval: Annotated[float, Field(gt=0, le=3600)] = 2.0
+    # where fexit is refused, mode auto hooks bpf(2) instead: ~55 ns more on every syscall of
+    # every process on the machine (bench/syscall_hooks.py); false polls instead
+    syscall_hooks: bool = True
 
 
 class SyncConfig(_Strict):

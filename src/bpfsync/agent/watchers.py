@@ -59,6 +59,7 @@ def open_watcher(
         tracing=cfg.mode == "auto",
         agent_tgid=tgid,
         in_place=in_place,
+        hooks=Hooks.AUTO if cfg.syscall_hooks else Hooks.FEXIT,
     )
     auto.start()
     return auto, {name: auto.baseline(name) for name in maps}

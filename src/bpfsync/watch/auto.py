@@ -38,7 +38,7 @@ from bpfsync.kernel.maps import Map
 from bpfsync.model import Change, Overflow, WatchEvent
 from bpfsync.watch.poll import MapPoller
 from bpfsync.watch.snapshot import diff, full
-from bpfsync.watch.trace import TraceWatcher, check_traceable
+from bpfsync.watch.trace import Hooks, TraceWatcher, check_traceable
 
 log = logging.getLogger("bpfsync.watch")
 
@@ -88,6 +88,7 @@ class AutoWatcher:
         emit_initial: bool = False,
         tracer_factory: TracerFactory | None = None,
         in_place: Iterable[str] = (),
+        hooks: Hooks = Hooks.AUTO,
     ) -> None:
         if poll_interval <= 0 or repair_interval <= 0:
             raise ValueError("poll intervals must be positive")
@@ -104,6 +105,7 @@ class AutoWatcher:
         # maps the data plane writes through lookup pointers (counters): tracing cannot see
         # those writes, so they are polled at poll_interval even where they are traced
         self.in_place = frozenset(in_place)
+        self.hooks = hooks  # which tracer hooks to try (AUTO: fexit, else bpf(2))
         self.trace: Tracer | None = None
         self.traced: frozenset[str] = frozenset()
         self.why_not_traced = ""  # empty when every map is traced
@@ -184,7 +186,9 @@ class AutoWatcher:
             )
 
     def _trace_watcher(self, maps: Mapping[str, Map]) -> Tracer:
-        return TraceWatcher(maps, agent_tgid=self.agent_tgid, ring_size=self.ring_size)
+        return TraceWatcher(
+            maps, agent_tgid=self.agent_tgid, ring_size=self.ring_size, hooks=self.hooks
+        )
 
     def _split(self) -> tuple[dict[str, Map], dict[str, str]]:
         traceable: dict[str, Map] = {}
