@@ -120,6 +120,28 @@ def test_peer_that_is_down_at_start_is_reached_later() -> None:
     run(go)
 
 
+def test_a_peer_that_dials_us_is_dialed_back_at_once() -> None:
+    """a failed to reach b and backs off for a minute; b starts and dials a: a dials b back at
+    once (with a fresh channel: gRPC's own reconnect backoff would hold it too)."""
+
+    async def go() -> None:
+        slow = MeshOptions(backoff_base=60.0, backoff_cap=60.0, handshake_timeout=5.0)
+        port = free_port()
+        a = await Node.start("a", [f"127.0.0.1:{port}"], options=slow)
+        try:
+            await eventually(lambda: a.mesh.peers()[0].last_error, "a failed dial")
+            b = await Node.start("b", [a.address], port=port, options=slow)
+            try:
+                await a.up("b")  # only a redial can bring it up within the 60 s backoff
+                assert a.mesh._links[f"127.0.0.1:{port}"].redials == 1
+            finally:
+                await b.close()
+        finally:
+            await a.close()
+
+    run(go)
+
+
 def test_send_refusals() -> None:
     async def go() -> None:
         opts = FAST.__class__(max_message_bytes=64 * 1024, backoff_base=0.02, backoff_cap=0.25)

@@ -21,6 +21,7 @@ from bpfsync.errors import PermissionDeniedError
 from bpfsync.kernel.features import tracing_supported
 from bpfsync.kernel.maps import Map
 from bpfsync.model import Change, Overflow, Seen, WatchEvent
+from bpfsync.watch import auto as auto_module
 from bpfsync.watch.auto import AutoWatcher, Tracer
 from bpfsync.watch.base import Watcher
 
@@ -215,3 +216,34 @@ def test_close_from_another_thread_ends_a_blocking_read_and_events(make_map: Mak
     assert auto.read(timeout=None) == []
     assert list(auto.events()) == []
     assert time.monotonic() - start < 5
+
+
+def test_a_scan_never_undoes_what_was_reported_after_its_dump(
+    make_map: MakeMap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scanner dumps k = 1; before its result is handed over, the tracer reports k = 2. The
+    scan's older value must not follow the report (the consumer would end up believing 1)."""
+    m = make_map("hash", 4, 8, 16)
+    made, factory = scripted()
+    auto = AutoWatcher({"m": m}, repair_interval=60, tracer_factory=factory)
+    auto.start()
+    dumped, release = threading.Event(), threading.Event()
+    real_diff = auto_module.diff
+
+    def slow_diff(*args, **kw):  # type: ignore[no-untyped-def]
+        dumped.set()  # dumped, and what was reported during the dump is looked at already
+        release.wait(5)
+        return real_diff(*args, **kw)
+
+    monkeypatch.setattr(auto_module, "diff", slow_diff)
+    m.update(k(1), v(1))  # not traced: only the scan can see it
+    made[0].push(Overflow("m", 1))  # makes the scanner rescan now
+    assert auto.read(timeout=1) == [Overflow("m", 1)]
+    assert dumped.wait(5)
+    m.update(k(1), v(2))
+    made[0].push(Change("m", k(1), v(2), Seen.TRACE))
+    assert auto.read(timeout=1) == [Change("m", k(1), v(2), Seen.TRACE)]
+    release.set()
+    later = auto.read(timeout=0.5) + auto.read(timeout=0.5)
+    assert Change("m", k(1), v(1), Seen.POLL) not in later
+    auto.close()

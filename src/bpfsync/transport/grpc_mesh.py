@@ -84,7 +84,8 @@ class GrpcMesh:
         self._dns = peers_dns
         self._stats = dict.fromkeys(COUNTERS, 0)
         self._inbox = Inbox(self.options.max_pending_messages)
-        self._server = StreamServer(hello, self.options, self._inbox, self._stats)
+        self._server = StreamServer(hello, self.options, self._inbox, self._stats,
+                                    on_accepted=self._peer_appeared)
         self._links: dict[str, PeerLink] = {}  # by address
         self._by_node: dict[str, PeerLink] = {}  # links that are up, by the node they reach
         self._dns_task: asyncio.Task[None] | None = None
@@ -181,6 +182,12 @@ class GrpcMesh:
         await asyncio.gather(*(link.stop() for link in self._links.values()))
         await self._server.stop(grace=0)
         self._inbox.close()
+
+    def _peer_appeared(self, node: str) -> None:
+        """A peer dialed us: our own links to it (or not yet to anyone) dial now."""
+        for link in self._links.values():
+            if link.node is None or link.node == node:
+                link.redial()
 
     # --- hooks called by PeerLink ------------------------------------------------------------
 

@@ -64,6 +64,8 @@ class PeerLink:
         self._hooks = hooks
         self._queue: deque[bytes] = deque()
         self._wake = asyncio.Event()
+        self._redial = asyncio.Event()  # the peer dialed us: end the wait before the next dial
+        self.redials = 0
         self._reset = asyncio.Event()  # set to end the current session (queue overflow)
         self._reset_error: BpfsyncError | None = None
         self._up_at: float | None = None  # loop time the current session came up
@@ -77,13 +79,21 @@ class PeerLink:
     # --- the owner's side ------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._channel = self._new_channel()
+        self._task = asyncio.create_task(self._run(), name=f"bpfsync-link-{self.address}")
+
+    def _new_channel(self) -> grpc.aio.Channel:
         opts = self._opt.channel_options()
         if self._opt.tls is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=opts)
-        else:
-            creds = self._opt.tls.channel_credentials()
-            self._channel = grpc.aio.secure_channel(self.address, creds, options=opts)
-        self._task = asyncio.create_task(self._run(), name=f"bpfsync-link-{self.address}")
+            return grpc.aio.insecure_channel(self.address, options=opts)
+        creds = self._opt.tls.channel_credentials()
+        return grpc.aio.secure_channel(self.address, creds, options=opts)
+
+    def redial(self) -> None:
+        """The peer just dialed us, so it is up: dial it now instead of when the backoff ends
+        (a node that starts after its peers would otherwise wait up to ``backoff_cap``)."""
+        if not self.up and self._task is not None:
+            self._redial.set()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -135,7 +145,18 @@ class PeerLink:
             if str(error) != self.last_error:
                 log.warning("link down or not up: %s", error)
             self.last_error = str(error)
-            await asyncio.sleep(backoff.next())
+            try:
+                async with asyncio.timeout(backoff.next()):
+                    await self._redial.wait()
+            except TimeoutError:
+                continue
+            self._redial.clear()
+            self.redials += 1
+            backoff.reset()
+            # gRPC's channel keeps a reconnect backoff of its own: start from a fresh one
+            assert self._channel is not None
+            old, self._channel = self._channel, self._new_channel()
+            await old.close()
 
     async def _session(self) -> BpfsyncError:
         """Dial once and run the link until it ends; returns why it ended."""

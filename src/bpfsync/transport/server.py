@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -67,9 +68,11 @@ class _Reject(Exception):
 
 class StreamServer:
     def __init__(
-        self, own: Hello, options: MeshOptions, inbox: Inbox, stats: dict[str, int]
+        self, own: Hello, options: MeshOptions, inbox: Inbox, stats: dict[str, int],
+        on_accepted: Callable[[str], None] = lambda node: None,
     ) -> None:
         self.inbound: dict[str, InboundPeer] = {}
+        self._on_accepted = on_accepted  # told the node id of every stream accepted
         self._stopping = False
         self._own = own
         self._hello_frame = codec.encode(own)
@@ -179,6 +182,7 @@ class StreamServer:
         peer.incarnation = hello.incarnation
         peer.streams += 1
         log.info("stream from %s (%s) accepted", node, context.peer())
+        self._on_accepted(node)
         try:
             await self._inbox.put_message(Received(node, hello))
             while (frame := await context.read()) is not grpc.aio.EOF:

@@ -116,7 +116,8 @@ class AutoWatcher:
         self._overlay: dict[str, dict[bytes, bytes | None]] = {}
         self._overlay_lock = threading.Lock()  # note_written() comes from the consumer's thread
         self._initial: list[WatchEvent] = []  # the first scans' entries, with emit_initial
-        self._scanned: list[WatchEvent] = []  # scan results not yet read (under _overlay_lock)
+        # scan results not yet read, with the overlay that began at their dump (under the lock)
+        self._scanned: list[tuple[str, dict[bytes, bytes | None], list[Change]]] = []
         self._scanned_ready = threading.Event()
         self._failure: BaseException | None = None  # what killed the scanner, raised by read()
         self._wake_scanner = threading.Event()
@@ -269,13 +270,18 @@ class AutoWatcher:
             yield from self.read(timeout=0.5)
 
     def _take_scanned(self) -> list[WatchEvent]:
+        """Finished scans' changes, minus keys reported since their dump began: a scan's value
+        is older than such a report, and handed over after it, it would undo it."""
         if not self._scanned_ready.is_set():
             return []
+        out: list[WatchEvent] = []
         with self._overlay_lock:
-            out, self._scanned = self._scanned, []
-            self._scanned_ready.clear()
             if self._failure is not None:
                 raise self._failure
+            for _, since, changes in self._scanned:
+                out += [c for c in changes if c.key not in since] if since else changes
+            self._scanned = []
+            self._scanned_ready.clear()
         return out
 
     def _note(self, events: list[WatchEvent]) -> list[WatchEvent]:
@@ -303,15 +309,19 @@ class AutoWatcher:
             while not self._stop.is_set():
                 with self._overlay_lock:
                     now = time.monotonic()
-                    due = [n for n, t in self._due.items() if t <= now or n in self._rescan]
+                    # a map whose last results are not read yet waits: its filter (see
+                    # _take_scanned) covers the reports since that one dump
+                    waiting = {n for n, _, _ in self._scanned}
+                    due = [n for n, t in self._due.items()
+                           if (t <= now or n in self._rescan) and n not in waiting]
                     self._rescan.difference_update(due)
-                    wait = min(self._due.values()) - now
+                    wait = _RESULT_CHECK if waiting else min(self._due.values()) - now
                 if not due:
                     self._wake_scanner.wait(max(0.0, wait))
                     self._wake_scanner.clear()
                     continue
                 for name in due:
-                    changes = self._scan(name)
+                    changes, since = self._scan(name)
                     # never spend more than about half the time scanning a map: 1M entries
                     # take ~0.3 s
                     p = self._pollers[name]
@@ -319,7 +329,7 @@ class AutoWatcher:
                     self._due[name] = time.monotonic() + max(self._interval[name], busy)
                     if changes:
                         with self._overlay_lock:
-                            self._scanned += changes
+                            self._scanned.append((name, since, changes))
                         self._scanned_ready.set()
         except BaseException as err:  # a reader must not wait forever on a dead scanner
             if self._stop.is_set():
@@ -329,15 +339,18 @@ class AutoWatcher:
                 self._failure = err
             self._scanned_ready.set()
 
-    def _scan(self, name: str) -> list[Change]:
-        """Changes between what the consumer was told about ``name`` and its content now."""
+    def _scan(self, name: str) -> tuple[list[Change], dict[bytes, bytes | None]]:
+        """Changes between what the consumer was told about ``name`` and its content now, and
+        the overlay begun at the dump (what is reported from then on)."""
         poller = self._pollers[name]
+        since: dict[bytes, bytes | None] = {}
         with self._overlay_lock:  # before the dump: see the module docstring
-            overlay = self._overlay.pop(name, {})
+            told = self._overlay.pop(name, {})
+            self._overlay[name] = since
         snap = poller.rescan()
         prev, poller.baseline = poller.baseline, snap
         if prev is None:
-            return full(name, snap) if self.emit_initial else []
+            return (full(name, snap) if self.emit_initial else []), since
         with self._overlay_lock:  # reported during the dump: the tracer has the last word
-            during = list(self._overlay.get(name, ()))
-        return diff(name, prev, snap, overlay, skip=frozenset(during))
+            during = frozenset(since)
+        return diff(name, prev, snap, told, skip=during), since
