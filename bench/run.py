@@ -115,6 +115,7 @@ class BenchCluster(Cluster):
             cfg.write_text(
                 f"node_id: {node.name}\nmaps:\n  - path: {node.pin}\n"
                 f"watch:\n  mode: {mode}\n  poll_interval: {poll}\n"
+                f"  syscall_hooks: {'true' if mode == 'auto' else 'false'}\n"
                 f"sync:\n  catchup_timeout_s: {catchup_s}\n")
             node.start(["--config", str(cfg)])
 

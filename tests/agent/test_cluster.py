@@ -155,7 +155,7 @@ def test_changes_relay_around_a_cut_link() -> None:
 def test_user_space_writes_are_traced_at_bpf2_where_fexit_is_refused(cluster: Cluster) -> None:
     """This host refuses fexit, so the agents hook bpf(2): with scans 60 s apart, only those
     hooks can carry a user-space write to the peers within seconds."""
-    cluster.start(["--poll-interval", "60"])
+    cluster.start(["--poll-interval", "60", "--syscall-hooks"])
     assert cluster.wait_ready(30)
     st = cluster["a"].status()
     assert st is not None and st["watch"] == "syscall+poll", st

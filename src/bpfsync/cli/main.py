@@ -112,6 +112,11 @@ def run(
     watch_mode: Annotated[
         str | None, typer.Option("--watch", help="auto | trace | poll (default auto)")
     ] = None,
+    syscall_hooks: Annotated[
+        bool | None,
+        typer.Option("--syscall-hooks/--no-syscall-hooks",
+                     help="where fexit is refused, trace bpf(2) instead (experimental)"),
+    ] = None,
     poll_interval: Annotated[
         float | None,
         typer.Option(help="seconds between scans of maps whose BPF programs' writes are not "
@@ -149,6 +154,8 @@ def run(
             data["watch"] = {**data.get("watch", {}), "mode": watch_mode}
         if poll_interval is not None:
             data["watch"] = {**data.get("watch", {}), "poll_interval": poll_interval}
+        if syscall_hooks is not None:
+            data["watch"] = {**data.get("watch", {}), "syscall_hooks": syscall_hooks}
         if "node_id" not in data:
             raise typer.BadParameter("give --node-id or a --config file with node_id")
         cfg = parse_config(data, str(config) if config else "command line")
