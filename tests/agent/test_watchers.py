@@ -9,19 +9,19 @@ from bpfsync.agent.watchers import open_watcher
 from bpfsync.kernel.maps import Map
 
 
-def test_auto_uses_the_syscall_hooks_only_when_asked(
+def test_auto_uses_the_syscall_hooks_unless_they_are_switched_off(
     make_map: Callable[..., Map],
 ) -> None:
     m = make_map("hash", 4, 8, 16)
     m.update(b"\1\0\0\0", bytes(8))
-    hooked, first = open_watcher(WatchConfig(syscall_hooks=True), {"m": m})
+    hooked, first = open_watcher(WatchConfig(), {"m": m})
     try:
         assert hooked.mode == "syscall+poll"
         assert list(first["m"]) == [(b"\1\0\0\0", bytes(8))]  # the seed
     finally:
         hooked.close()
-    polled, _ = open_watcher(WatchConfig(), {"m": m})
+    polled, _ = open_watcher(WatchConfig(syscall_hooks=False), {"m": m})
     try:
-        assert polled.mode == "poll"  # fexit refused, and the bpf(2) hooks are opt-in
+        assert polled.mode == "poll"  # fexit refused and the bpf(2) hooks not wanted
     finally:
         polled.close()

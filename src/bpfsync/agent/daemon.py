@@ -223,6 +223,7 @@ class Agent:
         now = _now()
         recent = time.monotonic() - _STALE_WINDOW
         records: list[Record] = []
+        reread: list[tuple[str, bytes, bytes | None]] = []  # (map, key, kernel value)
         counts: Counter[tuple[str, str]] = Counter()  # metrics: one update per burst, not per key
         for ev in events:
             if isinstance(ev, Overflow):
@@ -234,7 +235,10 @@ class Agent:
             st.reported += 1
             value = sm.fold(ev.value)
             if st.last_apply > recent and value != self.replica.kernel_view(ev.map, ev.key):
-                value = sm.fold(sm.map.lookup(ev.key))  # the report may predate an apply
+                raw = sm.map.lookup(ev.key)  # the report may predate an apply
+                value = sm.fold(raw)
+                if raw != ev.value:  # we now believe another value than the watcher reported
+                    reread.append((ev.map, ev.key, raw))
             rec = self.replica.local_change(ev.map, ev.key, value, now)
             if rec is None:
                 counts[(ev.map, "")] += 1
@@ -247,6 +251,10 @@ class Agent:
                 self.metrics.local_changes.labels(name, seen).inc(n)
             else:
                 self.metrics.echoes.labels(name).inc(n)
+        # the watcher compares its next scan with what we believe: without this, a key whose
+        # report we replaced by a re-read value, then deleted by the data plane back to the
+        # reported state, would look unchanged to it and never be reported
+        self._note_written(reread)
         self._broadcast(records)
 
     def _broadcast(self, records: list[Record]) -> None:

@@ -115,7 +115,7 @@ def run(
     syscall_hooks: Annotated[
         bool | None,
         typer.Option("--syscall-hooks/--no-syscall-hooks",
-                     help="where fexit is refused, trace bpf(2) instead (experimental)"),
+                     help="where fexit is refused, trace bpf(2) instead (default on)"),
     ] = None,
     poll_interval: Annotated[
         float | None,
