@@ -41,6 +41,7 @@ from typing import Any
 import yaml
 
 from bpfsync.demo.cluster import AgentProcess, free_port
+from bpfsync.demo.cluster import wait_for as cluster_wait_for
 from bpfsync.kernel.links import Link
 from bpfsync.kernel.maps import Map
 from bpfsync.kernel.objects import BpfObject
@@ -80,12 +81,7 @@ def in_netns(name: str) -> Iterator[None]:
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, every: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(every)
-    return cond()
+    return cluster_wait_for(cond, timeout, every)  # the packet tests poll more often
 
 
 def tai_ns() -> int:

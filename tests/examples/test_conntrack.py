@@ -44,20 +44,27 @@ def frame_len(payload: bytes) -> int:
     return 14 + 20 + 8 + len(payload)  # what XDP sees: Ethernet, IPv4, UDP; no FCS
 
 
+def flow_lab(netlab: Callable[..., Netlab]) -> tuple[Netlab, str, bytes]:
+    """Three conntrack nodes syncing by poll, one UDP source: (lab, source, its flow's key)."""
+    lab = netlab("conntrack", "conntrack")
+    src = lab.add_source("198.18.0.1")
+    lab.start_agents(SYNC_CONNS, watch_mode="poll")
+    return lab, src, FLOW.pack(ipv4(src), ipv4(VIP), SPORT, DPORT, 17)
+
+
+def flow_on(lab: Netlab, key: bytes) -> dict[str, tuple[int, int, int] | None]:
+    """Each node's (packets, bytes, last_seen) of the flow, None where it has no entry."""
+    return {n.name: None if (raw := n.maps["conns"].lookup(key)) is None else CONN.unpack(raw)
+            for n in lab}
+
+
 def test_flow_moved_between_nodes_keeps_its_totals_everywhere(
     netlab: Callable[..., Netlab],
 ) -> None:
-    lab = netlab("conntrack", "conntrack")
-    src = lab.add_source("198.18.0.1")
-    key = FLOW.pack(ipv4(src), ipv4(VIP), SPORT, DPORT, 17)
-    lab.start_agents(SYNC_CONNS, watch_mode="poll")
+    lab, src, key = flow_lab(netlab)
 
     def conns() -> dict[str, tuple[int, int, int] | None]:
-        out: dict[str, tuple[int, int, int] | None] = {}
-        for n in lab:
-            raw = n.maps["conns"].lookup(key)
-            out[n.name] = None if raw is None else CONN.unpack(raw)
-        return out
+        return flow_on(lab, key)
 
     lab.route(VIP, lab["a"])
     assert lab.send(src, [VIP], FIRST, RATE, DPORT, FIRST_PAYLOAD, sport=SPORT) == FIRST
@@ -88,17 +95,13 @@ def test_flow_moved_between_nodes_keeps_its_totals_everywhere(
 def test_flow_through_two_nodes_at_once_loses_at_most_a_few_increments(
     netlab: Callable[..., Netlab],
 ) -> None:
-    lab = netlab("conntrack", "conntrack")
-    src = lab.add_source("198.18.0.1")
-    key = FLOW.pack(ipv4(src), ipv4(VIP), SPORT, DPORT, 17)
-    lab.start_agents(SYNC_CONNS, watch_mode="poll")
+    lab, src, key = flow_lab(netlab)
     lab.route(VIP, lab["a"], lab["b"])  # multipath: each socket of the sender takes one path
     paths = [(VIP, lab["a"].client_if), (VIP, lab["b"].client_if)]
     assert lab.send(src, paths, CONCURRENT, RATE, DPORT, FIRST_PAYLOAD, sport=SPORT) == CONCURRENT
 
     def values() -> list[tuple[int, int, int] | None]:
-        return [None if (raw := n.maps["conns"].lookup(key)) is None else CONN.unpack(raw)
-                for n in lab]
+        return list(flow_on(lab, key).values())
 
     assert wait_for(lambda: None not in values() and len(set(values())) == 1, CONVERGE_S), (
         f"the nodes do not agree: {values()}")

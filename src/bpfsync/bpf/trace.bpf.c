@@ -206,6 +206,28 @@ static __always_inline void count(__u32 slot)
 		__sync_fetch_and_add(c, 1);
 }
 
+/* A record was lost (ring full, buffer unreadable): counted per map, so user space rescans. */
+static __always_inline void dropped(struct trace_watch *w)
+{
+	__sync_fetch_and_add(&w->dropped, 1);
+	count(TRACE_CNT_DROPPED);
+}
+
+/* Fill in a reserved record's header and hand it to user space. */
+static __always_inline void submit(struct trace_record *rec, __u32 map_id, __u32 ks, __u32 vs,
+				   __u8 op, __u8 flags, __u32 tgid)
+{
+	rec->map_id = map_id;
+	rec->key_len = ks;
+	rec->value_len = vs;
+	rec->op = op;
+	rec->flags = flags;
+	rec->cpu = bpf_get_smp_processor_id();
+	rec->tgid = tgid;
+	bpf_ringbuf_submit(rec, 0);
+	count(TRACE_CNT_SUBMITTED);
+}
+
 static __always_inline bool is_percpu(struct bpf_map *map)
 {
 	enum bpf_map_type type = BPF_CORE_READ(map, map_type);
@@ -235,8 +257,7 @@ static __always_inline int report(struct bpf_map *map, const void *key, const vo
 	}
 	rec = bpf_ringbuf_reserve(&events, sizeof(*rec), 0);
 	if (!rec) {
-		__sync_fetch_and_add(&w->dropped, 1);
-		count(TRACE_CNT_DROPPED);
+		dropped(w);
 		return 0;
 	}
 	ks = BPF_CORE_READ(map, key_size);
@@ -253,15 +274,7 @@ static __always_inline int report(struct bpf_map *map, const void *key, const vo
 			bpf_probe_read_kernel(rec->value, vs, value);
 		}
 	}
-	rec->map_id = id;
-	rec->key_len = ks;
-	rec->value_len = vs;
-	rec->op = op;
-	rec->flags = flags;
-	rec->cpu = bpf_get_smp_processor_id();
-	rec->tgid = pid_tgid >> 32;
-	bpf_ringbuf_submit(rec, 0);
-	count(TRACE_CNT_SUBMITTED);
+	submit(rec, id, ks, vs, op, flags, pid_tgid >> 32);
 	return 0;
 }
 
@@ -359,12 +372,6 @@ static __always_inline struct bpf_map *fd_map(__u32 fd)
 	return BPF_CORE_READ(file, private_data);
 }
 
-static __always_inline void dropped(struct trace_watch *w)
-{
-	__sync_fetch_and_add(&w->dropped, 1);
-	count(TRACE_CNT_DROPPED);
-}
-
 static __always_inline bool is_batch_cmd(__u32 cmd)
 {
 	return cmd == BPF_MAP_UPDATE_BATCH || cmd == BPF_MAP_DELETE_BATCH ||
@@ -455,15 +462,7 @@ static long report_user(__u32 i, struct user_elems *e)
 		if (bpf_probe_read_user(rec->value, vs, (void *)src))
 			goto unreadable;
 	}
-	rec->map_id = e->map_id;
-	rec->key_len = ks;
-	rec->value_len = vs;
-	rec->op = e->op;
-	rec->flags = e->flags;
-	rec->cpu = bpf_get_smp_processor_id();
-	rec->tgid = e->tgid;
-	bpf_ringbuf_submit(rec, 0);
-	count(TRACE_CNT_SUBMITTED);
+	submit(rec, e->map_id, ks, vs, e->op, e->flags, e->tgid);
 	return 0;
 unreadable:
 	bpf_ringbuf_discard(rec, 0);

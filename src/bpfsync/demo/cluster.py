@@ -192,6 +192,16 @@ class Node(AgentProcess):
             self.pin.unlink()
 
 
+
+def wait_for(cond: Callable[[], bool], timeout: float, every: float = 0.1) -> bool:
+    """Poll ``cond`` every ``every`` s until it holds or ``timeout`` s pass; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(every)
+    return cond()
+
 class Cluster:
     """N nodes in a full mesh; a context manager that always cleans up pins and processes."""
 
@@ -218,12 +228,7 @@ class Cluster:
             node.start(extra)
 
     def wait(self, cond: Callable[[], bool], timeout: float, every: float = 0.1) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if cond():
-                return True
-            time.sleep(every)
-        return cond()
+        return wait_for(cond, timeout, every)
 
     def wait_ready(self, timeout: float = 30.0, nodes: Sequence[Node] | None = None) -> bool:
         return self.wait(lambda: all(n.is_ready() for n in (nodes or list(self))), timeout)
