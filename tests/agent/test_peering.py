@@ -102,3 +102,39 @@ def test_no_routine_digest_while_records_for_the_peer_wait() -> None:
         assert not any(type(m).__name__ == "Digest" for m in sent)
 
     with_pair(body)
+
+
+def test_a_fresh_node_sends_nothing_back_of_its_catch_up() -> None:
+    """The answer to a digest puts its Pull before its records: a fresh node answers that Pull
+    from its empty state, not with the records it is being sent (which it used to return)."""
+
+    async def main() -> None:
+        net = MemoryNetwork()
+        a, ra = node(net, "a")
+        diverge(ra, range(3000))  # a holds 3000 records; b starts empty
+        b, rb = node(net, "b")
+        caught_up: list[tuple[str, str, int]] = []
+        b._on_caught_up = lambda *args: caught_up.append(args)
+        b._catching_up = lambda: True  # b sends an urgent digest at link-up
+        sent_by_b: list[object] = []
+        original = b.transport.send
+        b.transport.send = lambda peer, msg: sent_by_b.append(msg) or original(peer, msg)  # type: ignore[method-assign]
+        await a.transport.start()
+        await b.transport.start()
+        tasks = [asyncio.create_task(a.run()), asyncio.create_task(b.run())]
+        try:
+            for _ in range(100):
+                await asyncio.sleep(0.02)
+                if caught_up:
+                    break
+            filled = sum(1 for h in ra.digest("m").buckets if h)
+            assert caught_up == [("m", "a", filled)]
+            assert rb.content("m") == ra.content("m") and rb.registers("m") == 3000
+            assert not any(type(m).__name__ == "Batch" and m.records for m in sent_by_b)
+            assert ra.stats["received.ignored"] == 0
+        finally:
+            await a.transport.close()
+            await b.transport.close()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())

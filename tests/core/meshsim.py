@@ -180,10 +180,10 @@ class Mesh:
                 self.send(node.name, src, session.ack())
         elif isinstance(msg, Digest):
             pull, records = replica.answer_digest(msg, src)
+            if pull is not None:  # first, so it is answered from src's state (peering.py)
+                self.send(node.name, src, pull)
             for chunk in split(records, MAX_RECORDS, MAX_BYTES):
                 self.send(node.name, src, session.repair_batch(chunk))
-            if pull is not None:
-                self.send(node.name, src, pull)
         elif isinstance(msg, Pull):
             for chunk in split(replica.answer_pull(msg, src), MAX_RECORDS, MAX_BYTES):
                 self.send(node.name, src, session.repair_batch(chunk))

@@ -13,6 +13,7 @@ def test_exported_names() -> None:
             "LWW",
             "Companion",
             "Ack",
+            "Answered",
             "ApplyResult",
             "Batch",
             "ClockDriftError",

@@ -10,7 +10,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpfsync.core.messages import Ack, Batch, Digest, Hello, MapSchema, Message, Pull, Record, Stamp
+from bpfsync.core.messages import (
+    Ack,
+    Answered,
+    Batch,
+    Digest,
+    Hello,
+    MapSchema,
+    Message,
+    Pull,
+    Record,
+    Stamp,
+)
+from bpfsync.core.register import pack
 from bpfsync.errors import MalformedMessageError
 from bpfsync.transport import Limits, decode, encode
 from bpfsync.transport._proto import bpfsync_pb2 as pb
@@ -20,7 +32,9 @@ u32 = st.integers(0, 2**32 - 1)
 names = st.text(st.characters(codec="utf-8"), min_size=1, max_size=40)  # no lone surrogates
 few_names = st.sampled_from(["ratelimit", "backends", "m", "ünïcode"])
 
-stamps = st.builds(Stamp, wall=u64, logical=u64, node=names | st.sampled_from(["a", "b"]))
+node_ids = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1,
+                   max_size=40)  # a node id packs to 1-255 bytes without NUL (register.py)
+stamps = st.builds(Stamp, wall=u64, logical=u64, node=node_ids | st.sampled_from(["a", "b"]))
 records = st.builds(Record, map=few_names | names, key=st.binary(max_size=64),
                     value=st.none() | st.binary(max_size=64), stamp=stamps)
 schemas = st.builds(MapSchema, name=names, key_size=st.integers(0, 512),
@@ -32,6 +46,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Digest, map=names, buckets=st.lists(u64, max_size=100).map(tuple)),
     st.builds(Pull, map=names, buckets=st.lists(st.integers(0, (1 << 20) - 1), max_size=100)
               .map(tuple)),
+    st.builds(Answered, map=names, differing=st.integers(0, (1 << 32) - 1)),
 )
 
 
@@ -53,7 +68,7 @@ def test_arbitrary_bytes_decode_or_are_malformed(data: bytes) -> None:
         msg = decode(data)
     except MalformedMessageError:
         return
-    assert isinstance(msg, Hello | Batch | Ack | Digest | Pull)
+    assert isinstance(msg, Hello | Batch | Ack | Digest | Pull | Answered)
 
 
 @settings(max_examples=300)
@@ -69,11 +84,14 @@ def test_corrupted_frames_decode_or_are_malformed(msg: Message, data: st.DataObj
         decode(bytes(frame))
 
 
+V1 = pack(Stamp(1, 0, "a"), b"v1")
+DEL = pack(Stamp(2, 0, "a"), None)
+
+
 def raw_batch(**fields: Any) -> bytes:
     """A Batch frame of two records built by hand, with ``fields`` overridden."""
     b: dict[str, Any] = dict(
-        sender="a", seq=1, maps=["m"], nodes=["a"], map_index=[0, 0], keys=[b"k1", b"k2"],
-        values=[b"v1", b""], tombstones=[1], wall=[1, 2], logical=[0, 0], node_index=[0, 0])
+        sender="a", seq=1, maps=["m"], map_index=[0, 0], keys=[b"k1", b"k2"], records=[V1, DEL])
     b.update(fields)
     return bytes(pb.Frame(batch=pb.Batch(**b)).SerializeToString())
 
@@ -82,21 +100,22 @@ def test_hand_built_batch_is_valid() -> None:
     batch = decode(raw_batch())
     assert isinstance(batch, Batch)
     assert [r.value for r in batch.records] == [b"v1", None]
+    assert [r.stamp for r in batch.records] == [Stamp(1, 0, "a"), Stamp(2, 0, "a")]
 
 
 @pytest.mark.parametrize(("fields", "why"), [
     (dict(sender=""), "Batch.sender is empty"),
-    (dict(nodes=[""]), "stamp node is empty"),
     (dict(maps=[""]), "map name is empty"),
-    (dict(wall=[1]), "different lengths"),
-    (dict(keys=[], values=[], map_index=[], wall=[], logical=[], node_index=[]),
-     "different lengths"),  # the tombstone column outlives the records
+    (dict(records=[V1]), "different lengths"),
+    (dict(keys=[], map_index=[]), "different lengths"),
     (dict(map_index=[0, 1]), "index beyond"),
-    (dict(node_index=[0, 5]), "index beyond"),
-    (dict(tombstones=[2]), "tombstone"),
-    (dict(tombstones=[1, 1]), "tombstone"),
-    (dict(tombstones=[0]), "tombstone"),  # a delete carrying a value
-    (dict(nodes=["n" * 300]), "characters long"),
+    (dict(records=[V1, DEL[:-2]]), "bytes"),  # too short to hold a stamp
+    (dict(records=[V1, bytes(16) + b"\x00\x00v"]), "node id"),  # empty node id
+    (dict(records=[V1, bytes(16) + b"a" * 300 + b"\x00\x00"]), "node id"),
+    (dict(records=[V1, bytes(16) + b"abc"]), "node id"),  # no end of node id
+    (dict(records=[V1, DEL + b"v"]), "tombstone with a value"),
+    (dict(records=[V1, bytes(16) + b"a\x00\x07"]), "unknown kind"),
+    (dict(records=[V1, bytes(16) + b"\xff\xfe\x00\x01"]), "UTF-8"),
     (dict(keys=[b"k" * 70000, b"k"]), "key is longer"),
 ])
 def test_malformed_batches(fields: dict[str, Any], why: str) -> None:
@@ -129,6 +148,7 @@ def test_limits_bound_what_a_peer_can_make_us_allocate() -> None:
      "policy is empty"),
     (pb.Frame(digest=pb.Digest(map="")).SerializeToString(), "Digest.map is empty"),
     (pb.Frame(pull=pb.Pull(map="")).SerializeToString(), "Pull.map is empty"),
+    (pb.Frame(answered=pb.Answered(map="")).SerializeToString(), "Answered.map is empty"),
     (b"\x0a\x03\x0a\x01\xff", "undecodable"),  # Hello.node that is not UTF-8
 ])
 def test_malformed_frames(frame: bytes, why: str) -> None:

@@ -174,7 +174,7 @@ def test_sender_with_a_larger_limit_is_reset_then_recovers() -> None:
         try:
             await a.up("b")
             mark = len(a.events)
-            assert a.mesh.send("b", batch("a", 1, n=1000))  # ~18 KiB: fine for a, not for b
+            assert a.mesh.send("b", batch("a", 1, n=500))  # ~18 KiB: fine for a, not for b
             down = await a.down("b", start=mark)
             assert down.error is not None and "RESOURCE_EXHAUSTED" in str(down.error)
             await eventually(lambda: b.mesh.stats["frames_oversized"] == 1, "b counted it")

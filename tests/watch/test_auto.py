@@ -247,3 +247,22 @@ def test_a_scan_never_undoes_what_was_reported_after_its_dump(
     later = auto.read(timeout=0.5) + auto.read(timeout=0.5)
     assert Change("m", k(1), v(1), Seen.POLL) not in later
     auto.close()
+
+
+def test_held_scans_start_at_release_and_miss_nothing(make_map: MakeMap) -> None:
+    """A catching-up agent holds the scans; the first scan after the release reports what the
+    data plane changed meanwhile, and not what the consumer wrote itself."""
+    m = make_map("hash", 4, 8, 16)
+    _, factory = scripted(refuse=PermissionDeniedError("no tracing here", 1))
+    auto = AutoWatcher({"m": m}, poll_interval=0.02, tracer_factory=factory, hold_scans=True)
+    auto.start()
+    try:
+        m.update(k(1), v(10))  # the data plane
+        m.update(k(2), v(20))  # the consumer, which says so
+        auto.note_written("m", [(k(2), v(20))])
+        assert auto.read(timeout=0.3) == []  # 15 poll intervals: no scan while held
+        auto.release_scans()
+        assert read_until(auto, 1) == [Change("m", k(1), v(10), Seen.POLL)]
+        assert auto.read(timeout=0.1) == []
+    finally:
+        auto.close()

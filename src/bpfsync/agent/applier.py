@@ -26,13 +26,18 @@ from bpfsync.kernel.maps import Map
 log = logging.getLogger(__name__)
 
 
+Pairs = list[tuple[bytes, bytes | None]]  # (key, value or None to delete)
+
+
 @dataclass(slots=True)
 class ApplyStats:
     updated: int = 0
     deleted: int = 0
     failed: int = 0
-    # (map, key, value or None) written to the watched maps themselves (not to companions)
-    written: list[tuple[str, bytes, bytes | None]] = field(default_factory=list)
+    # per map: what was written to the watched map itself (not to a companion)
+    written: dict[str, Pairs] = field(default_factory=dict)
+    # per map: how many updates and deletes were asked for
+    asked: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class Applier:
@@ -42,7 +47,7 @@ class Applier:
 
     def apply(self, writes: Iterable[Write]) -> ApplyStats:
         stats = ApplyStats()
-        per_map: dict[str, list[tuple[bytes, bytes | None]]] = defaultdict(list)
+        per_map: dict[str, Pairs] = defaultdict(list)
         for name, key, value in writes:
             per_map[name].append((key, value))
         for name, kvs in per_map.items():
@@ -52,15 +57,15 @@ class Applier:
                 self._write(name, sm.companion, kvs, stats, note=False)
                 continue
             self._write(name, sm.map, kvs, stats, note=True)
-            stats.written += [(name, k, v) for k, v in kvs]
+            stats.written[name] = kvs
         return stats
 
     def _write(
-        self, name: str, m: Map, kvs: list[tuple[bytes, bytes | None]], stats: ApplyStats,
-        *, note: bool,
+        self, name: str, m: Map, kvs: Pairs, stats: ApplyStats, *, note: bool
     ) -> None:
         ups = [(k, v) for k, v in kvs if v is not None]
         dels = [k for k, v in kvs if v is None]
+        stats.asked[name] = (len(ups), len(dels))
         if ups:
             self._update(name, m, ups, stats, note)
         if dels:
@@ -70,7 +75,8 @@ class Applier:
         self, name: str, m: Map, pairs: list[tuple[bytes, bytes]], stats: ApplyStats, note: bool
     ) -> None:
         try:
-            m.update_batch(b"".join(k for k, _ in pairs), b"".join(v for _, v in pairs), len(pairs))
+            keys, values = b"".join([k for k, _ in pairs]), b"".join([v for _, v in pairs])
+            m.update_batch(keys, values, len(pairs))
             stats.updated += len(pairs)
             return
         except KernelError as err:

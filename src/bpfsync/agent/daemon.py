@@ -8,10 +8,11 @@ parts:
                                                        └──forward/reply──► peering (relay)
 
 Readiness: the node reports ready once, for every map, every peer it is linked with (and at
-least one) has answered its first digest (the answer's records precede the Pull on the same
-stream, so a Pull means "caught up with that peer"), or, when no peer is reachable at all, after
-``catchup_timeout_s``: a lone first node of a cluster must still come up. Local changes seen
-before that wait in the bridge (one per key, bridge.py), then are stamped.
+least one) has answered its first digest (the answer's records precede its Answered on the
+same stream, so Answered means "caught up with that peer"), or, when no peer is reachable at
+all, after ``catchup_timeout_s``: a lone first node of a cluster must still come up. Local
+changes seen before that wait in the bridge (one per key, bridge.py), then are stamped; the
+watcher's periodic scans wait for it too.
 
 Stale watcher reports: a scan or ring record may be read before an apply and processed after
 it; its value then differs from what the replica knows the kernel holds and would look like a
@@ -28,11 +29,11 @@ import os
 import signal
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bpfsync.agent.applier import Applier
+from bpfsync.agent.applier import Applier, Pairs
 from bpfsync.agent.bridge import WatchBridge
 from bpfsync.agent.config import AgentConfig
 from bpfsync.agent.http import StatusServer
@@ -47,6 +48,7 @@ from bpfsync.model import Change, Overflow, WatchEvent
 from bpfsync.transport.base import Transport
 from bpfsync.transport.grpc_mesh import GrpcMesh
 from bpfsync.transport.options import MeshOptions
+from bpfsync.watch.auto import AutoWatcher
 
 log = logging.getLogger("bpfsync.agent")
 
@@ -148,7 +150,8 @@ class Agent:
     async def run(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         in_place = [name for name, sm in self.synced.items() if sm.policy.per_origin]
-        watcher, baselines = open_watcher(self.cfg.watch, self.maps, in_place)
+        # no scans while catching up: the agent fills its maps and takes no local change yet
+        watcher, baselines = open_watcher(self.cfg.watch, self.maps, in_place, hold_scans=True)
         self._watcher = watcher
         for name, items in baselines.items():
             sm = self.synced[name]
@@ -223,7 +226,7 @@ class Agent:
         now = _now()
         recent = time.monotonic() - _STALE_WINDOW
         records: list[Record] = []
-        reread: list[tuple[str, bytes, bytes | None]] = []  # (map, key, kernel value)
+        reread: dict[str, Pairs] = defaultdict(list)  # per map: (key, kernel value)
         counts: Counter[tuple[str, str]] = Counter()  # metrics: one update per burst, not per key
         for ev in events:
             if isinstance(ev, Overflow):
@@ -238,7 +241,7 @@ class Agent:
                 raw = sm.map.lookup(ev.key)  # the report may predate an apply
                 value = sm.fold(raw)
                 if raw != ev.value:  # we now believe another value than the watcher reported
-                    reread.append((ev.map, ev.key, raw))
+                    reread[ev.map].append((ev.key, raw))
             rec = self.replica.local_change(ev.map, ev.key, value, now)
             if rec is None:
                 counts[(ev.map, "")] += 1
@@ -261,7 +264,7 @@ class Agent:
         if self.peering is not None:
             self.peering.broadcast(records)
 
-    def _merge(self, peer: str, records: tuple[Record, ...]) -> ApplyResult:
+    def _merge(self, peer: str, records: Sequence[Record]) -> ApplyResult:
         """Peer records: merge, write what changed to the kernel, return what to pass on.
 
         In-place counters go key by key: re-read the key, take the increments the data plane
@@ -304,7 +307,7 @@ class Agent:
         self.metrics.raced.labels(sm.name).inc()
         return self.replica.local_change(sm.name, key, current, _now())
 
-    def _receive(self, peer: str, records: tuple[Record, ...], into: ApplyResult) -> None:
+    def _receive(self, peer: str, records: Sequence[Record], into: ApplyResult) -> None:
         res = self.replica.receive(records, _now(), peer)
         for rec, err in res.rejected:
             self.map_stats[rec.map].rejected += 1
@@ -315,28 +318,25 @@ class Agent:
             self._note_written(applied.written)
             self.metrics.apply_seconds.observe(time.perf_counter() - started)
             mono = time.monotonic()
-            ops: Counter[tuple[str, str]] = Counter()
-            for name, _, value in res.writes:
-                ops[(name, "delete" if value is None else "update")] += 1
-            for (name, op), n in ops.items():
+            for name, (updates, deletes) in applied.asked.items():
                 st = self.map_stats[name]
-                st.applied += n
+                st.applied += updates + deletes
                 st.last_apply = mono
-                self.metrics.applied.labels(name, op).inc(n)
+                for op, n in (("update", updates), ("delete", deletes)):
+                    if n:
+                        self.metrics.applied.labels(name, op).inc(n)
         into.writes += res.writes
-        into.forward += res.forward
+        into.forward.extend(res.forward)
         into.reply += res.reply
         into.rejected += res.rejected
 
-    def _note_written(self, written: list[tuple[str, bytes, bytes | None]]) -> None:
-        """Tell a polling watcher what we wrote, so its next scan is compared with it."""
-        if self._watcher is None or not written:
+    def _note_written(self, written: Mapping[str, Pairs]) -> None:
+        """Tell a polling watcher what we wrote (per map), so its next scan is compared with it."""
+        if self._watcher is None:
             return
-        per_map: dict[str, list[tuple[bytes, bytes | None]]] = defaultdict(list)
-        for name, key, value in written:
-            per_map[name].append((key, value))
-        for name, kvs in per_map.items():
-            self._watcher.note_written(name, kvs)
+        for name, kvs in written.items():
+            if kvs:
+                self._watcher.note_written(name, kvs)
 
     # --- catch-up and timers -------------------------------------------------------------------
 
@@ -359,6 +359,8 @@ class Agent:
         log.info("ready", extra={"why": why,
                                  "after_s": round(self.catchup.done_at - self.catchup.started, 3)})
         self._became_ready.set()  # the watch loop starts stamping what waited in the bridge
+        if isinstance(self._watcher, AutoWatcher):
+            self._watcher.release_scans()
         self._refresh_status()
 
     async def _timer_loop(self) -> None:

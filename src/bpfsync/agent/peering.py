@@ -7,8 +7,10 @@ Rules of this module (the core's rules are in core/session.py and core/replica.p
 - Digests carry the links the sender has up. A record is relayed to a peer only when that peer's
   last digest says it has no link to the record's origin: in a healthy full mesh every origin
   reaches every peer itself, and relaying everything would double each node's receive work.
-- A digest is answered with our records where it differs, then a Pull (empty or not), on the
-  same ordered stream: the Pull tells the asker it has everything we had for it (catch-up).
+- A digest is answered, on one ordered stream, with a Pull for the buckets that differ, then our
+  records in them, then Answered: that tells the asker it has everything we had for it
+  (catch-up). The Pull goes first so the asker answers it from its own state, not from the
+  records we are about to send it (the other order sent a fresh node's whole catch-up back).
   Urgent digests (catch-up, gap repair) are answered for every differing bucket. Routine ones
   (the periodic backstop) only for buckets that differ *stably*: the same hash on both sides as
   at the peer's previous digest. While changes flow, buckets differ by what is in flight, and
@@ -36,7 +38,16 @@ from typing import Any
 
 from bpfsync.agent.config import SyncConfig
 from bpfsync.agent.metrics import AgentMetrics
-from bpfsync.core.messages import Ack, Batch, Digest, Hello, MapSchema, Pull, Record
+from bpfsync.core.messages import (
+    Ack,
+    Answered,
+    Batch,
+    Digest,
+    Hello,
+    MapSchema,
+    Pull,
+    Record,
+)
 from bpfsync.core.outbox import Outbox, split
 from bpfsync.core.replica import ApplyResult, Replica
 from bpfsync.core.session import PeerSession, map_mismatches
@@ -51,7 +62,7 @@ _REPAIR_BACKLOG = 8 << 20  # bytes queued on a link before repair answers wait f
 _SEND_BACKLOG = 16 << 20  # ... before new batches wait (the link resets past 64 MiB)
 
 # (peer, records) -> what merging them asks of us; None when the records were not merged
-OnRecords = Callable[[str, tuple[Record, ...]], ApplyResult | None]
+OnRecords = Callable[[str, Sequence[Record]], ApplyResult | None]
 
 
 class Peering:
@@ -84,7 +95,7 @@ class Peering:
         self._linked: set[str] = set()  # peers whose link from us is up
         self._peer_links: dict[str, frozenset[str]] = {}  # what each peer's digests said
         self.last_batch_at = 0.0  # ... of the last batch of any kind (repair answers included)
-        self._repairs: dict[str, deque[Batch | Pull]] = defaultdict(deque)
+        self._repairs: dict[str, deque[Batch | Pull | Answered]] = defaultdict(deque)
         self._unanswered: dict[str, dict[str, Digest]] = {}  # peer -> map -> its latest digest
         # (peer, map) -> (its last digest's buckets, ours then): what _stable_differences compares
         self._observed: dict[tuple[str, str], tuple[tuple[int, ...], tuple[int, ...]]] = {}
@@ -148,7 +159,7 @@ class Peering:
             s = self.sessions[peer] = PeerSession(self.node, peer, outbox=outbox)
         return s
 
-    def _send(self, peer: str, message: Ack | Batch | Digest | Pull) -> bool:
+    def _send(self, peer: str, message: Ack | Batch | Digest | Pull | Answered) -> bool:
         return self.transport.send(peer, message)
 
     def _peer_up(self, peer: str, hello: Hello) -> None:
@@ -200,7 +211,8 @@ class Peering:
             self._answer_digest(peer, s, msg)
         elif isinstance(msg, Pull):
             self._send_repair(peer, s, self.replica.answer_pull(msg, peer))
-            self._on_caught_up(msg.map, peer, len(msg.buckets))
+        elif isinstance(msg, Answered):
+            self._on_caught_up(msg.map, peer, msg.differing)
         elif isinstance(msg, Hello):
             self._send(peer, s.on_hello(msg))
         if s.take_repair():
@@ -210,10 +222,11 @@ class Peering:
         """Relay what changed our state to peers cut off from its origin; reply to the sender
         where we hold something newer."""
         relayed = False
-        if res.forward:
+        origins = res.forward.origins() if res.forward else set()
+        if origins:
             for other, s in self.sessions.items():
                 links = self._peer_links.get(other)
-                if other == sender or links is None:
+                if other == sender or links is None or origins <= links | {other}:
                     continue
                 relay = [r for r in res.forward
                          if r.stamp.node not in links and r.stamp.node != other]
@@ -264,12 +277,14 @@ class Peering:
                 return
             only = self._stable_differences(peer, digest)
         pull, records = self.replica.answer_digest(digest, peer, only=only)
+        differing = 0 if pull is None else len(pull.buckets)
         if pull is not None:
-            self.metrics.repairs.labels(digest.map).inc(len(pull.buckets))
-        self._send_repair(peer, s, records, pull or Pull(digest.map, ()))
+            self.metrics.repairs.labels(digest.map).inc(differing)
+            self._repairs[peer].append(pull)
+        self._send_repair(peer, s, records, Answered(digest.map, differing))
 
     def _send_repair(
-        self, peer: str, s: PeerSession, records: list[Record], tail: Pull | None = None
+        self, peer: str, s: PeerSession, records: Sequence[Record], tail: Answered | None = None
     ) -> None:
         q = self._repairs[peer]
         for chunk in split(records, self.sync.max_batch_records, self._batch_bytes()):

@@ -35,12 +35,14 @@ class BatchWatcher(Protocol):
 
 
 def open_watcher(
-    cfg: WatchConfig, maps: Mapping[str, Map], in_place: Iterable[str] = ()
+    cfg: WatchConfig, maps: Mapping[str, Map], in_place: Iterable[str] = (),
+    *, hold_scans: bool = False,
 ) -> tuple[BatchWatcher, dict[str, Items]]:
     """Start the configured watcher on ``maps``; returns it and each map's content at start.
 
     ``in_place`` names maps whose values the data plane changes through lookup pointers
-    (counter, max and min policies): they are polled at the full poll rate even when traced."""
+    (counter, max and min policies): they are polled at the full poll rate even when traced.
+    ``hold_scans``: no periodic scan until the watcher's ``release_scans()`` (AutoWatcher)."""
     tgid = os.getpid()
     if cfg.mode == "trace" and in_place:
         log.warning(
@@ -60,6 +62,7 @@ def open_watcher(
         agent_tgid=tgid,
         in_place=in_place,
         hooks=Hooks.AUTO if cfg.syscall_hooks else Hooks.FEXIT,
+        hold_scans=hold_scans,
     )
     auto.start()
     return auto, {name: auto.baseline(name) for name in maps}

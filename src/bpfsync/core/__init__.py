@@ -3,7 +3,8 @@
 Nothing here reads a clock, touches the kernel or the network: callers pass the time and carry
 the messages. Where things happen:
 
-    messages.py   the protocol's values (Stamp, Record, Hello, Batch, Ack, Digest, Pull)
+    messages.py   the protocol's values (Stamp, Record, Hello, Batch, Ack, Digest, Pull,
+                  Answered)
     hlc.py        hybrid logical clock: the stamps that order writes
     merge.py      policies: how records of one key become the kernel value (lww, counter, ...)
     table.py      one map's replicated state, bucketed for digests
@@ -18,6 +19,7 @@ from bpfsync.core.hlc import DEFAULT_MAX_DRIFT_NS, ClockDriftError, HybridClock
 from bpfsync.core.merge import LWW, Companion, FieldPolicy, FieldRule, Policy, policy_for
 from bpfsync.core.messages import (
     Ack,
+    Answered,
     Batch,
     Digest,
     Hello,
@@ -36,6 +38,7 @@ __all__ = [
     "DEFAULT_MAX_DRIFT_NS",
     "LWW",
     "Ack",
+    "Answered",
     "ApplyResult",
     "Batch",
     "ClockDriftError",

@@ -16,15 +16,12 @@ the states of authenticated peers, which could send any records they like anyway
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 
 from xxhash import xxh3_64_intdigest
 
 from bpfsync.core.messages import Digest, Record
-
-_KEY_LEN = struct.Struct("<I")
-_STAMP = struct.Struct("<QQH")  # wall, logical, length of the node id
+from bpfsync.core.register import pack
 
 DEFAULT_BUCKETS = 1024  # 8 KiB per map on the wire; ~1000 keys per bucket at 1M keys
 MASK = (1 << 64) - 1
@@ -38,18 +35,15 @@ def bucket_of(key: bytes, nbuckets: int) -> int:
 def record_hash(rec: Record) -> int:
     """A 64-bit hash of one record's key, stamp and value (or tombstone).
 
-    Part of the protocol: every node must encode the same way (lengths prefix the variable
-    parts so no two records encode alike).
+    Part of the protocol: the hash of the key followed by the record's packed form
+    (register.py), which no two records of one map share.
     """
-    stamp, key, value = rec.stamp, rec.key, rec.value
-    node = stamp.node.encode()
-    head = _KEY_LEN.pack(len(key))
-    mid = _STAMP.pack(stamp.wall, stamp.logical, len(node))
-    if value is None:
-        data = b"".join((head, key, mid, node, b"\x00"))
-    else:
-        data = b"".join((head, key, mid, node, b"\x01", value))
-    return xxh3_64_intdigest(data)
+    return xxh3_64_intdigest(rec.key + pack(rec.stamp, rec.value))
+
+
+def packed_hash(key: bytes, packed: bytes) -> int:
+    """``record_hash`` of the record a packed register holds, without unpacking it."""
+    return xxh3_64_intdigest(key + packed)
 
 
 def fold(buckets: Sequence[int], nbuckets: int) -> tuple[int, ...]:

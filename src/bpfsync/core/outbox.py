@@ -11,12 +11,14 @@ peer is then brought up to date by digest repair, which costs less than holding 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 
 from bpfsync.core.merge import newer
 from bpfsync.core.messages import Record
+from bpfsync.core.register import Packed
 
 RECORD_OVERHEAD = 32  # framing, stamp integers and flags on the wire, roughly
+_PACKED_OVERHEAD = 8  # framing of a packed record and its key on the wire, roughly
 
 
 def encoded_size(rec: Record) -> int:
@@ -25,12 +27,18 @@ def encoded_size(rec: Record) -> int:
     return RECORD_OVERHEAD + len(rec.map) + len(rec.key) + value + len(rec.stamp.node)
 
 
-def split(records: Iterable[Record], max_records: int, max_bytes: int) -> Iterator[list[Record]]:
-    """Cut records into batch-sized lists (within both limits, at least one record each).
+def split(
+    records: Iterable[Record], max_records: int, max_bytes: int
+) -> Iterator[Sequence[Record]]:
+    """Cut records into batch-sized pieces (within both limits, at least one record each).
 
     For repair answers, which can be a whole map: they go out as seq-0 batches, not through an
-    Outbox, whose bound is meant for live traffic.
+    Outbox, whose bound is meant for live traffic. ``Packed`` records are cut into ``Packed``
+    slices, sized by their columns.
     """
+    if isinstance(records, Packed):
+        yield from _split_packed(records, max_records, max_bytes)
+        return
     chunk: list[Record] = []
     size = 0
     for rec in records:
@@ -42,6 +50,25 @@ def split(records: Iterable[Record], max_records: int, max_bytes: int) -> Iterat
         size += n
     if chunk:
         yield chunk
+
+
+def _split_packed(records: Packed, max_records: int, max_bytes: int) -> Iterator[Packed]:
+    # most repair answers are far below the byte limit per max_records: cut by count, and
+    # walk record by record only a piece that is too big
+    for start in range(0, len(records), max_records):
+        piece = records[start : start + max_records]
+        size = sum(map(len, piece.keys)) + sum(map(len, piece.packed))
+        if size + _PACKED_OVERHEAD * len(piece) <= max_bytes:
+            yield piece
+            continue
+        first = size = 0
+        for i, (key, packed) in enumerate(zip(piece.keys, piece.packed, strict=True)):
+            n = _PACKED_OVERHEAD + len(key) + len(packed)
+            if i > first and size + n > max_bytes:
+                yield piece[first:i]
+                first, size = i, 0
+            size += n
+        yield piece[first:]
 
 
 class Outbox:

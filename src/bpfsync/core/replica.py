@@ -64,14 +64,16 @@ Rules
 
 from __future__ import annotations
 
+import struct
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from bpfsync.core.digest import DEFAULT_BUCKETS, diff
+from bpfsync.core.digest import DEFAULT_BUCKETS, bucket_of, diff
 from bpfsync.core.hlc import DEFAULT_MAX_DRIFT_NS, ClockDriftError, HybridClock
-from bpfsync.core.merge import FieldPolicy, Policy, newer, policy_for
+from bpfsync.core.merge import FieldPolicy, Policy, policy_for
 from bpfsync.core.messages import Digest, MapSchema, Pull, Record, Stamp
+from bpfsync.core.register import MAX_NODE_BYTES, Packed, node_of, pack, stamp_of, unpack
 from bpfsync.core.table import MapTable, SlotTable, new_table
 from bpfsync.errors import (
     ConfigError,
@@ -82,7 +84,9 @@ from bpfsync.errors import (
 )
 
 _U64 = 1 << 64
-_MAX_NODE_ID = 255
+_BE64 = struct.Struct(">Q")
+_SEED_CLOCK = bytes(16)  # a packed record's wall and logical of a seed stamp
+_UNSET = b"unset"  # a sentinel no kernel value is (compared by identity)
 
 REJECT_REASONS: dict[type[PeerError], str] = {
     UnknownMapError: "unknown_map",
@@ -110,7 +114,7 @@ class ApplyResult:
     """What a received batch asks of the caller."""
 
     writes: list[Write] = field(default_factory=list)  # to the local kernel maps, one per key
-    forward: list[Record] = field(default_factory=list)  # to every other peer (R2, T3)
+    forward: Packed = field(default_factory=Packed.empty)  # to every other peer (R2, T3)
     reply: list[Record] = field(default_factory=list)  # back to the sender (R2, T3)
     rejected: list[tuple[Record, PeerError]] = field(default_factory=list)  # R1
 
@@ -185,35 +189,34 @@ class Replica:
                 out[key] = value
         return out
 
-    def records(self, map: str) -> list[Record]:
+    def records(self, map: str) -> Packed:
         """Every register's record (tombstones included): a full snapshot for catch-up.
 
-        A list, not a view: the caller may send it in pieces while the replica keeps changing.
+        A copy, not a view: the caller may send it in pieces while the replica keeps changing.
         """
         table = self._local_table(map)
-        return list(table.records_in(range(table.nbuckets)))
+        return table.records_in(range(table.nbuckets))
 
     def registers(self, map: str) -> int:
         return len(self._local_table(map))
 
     # --- local side ------------------------------------------------------------------------
 
-    def seed(self, map: str, items: Iterable[tuple[bytes, bytes]]) -> list[Record]:
-        """Take in the kernel map's entries at start (S1, S2); returns the records to announce."""
+    def seed(self, map: str, items: Iterable[tuple[bytes, bytes]]) -> int:
+        """Take in the kernel map's entries at start (S1, S2); returns how many became our
+        records (peers get them by digest repair: ``records``)."""
         table = self._local_table(map)
         if len(table):
             raise ValueError(f"seed({map!r}) must come before any other change of that map")
         stamp = seed_stamp(self.node)
-        out = []
+        seeded = 0
         for key, value in items:
             self._check_local(table, key, value)
             if table.policy.seed_as_own:
-                rec = Record(map, key, value, stamp)
-                if table.offer(rec) is None:
-                    out.append(rec)
+                seeded += table.offer(Record(map, key, value, stamp)) is None
             self._set_view(table, key, value)
-        self.stats["local.seeded"] += len(out)
-        return out
+        self.stats["local.seeded"] += seeded
+        return seeded
 
     def local_change(self, map: str, key: bytes, value: bytes | None, now_ns: int) -> Record | None:
         """A watcher saw ``key`` change to ``value`` (None: deleted). L1, L2.
@@ -276,59 +279,112 @@ class Replica:
 
     # --- remote side -----------------------------------------------------------------------
 
-    def receive(self, records: Iterable[Record], now_ns: int, sender: str = "") -> ApplyResult:
-        """Merge records a peer sent (R1-R3, T3)."""
+    def receive(self, records: Sequence[Record], now_ns: int, sender: str = "") -> ApplyResult:
+        """Merge records a peer sent (R1-R3, T3).
+
+        Batches off the wire are ``Packed`` (the codec checked their form) and are merged
+        without building a Record each: a catch-up is a million of them. Anything else is
+        checked, then packed.
+        """
         res = ApplyResult()
+        if isinstance(records, Packed):
+            maps, keys, packs = records.maps, records.keys, records.packed
+        else:
+            maps, keys, packs = [], [], []
+            for rec in records:
+                try:
+                    self._admit_form(rec, sender)
+                except PeerError as err:
+                    self._reject(res, rec, err)
+                    continue
+                maps.append(rec.map)
+                keys.append(rec.key)
+                packs.append(pack(rec.stamp, rec.value))
         # kernel view before the batch, per key it changed: the writes are the differences
         touched: dict[tuple[str, bytes], tuple[MapTable, int, bytes | None]] = {}
-        replies: dict[tuple[str, bytes, str], tuple[MapTable, Record]] = {}
+        replies: dict[tuple[str, bytes, str], tuple[MapTable, bytes, bytes]] = {}
+        forward = res.forward
+        # the loop below runs a million times per catch-up: names bound once
+        fwd_map, fwd_key = forward.maps.append, forward.keys.append
+        fwd_packed = forward.packed.append
         stats = self.stats
-        top: Stamp | None = None  # C1: observing the highest stamp covers every lower one
-        for rec in records:
-            try:
-                table = self._admit(rec, now_ns, sender)
-            except PeerError as err:
-                res.rejected.append((rec, err))
-                stats["rejected." + REJECT_REASONS.get(type(err), "other")] += 1
+        tables = self._tables
+        deviations = self._deviations
+        applied = ignored = 0
+        # R1 drift bound as a packed prefix: a record whose 8-byte big-endian wall is above the
+        # limit compares above it; one at the limit compares below (a node id byte is never
+        # 0xff in UTF-8)
+        drift_limit = _BE64.pack(max(0, min(now_ns + self.clock.max_drift_ns, _U64 - 1))) + (
+            b"\xff" * 9
+        )
+        top: bytes | None = None  # C1: observing the highest stamp covers every lower one
+        for name, key, packed in zip(maps, keys, packs, strict=True):
+            table = tables.get(name)
+            end = packed.find(0, 16)
+            live = not packed[end + 1]
+            if (
+                table is None
+                or len(key) != table.schema.key_size
+                or (live and len(packed) - end - 2 != table.schema.value_size)
+                or packed > drift_limit
+            ):
+                rec = unpack(name, key, packed)
+                self._reject(res, rec, self._refusal(table, rec, now_ns, sender))
                 continue
-            if top is None or rec.stamp > top:
-                top = rec.stamp
-            b = table.bucket(rec.key)
+            if top is None or packed > top:
+                top = packed
+            b = bucket_of(key, table.nbuckets)
             horizon = table.horizon
             if (
                 horizon is not None
-                and rec.stamp <= horizon
-                and not is_seed(rec.stamp)
-                and table.held(rec, b) is None
+                and not packed.startswith(_SEED_CLOCK)
+                and stamp_of(packed) <= horizon
+                and not table.holds(key, node_of(packed), b)
             ):
                 stats["received.stale"] += 1
-                if rec.value is not None:  # T3: answer with its tombstone
-                    tomb = Record(rec.map, rec.key, None, rec.stamp)
-                    res.forward.append(tomb)
-                    res.reply.append(tomb)
+                if live:  # T3: answer with its tombstone
+                    tomb = pack(stamp_of(packed), None)
+                    forward.append(name, key, tomb)
+                    res.reply.append(unpack(name, key, tomb))
                 continue
-            reg = (rec.map, rec.key)
-            before = touched[reg][2] if reg in touched else self._expected(table, rec.key, b)
-            kept = table.offer(rec, b)
-            if kept is None:
-                stats["received.applied"] += 1
-                res.forward.append(rec)
-                touched[reg] = (table, b, before)
+            reg = (name, key)
+            first = touched.get(reg)
+            if first is not None:
+                before = first[2]
             else:
-                stats["received.ignored"] += 1
-                if newer(kept, rec):
-                    replies[(rec.map, rec.key, kept.stamp.node)] = (table, kept)
-        for table, kept in replies.values():
-            if table.held(kept) is kept:  # not superseded later in the same batch
-                res.reply.append(kept)
+                before = deviations[name].get(key, _UNSET)
+                if before is _UNSET:
+                    before = table.kernel_value(key, b)
+            kept = table.offer_packed(key, packed, b)
+            if kept is None:
+                applied += 1
+                fwd_map(name)
+                fwd_key(key)
+                fwd_packed(packed)
+                if first is None:
+                    touched[reg] = (table, b, before)
+            else:
+                ignored += 1
+                if kept > packed:  # ours ranks above the sender's (register.py)
+                    replies[(name, key, node_of(kept))] = (table, key, kept)
+        stats["received.applied"] += applied
+        stats["received.ignored"] += ignored
+        for table, key, kept in replies.values():
+            held = table.held(unpack(table.name, key, kept))
+            if held is not None and pack(held.stamp, held.value) == kept:  # not superseded
+                res.reply.append(held)
         for (name, key), (table, b, before) in touched.items():
             want = table.kernel_value(key, b)
             if want != before:
                 res.writes.append((name, key, want))
             self._deviations[name].pop(key, None)
         if top is not None:
-            self.clock.observe(top, now_ns, sender)
+            self.clock.observe(stamp_of(top), now_ns, sender)
         return res
+
+    def _reject(self, res: ApplyResult, rec: Record, err: PeerError) -> None:
+        res.rejected.append((rec, err))
+        self.stats["rejected." + REJECT_REASONS.get(type(err), "other")] += 1
 
     # --- anti-entropy ----------------------------------------------------------------------
 
@@ -338,13 +394,13 @@ class Replica:
 
     def records_in(
         self, map: str, buckets: Iterable[int], nbuckets: int | None = None
-    ) -> list[Record]:
+    ) -> Packed:
         """Every record (live tombstones included) in the given buckets of ``map``."""
-        return list(self._local_table(map).records_in(buckets, nbuckets))
+        return self._local_table(map).records_in(buckets, nbuckets)
 
     def answer_digest(
         self, remote: Digest, sender: str = "", only: Collection[int] | None = None
-    ) -> tuple[Pull | None, list[Record]]:
+    ) -> tuple[Pull | None, Packed]:
         """A peer's digest: the Pull for the buckets that differ, and our records in them
         (of the buckets in ``only``, when given).
 
@@ -362,12 +418,12 @@ class Replica:
         if only is not None:
             differing = [b for b in differing if b in only]
         if not differing:
-            return None, []
-        return Pull(remote.map, tuple(differing)), list(table.records_in(differing, n))
+            return None, Packed.empty()
+        return Pull(remote.map, tuple(differing)), table.records_in(differing, n)
 
     def answer_pull(
         self, pull: Pull, sender: str = "", nbuckets: int | None = None
-    ) -> list[Record]:
+    ) -> Packed:
         """Our records in the buckets a peer asked for (counted at the digest we sent it)."""
         table = self._remote_table(pull.map, sender)
         n = table.nbuckets if nbuckets is None else nbuckets
@@ -376,7 +432,7 @@ class Replica:
             raise MalformedMessageError(
                 f"pull of {pull.map!r} names buckets {bad[:5]} outside 0..{n - 1}", sender
             )
-        return list(table.records_in(pull.buckets, n))
+        return table.records_in(pull.buckets, n)
 
     # --- internals -------------------------------------------------------------------------
 
@@ -402,35 +458,47 @@ class Replica:
                 f" {'None' if value is None else len(value)} bytes"
             )
 
-    def _admit(self, rec: Record, now_ns: int, sender: str) -> MapTable:
-        """R1: the record's table, or the PeerError that refuses it."""
-        table = self._tables.get(rec.map)
-        if table is None:
-            raise UnknownMapError(
-                f"record for map {rec.map!r}, which this node does not sync", sender
-            )
-        schema = table.schema
+    def _admit_form(self, rec: Record, sender: str) -> None:
+        """R1 for a record given as a Record (not off the wire): the types and the stamp's form;
+        ``_refusal`` has the rest."""
         key, value, stamp = rec.key, rec.value, rec.stamp
         if type(key) is not bytes or (value is not None and type(value) is not bytes):
             raise MalformedMessageError(f"record for {rec.map!r}: key/value are not bytes", sender)
-        if len(key) != schema.key_size:
-            raise SizeMismatchError(
-                f"map {rec.map!r}: key of {len(key)} bytes, expected {schema.key_size}", sender
-            )
-        if value is not None and len(value) != schema.value_size:
-            raise SizeMismatchError(
-                f"map {rec.map!r}: value of {len(value)} bytes, expected {schema.value_size}",
-                sender,
-            )
         if (
             not isinstance(stamp, Stamp)
-            or not 0 < len(stamp.node) <= _MAX_NODE_ID
+            or type(stamp.node) is not str
+            or not 0 < len(stamp.node.encode()) <= MAX_NODE_BYTES
+            or "\x00" in stamp.node
+            or type(stamp.wall) is not int
+            or type(stamp.logical) is not int
             or not 0 <= stamp.wall < _U64
             or not 0 <= stamp.logical < _U64
         ):
             raise MalformedMessageError(f"record for {rec.map!r}: bad stamp {stamp!r}", sender)
-        self.clock.check(stamp, now_ns, sender)  # raises ClockDriftError
-        return table
+
+    def _refusal(
+        self, table: MapTable | None, rec: Record, now_ns: int, sender: str
+    ) -> PeerError:
+        """R1: why a well-formed record is refused (unknown map, sizes, clock drift)."""
+        if table is None:
+            return UnknownMapError(
+                f"record for map {rec.map!r}, which this node does not sync", sender
+            )
+        schema = table.schema
+        if len(rec.key) != schema.key_size:
+            return SizeMismatchError(
+                f"map {rec.map!r}: key of {len(rec.key)} bytes, expected {schema.key_size}", sender
+            )
+        if rec.value is not None and len(rec.value) != schema.value_size:
+            return SizeMismatchError(
+                f"map {rec.map!r}: value of {len(rec.value)} bytes, expected {schema.value_size}",
+                sender,
+            )
+        try:
+            self.clock.check(rec.stamp, now_ns, sender)
+        except ClockDriftError as err:
+            return err
+        raise AssertionError(f"record {rec!r} was refused for no reason")
 
     def _expected(self, table: MapTable, key: bytes, b: int | None = None) -> bytes | None:
         deviations = self._deviations[table.name]

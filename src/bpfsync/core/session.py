@@ -45,6 +45,7 @@ from collections.abc import Iterable, Sequence
 
 from bpfsync.core.messages import Ack, Batch, Hello, MapSchema, Record
 from bpfsync.core.outbox import Outbox
+from bpfsync.core.register import Packed
 from bpfsync.errors import MalformedMessageError, UnauthenticatedPeerError
 
 
@@ -130,7 +131,7 @@ class PeerSession:
 
     def repair_batch(self, records: Sequence[Record]) -> Batch:
         """An unnumbered batch answering a Digest or Pull (P1: seq 0)."""
-        return Batch(self.node, 0, tuple(records))
+        return Batch(self.node, 0, records if isinstance(records, Packed) else tuple(records))
 
     @property
     def window_open(self) -> bool:

@@ -3,6 +3,9 @@ hot paths stay cheap at a million keys:
 
 * registers live in ``nbuckets`` dicts split by the key's digest bucket, so answering a Pull for
   a few buckets touches only those keys;
+* one-register-per-key tables (lww) hold each register packed in one bytes object
+  (register.py), a third of the memory of a Record, merged by comparing bytes; Records are built
+  only when asked for;
 * each bucket's digest hash is a running sum, updated as records replace each other;
 * tombstones are also queued by age, so purging them never scans the map;
 * ``horizon`` is the highest stamp of any tombstone purged from this map (see replica.py, T3).
@@ -17,9 +20,12 @@ import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 
-from bpfsync.core.digest import MASK, bucket_of, fold, record_hash
+from xxhash import xxh3_64_intdigest
+
+from bpfsync.core.digest import MASK, bucket_of, fold, packed_hash, record_hash
 from bpfsync.core.merge import Policy, newer
 from bpfsync.core.messages import MapSchema, Record, Stamp
+from bpfsync.core.register import Packed, pack, unpack
 
 
 class MapTable(ABC):
@@ -33,6 +39,8 @@ class MapTable(ABC):
         self.nbuckets = nbuckets
         self.sums = [0] * nbuckets
         self.horizon: Stamp | None = None
+        # the horizon as the stamp part of a packed record (clock, node, NUL): compares alike
+        self.horizon_packed: bytes | None = None
         self._tombstones: list[tuple[int, int, Record]] = []  # heap of (wall, tiebreak, record)
         self._tick = itertools.count()
 
@@ -49,26 +57,25 @@ class MapTable(ABC):
             return tuple(self.sums)
         return fold(self.sums, nbuckets)
 
-    def records_in(self, buckets: Iterable[int], nbuckets: int | None = None) -> Iterator[Record]:
+    def records_in(self, buckets: Iterable[int], nbuckets: int | None = None) -> Packed:
         """Every register's record in the given buckets (counted at ``nbuckets``, a divisor)."""
         n = self.nbuckets if nbuckets is None else nbuckets
         if n <= 0 or self.nbuckets % n:
             raise ValueError(f"{n} buckets do not divide this table's {self.nbuckets}")
+        keys: list[bytes] = []
+        packed: list[bytes] = []
         for coarse in buckets:
             if not 0 <= coarse < n:
                 raise ValueError(f"bucket {coarse} out of range 0..{n - 1}")
             for fine in range(coarse, self.nbuckets, n):
-                yield from self._bucket_records(fine)
+                self._bucket_records(fine, keys, packed)
+        return Packed([self.name] * len(keys), keys, packed)
 
-    def _account(self, b: int, old: Record | None, new: Record | None) -> None:
-        """Keep the digest sum and the tombstone queue in step with a register change."""
-        delta = 0
-        if old is not None:
-            delta -= record_hash(old)
-        if new is not None:
-            delta += record_hash(new)
-            if new.value is None:
-                heapq.heappush(self._tombstones, (new.stamp.wall, next(self._tick), new))
+    def _account(self, b: int, delta: int, tombstone: Record | None = None) -> None:
+        """Keep the digest sum (``delta``: new hash minus old) and the tombstone queue in step
+        with a register change."""
+        if tombstone is not None:
+            heapq.heappush(self._tombstones, (tombstone.stamp.wall, next(self._tick), tombstone))
         self.sums[b] = (self.sums[b] + delta) & MASK
 
     def expire(self, deadline_wall: int) -> int:
@@ -81,18 +88,29 @@ class MapTable(ABC):
                 purged += 1
                 if self.horizon is None or rec.stamp > self.horizon:
                     self.horizon = rec.stamp
+                    self.horizon_packed = pack(rec.stamp, None)[:-1]
         return purged
+
+    def offer(self, rec: Record, b: int | None = None) -> Record | None:
+        """Merge ``rec``: None if it was stored, else the record the register keeps."""
+        kept = self.offer_packed(rec.key, pack(rec.stamp, rec.value), b)
+        return None if kept is None else unpack(self.name, rec.key, kept)
 
     # ``b`` is the key's bucket when the caller already has it: hashing the key is the
     # costliest step on the receive path, so it is done once per record.
 
     @abstractmethod
-    def held(self, rec: Record, b: int | None = None) -> Record | None:
-        """The record in the register ``rec`` belongs to, if any."""
+    def offer_packed(self, key: bytes, packed: bytes, b: int | None = None) -> bytes | None:
+        """Merge a packed record of ``key``: None if it was stored, else the (packed) record
+        the register keeps."""
 
     @abstractmethod
-    def offer(self, rec: Record, b: int | None = None) -> Record | None:
-        """Merge ``rec``: None if it was stored, else the record the register keeps."""
+    def holds(self, key: bytes, node: str, b: int | None = None) -> bool:
+        """Whether there is a register for ``key`` (lww) or for ``key`` and origin ``node``."""
+
+    @abstractmethod
+    def held(self, rec: Record, b: int | None = None) -> Record | None:
+        """The record in the register ``rec`` belongs to, if any."""
 
     @abstractmethod
     def kernel_value(self, key: bytes, b: int | None = None) -> bytes | None:
@@ -103,7 +121,7 @@ class MapTable(ABC):
         """Every key with at least one register (live or tombstone)."""
 
     @abstractmethod
-    def _bucket_records(self, b: int) -> Iterator[Record]: ...
+    def _bucket_records(self, b: int, keys: list[bytes], packed: list[bytes]) -> None: ...
 
     @abstractmethod
     def _remove_if_held(self, rec: Record) -> bool: ...
@@ -114,48 +132,65 @@ class MapTable(ABC):
 
 
 class LwwTable(MapTable):
-    """One register per key."""
+    """One register per key, packed (register.py)."""
 
     def __init__(self, schema: MapSchema, policy: Policy, nbuckets: int) -> None:
         super().__init__(schema, policy, nbuckets)
-        self._regs: list[dict[bytes, Record]] = [{} for _ in range(nbuckets)]
+        self._regs: list[dict[bytes, bytes]] = [{} for _ in range(nbuckets)]
         self._count = 0
+        self._vsize = schema.value_size
 
-    def held(self, rec: Record, b: int | None = None) -> Record | None:
-        return self._regs[self.bucket(rec.key) if b is None else b].get(rec.key)
-
-    def offer(self, rec: Record, b: int | None = None) -> Record | None:
+    def offer_packed(self, key: bytes, packed: bytes, b: int | None = None) -> bytes | None:
         if b is None:
-            b = self.bucket(rec.key)
+            b = self.bucket(key)
         regs = self._regs[b]
-        old = regs.get(rec.key)
-        if old is not None and not newer(rec, old):
+        old = regs.get(key)
+        if old is not None and packed <= old:  # register.py: ranks as newer() does
             return old
-        regs[rec.key] = rec
+        regs[key] = packed
         if old is None:
             self._count += 1
-        self._account(b, old, rec)
+            delta = xxh3_64_intdigest(key + packed)  # packed_hash, inlined: the hot path
+        else:
+            delta = xxh3_64_intdigest(key + packed) - xxh3_64_intdigest(key + old)
+        if packed[packed.find(0, 16) + 1]:  # a tombstone
+            self._account(b, delta, unpack(self.name, key, packed))
+        else:
+            self.sums[b] = (self.sums[b] + delta) & MASK
         return None
 
+    def holds(self, key: bytes, node: str, b: int | None = None) -> bool:
+        return key in self._regs[self.bucket(key) if b is None else b]
+
+    def held(self, rec: Record, b: int | None = None) -> Record | None:
+        packed = self._regs[self.bucket(rec.key) if b is None else b].get(rec.key)
+        return None if packed is None else unpack(self.name, rec.key, packed)
+
     def kernel_value(self, key: bytes, b: int | None = None) -> bytes | None:
-        rec = self._regs[self.bucket(key) if b is None else b].get(key)
-        return None if rec is None else rec.value
+        packed = self._regs[self.bucket(key) if b is None else b].get(key)
+        if packed is None:
+            return None
+        end = packed.find(0, 16)
+        return None if packed[end + 1] else packed[end + 2 :]
 
     def all_keys(self) -> Iterator[bytes]:
         for regs in self._regs:
             yield from regs
 
-    def _bucket_records(self, b: int) -> Iterator[Record]:
-        yield from self._regs[b].values()
+    def _bucket_records(self, b: int, keys: list[bytes], packed: list[bytes]) -> None:
+        regs = self._regs[b]
+        keys += regs.keys()
+        packed += regs.values()
 
     def _remove_if_held(self, rec: Record) -> bool:
         b = self.bucket(rec.key)
         regs = self._regs[b]
-        if regs.get(rec.key) is not rec:
+        packed = regs.get(rec.key)
+        if packed is None or packed != pack(rec.stamp, rec.value):
             return False
         del regs[rec.key]
         self._count -= 1
-        self._account(b, rec, None)
+        self._account(b, -packed_hash(rec.key, packed))
         return True
 
     def __len__(self) -> int:
@@ -170,6 +205,10 @@ class SlotTable(MapTable):
         self._regs: list[dict[bytes, dict[str, Record]]] = [{} for _ in range(nbuckets)]
         self._count = 0
 
+    def holds(self, key: bytes, node: str, b: int | None = None) -> bool:
+        slots = self._regs[self.bucket(key) if b is None else b].get(key)
+        return slots is not None and node in slots
+
     def held(self, rec: Record, b: int | None = None) -> Record | None:
         slots = self._regs[self.bucket(rec.key) if b is None else b].get(rec.key)
         return None if slots is None else slots.get(rec.stamp.node)
@@ -178,7 +217,14 @@ class SlotTable(MapTable):
         """Origin node -> that origin's latest record for ``key`` (a copy)."""
         return dict(self._regs[self.bucket(key)].get(key, {}))
 
+    def offer_packed(self, key: bytes, packed: bytes, b: int | None = None) -> bytes | None:
+        kept = self._offer(unpack(self.name, key, packed), b)
+        return None if kept is None else pack(kept.stamp, kept.value)
+
     def offer(self, rec: Record, b: int | None = None) -> Record | None:
+        return self._offer(rec, b)
+
+    def _offer(self, rec: Record, b: int | None) -> Record | None:
         if b is None:
             b = self.bucket(rec.key)
         slots = self._regs[b].setdefault(rec.key, {})
@@ -189,7 +235,10 @@ class SlotTable(MapTable):
         slots[origin] = rec
         if old is None:
             self._count += 1
-        self._account(b, old, rec)
+            delta = record_hash(rec)
+        else:
+            delta = record_hash(rec) - record_hash(old)
+        self._account(b, delta, rec if rec.value is None else None)
         return None
 
     def kernel_value(self, key: bytes, b: int | None = None) -> bytes | None:
@@ -205,9 +254,11 @@ class SlotTable(MapTable):
         for regs in self._regs:
             yield from regs
 
-    def _bucket_records(self, b: int) -> Iterator[Record]:
-        for slots in self._regs[b].values():
-            yield from slots.values()
+    def _bucket_records(self, b: int, keys: list[bytes], packed: list[bytes]) -> None:
+        for key, slots in self._regs[b].items():
+            for rec in slots.values():
+                keys.append(key)
+                packed.append(pack(rec.stamp, rec.value))
 
     def _remove_if_held(self, rec: Record) -> bool:
         b = self.bucket(rec.key)
@@ -218,7 +269,7 @@ class SlotTable(MapTable):
         if not slots:
             del self._regs[b][rec.key]
         self._count -= 1
-        self._account(b, rec, None)
+        self._account(b, -record_hash(rec))
         return True
 
     def __len__(self) -> int:

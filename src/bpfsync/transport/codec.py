@@ -6,10 +6,10 @@ nothing: bytes that do not parse, a frame with no message, an index out of range
 or a size beyond ``Limits`` all raise MalformedMessageError, the peer's fault. Sizes that depend on
 this node's configuration (unknown maps, key/value lengths) are the core's to check.
 
-Batches are the hot path (thousands of records per frame). The wire form is columnar (see the
-.proto), so both directions run as a handful of list comprehensions and C-level ``extend`` calls
-instead of one protobuf sub-message per record; building the Record/Stamp dataclasses is most of the
-cost of decoding. ``bench/codec.py`` measures both directions.
+Batches are the hot path (thousands of records per frame). The wire form is columns of keys and
+packed records (core/register.py, and the .proto), so both directions run as C-level ``extend``
+and ``list`` calls, plus one pass that checks each packed record's form; a decoded batch holds
+the columns (``Packed``), not Record objects. ``bench/codec.py`` measures both directions.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
 from bpfsync.core.messages import (
     Ack,
+    Answered,
     Batch,
     Digest,
     Hello,
     MapSchema,
     Message,
     Pull,
-    Record,
-    Stamp,
 )
+from bpfsync.core.register import MAX_NODE_BYTES, Packed, check
 from bpfsync.errors import MalformedMessageError
 from bpfsync.transport._proto import bpfsync_pb2 as pb
 
@@ -54,6 +54,7 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+_PACKED_OVERHEAD = 16 + MAX_NODE_BYTES + 2  # a packed record's bytes besides its value
 
 
 # --- encode --------------------------------------------------------------------------------------
@@ -76,6 +77,10 @@ def encode(message: Message) -> bytes:
         _need_name(message.map, "Pull.map")
         frame.pull.map = message.map
         frame.pull.buckets.extend(message.buckets)
+    elif isinstance(message, Answered):
+        _need_name(message.map, "Answered.map")
+        frame.answered.map = message.map
+        frame.answered.differing = message.differing
     elif isinstance(message, Hello):
         _need_name(message.node, "Hello.node")
         h = frame.hello
@@ -93,24 +98,16 @@ def _encode_batch(batch: Batch, out: pb.Batch) -> None:
     _need_name(batch.sender, "Batch.sender")
     out.sender = batch.sender
     out.seq = batch.seq
-    records = batch.records
-    if not records:
+    if not batch.records:
         return
+    records = Packed.of(batch.records)
     maps: dict[str, int] = {}
-    nodes: dict[str, int] = {}
-    stamps = [r.stamp for r in records]
-    values = [r.value for r in records]
-    out.map_index.extend([maps.setdefault(r.map, len(maps)) for r in records])
-    out.node_index.extend([nodes.setdefault(s.node, len(nodes)) for s in stamps])
-    if "" in maps or "" in nodes:
-        raise ValueError("a record has an empty map name or stamp node")
+    out.map_index.extend([maps.setdefault(m, len(maps)) for m in records.maps])
+    if "" in maps:
+        raise ValueError("a record has an empty map name")
     out.maps.extend(maps)
-    out.nodes.extend(nodes)
-    out.keys.extend([r.key for r in records])
-    out.values.extend([b"" if v is None else v for v in values])
-    out.tombstones.extend([i for i, v in enumerate(values) if v is None])
-    out.wall.extend([s.wall for s in stamps])
-    out.logical.extend([s.logical for s in stamps])
+    out.keys.extend(records.keys)
+    out.records.extend(records.packed)
 
 
 def _need_name(name: str, what: str) -> None:
@@ -146,6 +143,9 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, peer: str = "") -> Mess
             if p.buckets and max(p.buckets) >= limits.max_buckets:
                 raise _Bad(f"Pull bucket index {max(p.buckets)} is beyond {limits.max_buckets}")
             return Pull(map=_name(p.map, limits, "Pull.map"), buckets=tuple(p.buckets))
+        if kind == "answered":
+            a = frame.answered
+            return Answered(map=_name(a.map, limits, "Answered.map"), differing=a.differing)
         if kind == "hello":
             return _decode_hello(frame.hello, limits)
         raise _Bad("frame carries no message (unknown or missing kind)")
@@ -195,36 +195,22 @@ def _decode_batch(b: pb.Batch, limits: Limits) -> Batch:
     sender = _name(b.sender, limits, "Batch.sender")
     n = len(b.keys)
     _check_count(n, limits.max_records, "records in Batch")
-    if not n:
-        if b.values or b.map_index or b.wall or b.logical or b.node_index or b.tombstones:
-            raise _Bad("Batch columns have different lengths")
-        return Batch(sender=sender, seq=b.seq, records=())
-    if not (len(b.values) == len(b.map_index) == len(b.wall) == len(b.logical)
-            == len(b.node_index) == n):
+    if len(b.records) != n or len(b.map_index) != n:
         raise _Bad("Batch columns have different lengths")
-
+    if not n:
+        return Batch(sender=sender, seq=b.seq, records=())
     maps = [_name(m, limits, "Batch map name") for m in b.maps]
-    nodes = [_name(s, limits, "stamp node") for s in b.nodes]
     try:
         map_col = [maps[i] for i in b.map_index]
-        node_col = [nodes[i] for i in b.node_index]
     except IndexError:
-        raise _Bad("Batch record names a map or node index beyond its table") from None
-
+        raise _Bad("Batch record names a map index beyond its table") from None
     keys = list(b.keys)
-    values: list[bytes | None] = list(b.values)
+    packed = list(b.records)
     if max(map(len, keys)) > limits.max_key_bytes:
         raise _Bad(f"a key is longer than {limits.max_key_bytes} bytes")
-    if max(map(len, b.values)) > limits.max_value_bytes:
+    if max(map(len, packed)) > limits.max_value_bytes + _PACKED_OVERHEAD:
         raise _Bad(f"a value is longer than {limits.max_value_bytes} bytes")
-    last = -1
-    for i in b.tombstones:
-        # ascending and in range, and a delete carries no value: one meaning per record
-        if i <= last or i >= n or values[i]:
-            raise _Bad(f"bad tombstone index {i} in a Batch of {n} records")
-        values[i] = None
-        last = i
-
-    stamps = map(Stamp, b.wall, b.logical, node_col)
-    records = tuple(map(Record, map_col, keys, values, stamps))
-    return Batch(sender=sender, seq=b.seq, records=records)
+    why = check(packed)
+    if why:
+        raise _Bad(why)
+    return Batch(sender=sender, seq=b.seq, records=Packed(map_col, keys, packed))
