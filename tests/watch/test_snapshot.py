@@ -213,3 +213,43 @@ def test_get_many_matches_get() -> None:
         assert any(v is None for v in snap.get_many(probe))
     empty = Snapshot(MapDump.from_bytes(b"", b"", 4, 8))
     assert empty.get_many([b"\x00" * 4]) == [None]
+
+
+@settings(max_examples=200)
+@given(st.sampled_from([4, 8, 16]), st.data())
+def test_notes_keep_the_last_word_per_key(key_size: int, data: st.DataObject) -> None:
+    """Notes (told values kept as joined bytes) say what a dict of the same notes says."""
+    keys = st.binary(min_size=key_size, max_size=key_size)
+    value = st.none() | st.binary(min_size=3, max_size=3)
+    calls = data.draw(st.lists(st.lists(st.tuples(keys, value), max_size=6), max_size=5))
+    notes, want = snapshot.Notes(), {}
+    for pairs in calls:
+        notes.add(pairs)
+        want.update(pairs)
+    assert len(notes) == sum(map(len, calls)) and notes.to_dict() == want
+    assert all(k in notes for k in want) and b"\xff" * (key_size + 1) not in notes
+    if want:
+        rows, values, present = notes.rows(key_size, 3)
+        got = {r.tobytes(): v.tobytes() if p else None
+               for r, v, p in zip(rows, values, present, strict=True)}  # fmt: skip
+        assert got == want
+
+
+def test_notes_of_another_size_are_refused() -> None:
+    notes = snapshot.Notes()
+    notes.add([(b"k" * 4, b"v" * 3)])
+    with pytest.raises(ValueError, match="sizes"):
+        notes.rows(4, 8)
+
+
+def test_notes_with_colliding_codes_keep_every_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        snapshot, "key_codes", lambda keys: np.zeros(keys.shape[0], dtype=np.uint64)
+    )
+    notes = snapshot.Notes()
+    notes.add([(b"a" * 12, b"1"), (b"b" * 12, b"2")])
+    notes.add([(b"a" * 12, None)])
+    rows, values, present = notes.rows(12, 1)
+    got = {r.tobytes(): v.tobytes() if p else None
+           for r, v, p in zip(rows, values, present, strict=True)}  # fmt: skip
+    assert got == {b"a" * 12: None, b"b" * 12: b"2"}

@@ -20,7 +20,7 @@ brings it in. Accepting it unchecked would drag every node's clock ahead with th
 
 from __future__ import annotations
 
-from bpfsync.core.messages import Stamp
+from bpfsync.core.messages import Stamp, new_stamp
 from bpfsync.errors import PeerError
 
 DEFAULT_MAX_DRIFT_NS = 1_000_000_000  # NTP keeps real clusters within milliseconds
@@ -51,7 +51,7 @@ class HybridClock:
     @property
     def last(self) -> Stamp:
         """The clock's current position (the last stamp issued or observed)."""
-        return Stamp(self._wall, self._logical, self.node)
+        return new_stamp((self._wall, self._logical, self.node))
 
     def now(self, physical_ns: int) -> Stamp:
         """A new stamp for a local event, greater than every stamp issued or observed so far."""
@@ -59,7 +59,7 @@ class HybridClock:
             self._wall, self._logical = physical_ns, 0
         else:  # physical time stood still or went back (NTP step): count on the logical part
             self._logical += 1
-        return Stamp(self._wall, self._logical, self.node)
+        return new_stamp((self._wall, self._logical, self.node))
 
     def check(self, stamp: Stamp, physical_ns: int, peer: str = "") -> None:
         """Raise ClockDriftError if ``stamp`` is too far ahead of ``physical_ns``."""
@@ -85,4 +85,4 @@ class HybridClock:
         else:
             logical = 0
         self._wall, self._logical = new_wall, logical
-        return Stamp(new_wall, logical, self.node)
+        return new_stamp((new_wall, logical, self.node))

@@ -25,7 +25,7 @@ import struct
 from collections.abc import Iterable, Iterator, Sequence
 from typing import overload
 
-from bpfsync.core.messages import Record, Stamp
+from bpfsync.core.messages import Record, Stamp, new_record, new_stamp
 
 _CLOCK = struct.Struct(">QQ")
 _unpack_clock = _CLOCK.unpack_from
@@ -77,7 +77,7 @@ def stamp_of(packed: bytes) -> Stamp:
     end = packed.find(0, 16)
     data = packed[16:end]
     wall, logical = _unpack_clock(packed)
-    return Stamp(wall, logical, _decoded.get(data) or _decode_node(data))
+    return new_stamp((wall, logical, _decoded.get(data) or _decode_node(data)))
 
 
 def is_tombstone(packed: bytes) -> bool:
@@ -89,8 +89,8 @@ def unpack(map: str, key: bytes, packed: bytes) -> Record:
     end = packed.find(0, 16)
     data = packed[16:end]
     wall, logical = _unpack_clock(packed)
-    stamp = Stamp(wall, logical, _decoded.get(data) or _decode_node(data))
-    return Record(map, key, None if packed[end + 1] else packed[end + 2 :], stamp)
+    stamp = new_stamp((wall, logical, _decoded.get(data) or _decode_node(data)))
+    return new_record((map, key, None if packed[end + 1] else packed[end + 2 :], stamp))
 
 
 def _decode_node(data: bytes) -> str:

@@ -72,7 +72,7 @@ from dataclasses import dataclass, field
 from bpfsync.core.digest import DEFAULT_BUCKETS, bucket_of, diff
 from bpfsync.core.hlc import DEFAULT_MAX_DRIFT_NS, ClockDriftError, HybridClock
 from bpfsync.core.merge import FieldPolicy, Policy, policy_for
-from bpfsync.core.messages import Digest, MapSchema, Pull, Record, Stamp
+from bpfsync.core.messages import Digest, MapSchema, Pull, Record, Stamp, new_record
 from bpfsync.core.register import MAX_NODE_BYTES, Packed, node_of, pack, stamp_of, unpack
 from bpfsync.core.table import MapTable, SlotTable, new_table
 from bpfsync.errors import (
@@ -225,11 +225,13 @@ class Replica:
         """
         table = self._local_table(map)
         self._check_local(table, key, value)
-        b = table.bucket(key)
-        if value == self._expected(table, key, b):
+        b = bucket_of(key, table.nbuckets)
+        deviations = self._deviations[map]
+        if value == (deviations[key] if key in deviations else table.kernel_value(key, b)):
             self.stats["local.echo"] += 1
             return None
         own = value
+        slotted = isinstance(table, SlotTable)
         if isinstance(table, SlotTable):
             if value is not None:
                 own = table.policy.own_part(value, table.others(key, self.node))
@@ -237,9 +239,12 @@ class Replica:
             if (None if mine is None else mine.value) == own:  # our contribution is unchanged
                 self._set_view(table, key, value, b)
                 return None
-        rec = Record(map, key, own, self.clock.now(now_ns))
+        rec = new_record((map, key, own, self.clock.now(now_ns)))
         table.offer(rec, b)  # wins: the clock outranks everything it has seen (C1)
-        self._set_view(table, key, value, b)
+        if slotted:
+            self._set_view(table, key, value, b)
+        else:  # the register now holds what the kernel does
+            deviations.pop(key, None)
         self.stats["local.changed"] += 1
         return rec
 

@@ -112,10 +112,14 @@ def lookup_batch_all(
     in_batch: ctypes.Array[ctypes.c_char] | None = None  # NULL: start from the beginning
     n = 0
     while True:
-        if n + chunk > cap:
+        # up to the room left: a map holds at most max_entries, so the buffers grow (a copy,
+        # and every page touched) only for a bucket bigger than that room, or a map over it
+        count = min(chunk, cap - n)
+        if count <= 0:
             cap = max(cap * 2, n + chunk)
             keys = _grow(keys, cap * key_size)
             values = _grow(values, cap * value_size)
+            continue
         out_batch = tokens[0] if in_batch is not tokens[0] else tokens[1]
         ret, got = _libbpf.map_lookup_batch(
             fd,
@@ -123,10 +127,15 @@ def lookup_batch_all(
             out_batch,
             keys.ctypes.data + n * key_size,
             values.ctypes.data + n * value_size,
-            chunk,
+            count,
         )
         if ret == -errno.ENOSPC and got == 0:
-            chunk *= 2  # the next hash bucket holds more entries than one chunk
+            if count < chunk:  # the room left is smaller than the next hash bucket
+                cap = max(cap * 2, n + chunk)
+                keys = _grow(keys, cap * key_size)
+                values = _grow(values, cap * value_size)
+            else:
+                chunk *= 2  # the next hash bucket holds more entries than one chunk
             continue
         if ret in (-errno.EINVAL, -_ENOTSUPP, -errno.EOPNOTSUPP) and n == 0 and got == 0:
             return None

@@ -37,7 +37,7 @@ from bpfsync.kernel.dump import MapDump
 from bpfsync.kernel.maps import Map
 from bpfsync.model import Change, Overflow, WatchEvent
 from bpfsync.watch.poll import MapPoller
-from bpfsync.watch.snapshot import diff, full
+from bpfsync.watch.snapshot import Notes, diff, full
 from bpfsync.watch.trace import Hooks, TraceWatcher, check_traceable
 
 log = logging.getLogger("bpfsync.watch")
@@ -114,11 +114,11 @@ class AutoWatcher:
         self._interval: dict[str, float] = {}
         self._due: dict[str, float] = {}
         self._rescan: set[str] = set()
-        self._overlay: dict[str, dict[bytes, bytes | None]] = {}
+        self._overlay: dict[str, Notes] = {}
         self._overlay_lock = threading.Lock()  # note_written() comes from the consumer's thread
         self._initial: list[WatchEvent] = []  # the first scans' entries, with emit_initial
         # scan results not yet read, with the overlay that began at their dump (under the lock)
-        self._scanned: list[tuple[str, dict[bytes, bytes | None], list[Change]]] = []
+        self._scanned: list[tuple[str, Notes, list[Change]]] = []
         self._scanned_ready = threading.Event()
         self._failure: BaseException | None = None  # what killed the scanner, raised by read()
         # held: no periodic scan until release_scans() (a catching-up agent, see there)
@@ -236,8 +236,9 @@ class AutoWatcher:
         scan with them, not with the last scan. Without this, a key the consumer created between
         two scans and something else then deleted would be in neither scan and go unreported.
         Any thread may call it."""
+        writes = writes if isinstance(writes, list) else list(writes)
         with self._overlay_lock:
-            self._overlay.setdefault(name, {}).update(writes)
+            self._overlay.setdefault(name, Notes()).add(writes)
 
     def release_scans(self) -> None:
         """Start the periodic scans (after ``hold_scans=True``).
@@ -304,16 +305,15 @@ class AutoWatcher:
         return events
 
     def _note_locked(self, events: list[WatchEvent]) -> None:
-        overlay = self._overlay
+        reported: dict[str, list[tuple[bytes, bytes | None]]] = {}
         for e in events:
             if type(e) is Change:
-                ov = overlay.get(e.map)
-                if ov is None:
-                    ov = overlay[e.map] = {}
-                ov[e.key] = e.value
+                reported.setdefault(e.map, []).append((e.key, e.value))
             elif isinstance(e, Overflow):
                 self._rescan.update(self.traced if e.map is None else (e.map,))
                 self._wake_scanner.set()
+        for name, pairs in reported.items():
+            self._overlay.setdefault(name, Notes()).add(pairs)
 
     # --- the scanner thread ------------------------------------------------------------------
 
@@ -355,18 +355,18 @@ class AutoWatcher:
                 self._failure = err
             self._scanned_ready.set()
 
-    def _scan(self, name: str) -> tuple[list[Change], dict[bytes, bytes | None]]:
+    def _scan(self, name: str) -> tuple[list[Change], Notes]:
         """Changes between what the consumer was told about ``name`` and its content now, and
         the overlay begun at the dump (what is reported from then on)."""
         poller = self._pollers[name]
-        since: dict[bytes, bytes | None] = {}
+        since = Notes()
         with self._overlay_lock:  # before the dump: see the module docstring
-            told = self._overlay.pop(name, {})
+            told = self._overlay.pop(name, None) or Notes()
             self._overlay[name] = since
         snap = poller.rescan()
         prev, poller.baseline = poller.baseline, snap
         if prev is None:
             return (full(name, snap) if self.emit_initial else []), since
         with self._overlay_lock:  # reported during the dump: the tracer has the last word
-            during = frozenset(since)
+            during = since.keys()
         return diff(name, prev, snap, told, skip=during), since

@@ -16,7 +16,7 @@ Deleted and evicted keys (present before, absent now) are reported with ``value=
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -137,7 +137,7 @@ def diff(
     map_name: str,
     prev: Snapshot,
     cur: Snapshot,
-    told: Mapping[bytes, bytes | None] | None = None,
+    told: Notes | Mapping[bytes, bytes | None] | None = None,
     skip: Collection[bytes] = (),
 ) -> list[Change]:
     """Changes that turn ``prev`` into ``cur``: new or changed entries, then deletions.
@@ -151,15 +151,18 @@ def diff(
     p, c = prev.dump, cur.dump
     if (p.key_size, p.value_size) != (c.key_size, c.value_size):
         raise ValueError("cannot diff scans of maps with different key or value sizes")
-    if skip and told:
-        told = {k: v for k, v in told.items() if k not in skip}
+    if told is not None and not isinstance(told, Notes):
+        told = Notes.of(told)
     rows = _diff_rows(prev, cur)
     if rows is None:
-        slow = _diff_by_dict(map_name, prev, cur, told or {})
+        known_dict = {k: v for k, v in told.to_dict().items() if k not in skip} if told else {}
+        slow = _diff_by_dict(map_name, prev, cur, known_dict)
         return [ch for ch in slow if ch.key not in skip] if skip else slow
     updated, gone = rows
     known = _Told(told, c.key_size, c.value_size) if told else None
-    skipped = _Told(dict.fromkeys(skip), c.key_size, c.value_size) if skip else None
+    skipped = _Told(Notes.of(dict.fromkeys(skip)), c.key_size, c.value_size) if skip else None
+    if known is not None and skipped is not None:  # told, then reported again: not ours
+        known.keep(~skipped.holds(known.key_rows, cur._exact))
     for keys in (known, skipped):
         if keys is not None:
             updated = updated[~keys.holds(take_rows(c.key_array, updated), cur._exact)]
@@ -201,18 +204,114 @@ def _diff_rows(prev: Snapshot, cur: Snapshot) -> tuple[Index, Index] | None:
     return np.sort(np.concatenate([changed, c_idx[differ], c_new])), np.sort(p_gone)
 
 
+class Notes:
+    """What a consumer was told of one map's keys since some moment (values; None: deleted), in
+    the order told: the last word per key counts.
+
+    Kept as joined bytes, one piece per call: ~20 bytes a note, where a dict entry and its value
+    object cost ~100 that the allocator keeps after they are freed. An agent catching up notes
+    every key it writes (a million) before its next scan.
+    """
+
+    __slots__ = ("_keys", "_parts", "count")
+
+    def __init__(self) -> None:
+        # (keys joined, values joined with zeros for deletes, presence per note, notes)
+        self._parts: list[tuple[bytes, bytes, bytes, int]] = []
+        self._keys: set[bytes] | None = None  # for ``in``, built on first need
+        self.count = 0
+
+    @classmethod
+    def of(cls, told: Mapping[bytes, bytes | None]) -> Notes:
+        notes = cls()
+        notes.add(list(told.items()))
+        return notes
+
+    def add(self, pairs: Sequence[tuple[bytes, bytes | None]]) -> None:
+        if not pairs:
+            return
+        values = [v for _, v in pairs]
+        size = next((len(v) for v in values if v is not None), 0)
+        blank = bytes(size)
+        self._parts.append((
+            b"".join([k for k, _ in pairs]),
+            b"".join([blank if v is None else v for v in values]),
+            bytes([v is not None for v in values]),
+            len(pairs),
+        ))
+        self.count += len(pairs)
+        self._keys = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __contains__(self, key: object) -> bool:
+        if self._keys is None:
+            self._keys = {k for k, _ in self._pairs()}
+        return key in self._keys
+
+    def keys(self) -> frozenset[bytes]:
+        return frozenset(k for k, _ in self._pairs())
+
+    def to_dict(self) -> dict[bytes, bytes | None]:
+        return dict(self._pairs())
+
+    def _pairs(self) -> Iterator[tuple[bytes, bytes | None]]:
+        for keys, values, present, n in self._parts:
+            ks, vs = len(keys) // n, len(values) // n
+            for i in range(n):
+                value = values[i * vs : (i + 1) * vs] if present[i] else None
+                yield keys[i * ks : (i + 1) * ks], value
+
+    def rows(self, key_size: int, value_size: int) -> tuple[Rows, Rows, npt.NDArray[np.bool_]]:
+        """(key rows, value rows, presence): one row per key, its last note."""
+        for keys, values, _, n in self._parts:
+            if len(keys) != n * key_size or len(values) not in (0, n * value_size):
+                raise ValueError(f"notes of other sizes than {key_size}/{value_size}-byte entries")
+        key_rows = np.frombuffer(b"".join(p[0] for p in self._parts), np.uint8)
+        key_rows = key_rows.reshape(self.count, key_size)
+        value_rows = np.concatenate([
+            np.frombuffer(v, np.uint8).reshape(n, value_size) if v
+            else np.zeros((n, value_size), np.uint8)
+            for _, v, _, n in self._parts
+        ])  # fmt: skip
+        present = np.frombuffer(b"".join(p[2] for p in self._parts), np.bool_)
+        codes = key_codes(key_rows)
+        order = np.argsort(codes, kind="stable")  # equal keys keep the order they were told in
+        ordered = codes[order]
+        last = np.ones(len(order), bool)
+        last[:-1] = ordered[1:] != ordered[:-1]
+        if key_size > 8 and not last.all():  # equal hashed codes: the same key, or a collision
+            a, b = order[:-1][~last[:-1]], order[1:][~last[:-1]]
+            if rows_differ(take_rows(key_rows, a), take_rows(key_rows, b)).any():
+                return self._rows_exactly(key_size, value_size)
+        keep = np.sort(order[last])
+        return take_rows(key_rows, keep), take_rows(value_rows, keep), present[keep]
+
+
+    def _rows_exactly(
+        self, key_size: int, value_size: int
+    ) -> tuple[Rows, Rows, npt.NDArray[np.bool_]]:
+        last = self.to_dict()  # slow: only when two different keys share a hash code
+        blank = bytes(value_size)
+        key_rows = np.frombuffer(b"".join(last), np.uint8).reshape(len(last), key_size)
+        values = b"".join(blank if v is None else v for v in last.values())
+        value_rows = np.frombuffer(values, np.uint8).reshape(len(last), value_size)
+        present = np.fromiter((v is not None for v in last.values()), bool, len(last))
+        return key_rows, value_rows, present
+
+
 class _Told:
     """The consumer's known values as arrays: key rows sorted by code, values, presence."""
 
-    def __init__(self, told: Mapping[bytes, bytes | None], key_size: int, value_size: int):
-        n = len(told)
-        self.keys = list(told)
-        self.values = list(told.values())
-        self.key_rows = np.frombuffer(b"".join(self.keys), np.uint8).reshape(n, key_size)
-        self.present = np.fromiter((v is not None for v in self.values), bool, n)
-        blank = bytes(value_size)
-        vals = b"".join(blank if v is None else v for v in self.values)
-        self.value_rows = np.frombuffer(vals, np.uint8).reshape(n, value_size)
+    def __init__(self, told: Notes, key_size: int, value_size: int):
+        self.key_rows, self.value_rows, self.present = told.rows(key_size, value_size)
+        self.order, self.codes = _sort(self.key_rows)
+
+    def keep(self, rows: npt.NDArray[np.bool_]) -> None:
+        """Forget the keys not in ``rows`` (a mask)."""
+        self.key_rows, self.value_rows = self.key_rows[rows], self.value_rows[rows]
+        self.present = self.present[rows]
         self.order, self.codes = _sort(self.key_rows)
 
     def holds(self, keys: Rows, exact: bool) -> npt.NDArray[np.bool_]:
@@ -234,7 +333,7 @@ class _Told:
     def changes_in(self, map_name: str, cur: Snapshot) -> list[Change]:
         """A change for every told key whose value in ``cur`` is not the told one."""
         order, codes = cur.sorted()
-        n = len(self.keys)
+        n = len(self.present)
         if len(codes):
             want = key_codes(self.key_rows)
             pos = np.minimum(np.searchsorted(codes, want), len(codes) - 1)
@@ -249,7 +348,7 @@ class _Told:
         differ = (found != self.present) | (found & rows_differ(values, self.value_rows))
         out = []
         for i in np.flatnonzero(differ).tolist():
-            out.append(Change(map_name, self.keys[i],
+            out.append(Change(map_name, self.key_rows[i].tobytes(),
                               values[i].tobytes() if found[i] else None, Seen.POLL))  # fmt: skip
         return out
 
