@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 import pytest
 
 from bpfsync.errors import PermissionDeniedError
+from bpfsync.kernel.dump import DEFAULT_CHUNK, MapDump
 from bpfsync.kernel.features import tracing_supported
 from bpfsync.kernel.maps import Map
 from bpfsync.model import Change, Overflow, Seen, WatchEvent
@@ -266,3 +267,31 @@ def test_held_scans_start_at_release_and_miss_nothing(make_map: MakeMap) -> None
         assert auto.read(timeout=0.1) == []
     finally:
         auto.close()
+
+
+def test_a_flood_of_overflows_stays_within_the_scan_budget(
+    make_map: MakeMap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rescans after lost events skip the poll interval but not the scan budget: a flood of
+    overflows must not have the scanner dump the map back to back."""
+    m = make_map("hash", 4, 8, 16)
+    made, factory = scripted()
+    auto = AutoWatcher({"m": m}, repair_interval=60, tracer_factory=factory)
+    auto.start()
+    scans = 0
+    dump = Map.dump
+
+    def slow_dump(self: Map, chunk: int = DEFAULT_CHUNK) -> MapDump:
+        nonlocal scans
+        scans += 1
+        time.sleep(0.05)  # as if the map were big: the budget allows one scan per 0.2 s
+        return dump(self, chunk)
+
+    monkeypatch.setattr(Map, "dump", slow_dump)
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        made[0].push(Overflow("m", 1))
+        auto.read(timeout=0.01)
+    auto.close()
+    # back to back would be ~20 scans in the second; the budget allows 1 / 0.2 s
+    assert 2 <= scans <= 7

@@ -12,16 +12,17 @@ Scans run in a thread of their own: a 1M-entry map takes ~0.3 s to dump, and the
 drained meanwhile (at 250k writes/s it would overflow and force yet another rescan). ``read()``
 returns traced events as they come and scan results when they are ready.
 
-Repair after loss: an ``Overflow`` from the tracer makes the scanner rescan the map at once, so a
-dropped event delays a change but never loses it. A rescan must compare the map with what was
-*reported*, not with the previous scan: a traced change moves the consumer's view away from the
-last scan (k: 1 -> 2 reported, 2 -> 1 dropped; the map equals the last scan, yet the consumer
-still believes 2). So each map keeps an overlay of the values reported since its last scan (and
-of the consumer's own writes, ``note_written``); a scan is diffed against the last scan with the
-overlay applied. The overlay is taken *before* the dump: whatever it holds was written before
-the dump began, so the dump holds that value or a newer one, and no report is ever older than
-what the consumer was told; a value reported during the dump waits in the next overlay. This
-also keeps the periodic poll from repeating what the tracer already reported.
+Repair after loss: an ``Overflow`` from the tracer makes the scanner rescan the map as soon as
+its scan budget allows (``_SCAN_SHARE``: a 1M-entry map at most every ~1.2 s, a small one at
+once), so a dropped event delays a change but never loses it. A rescan must compare the map with
+what was *reported*, not with the previous scan: a traced change moves the consumer's view away
+from the last scan (k: 1 -> 2 reported, 2 -> 1 dropped; the map equals the last scan, yet the
+consumer still believes 2). So each map keeps an overlay of the values reported since its last
+scan (and of the consumer's own writes, ``note_written``); a scan is diffed against the last
+scan with the overlay applied. The overlay is taken *before* the dump: whatever it holds was
+written before the dump began, so the dump holds that value or a newer one, and no report is
+ever older than what the consumer was told; a value reported during the dump waits in the next
+overlay. This also keeps the periodic poll from repeating what the tracer already reported.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ log = logging.getLogger("bpfsync.watch")
 
 # Longest a read() waits on the ring before looking for finished scans.
 _RESULT_CHECK = 0.02
+# The share of time the scanner may spend on one map: a 1M-entry map takes ~0.3 s to dump and
+# diff, so it is scanned every ~1.2 s whatever the poll interval (rescans included).
+_SCAN_SHARE = 0.25
 
 
 class Tracer(Protocol):
@@ -113,6 +117,7 @@ class AutoWatcher:
         self._pollers = {name: MapPoller(name, m) for name, m in self.maps.items()}
         self._interval: dict[str, float] = {}
         self._due: dict[str, float] = {}
+        self._earliest: dict[str, float] = {}  # no scan before: the scan budget
         self._rescan: set[str] = set()
         self._overlay: dict[str, Notes] = {}
         self._overlay_lock = threading.Lock()  # note_written() comes from the consumer's thread
@@ -175,6 +180,7 @@ class AutoWatcher:
             slow = name in self.traced and name not in self.in_place and seen
             self._interval[name] = self.repair_interval if slow else self.poll_interval
             self._due[name] = now + self._interval[name]
+            self._earliest[name] = now
             self._pollers[name].emit_initial = self.emit_initial
         try:
             self._initial = [c for p in self._pollers.values() for c in p.poll()]
@@ -325,11 +331,15 @@ class AutoWatcher:
                     # a map whose last results are not read yet waits: its filter (see
                     # _take_scanned) covers the reports since that one dump
                     waiting = {n for n, _, _ in self._scanned}
-                    due = [n for n, t in self._due.items()
-                           if (t <= now or n in self._rescan) and n not in waiting
-                           and not self._scans_held]
+                    # a rescan (after lost events) need not wait for the interval, but it
+                    # does for the scan budget: under a flood of overflows it would scan
+                    # back to back, taking the CPU the flood needs
+                    next_at = {n: self._earliest[n] if n in self._rescan else t
+                               for n, t in self._due.items()}
+                    due = [n for n, t in next_at.items()
+                           if t <= now and n not in waiting and not self._scans_held]
                     self._rescan.difference_update(due)
-                    wait = _RESULT_CHECK if waiting else min(self._due.values()) - now
+                    wait = _RESULT_CHECK if waiting else min(next_at.values()) - now
                     if self._scans_held:
                         wait = 1.0  # release_scans() wakes us
                 if not due:
@@ -337,12 +347,13 @@ class AutoWatcher:
                     self._wake_scanner.clear()
                     continue
                 for name in due:
+                    started = time.monotonic()
                     changes, since = self._scan(name)
-                    # never spend more than about half the time scanning a map: 1M entries
-                    # take ~0.3 s
+                    # at most _SCAN_SHARE of the time scanning a map: 1M entries take ~0.3 s
                     p = self._pollers[name]
-                    busy = 2 * (p.last_scan_seconds + p.last_diff_seconds)
-                    self._due[name] = time.monotonic() + max(self._interval[name], busy)
+                    cost = p.last_scan_seconds + p.last_diff_seconds
+                    self._earliest[name] = started + cost / _SCAN_SHARE
+                    self._due[name] = max(started + self._interval[name], self._earliest[name])
                     if changes:
                         with self._overlay_lock:
                             self._scanned.append((name, since, changes))
