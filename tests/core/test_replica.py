@@ -412,3 +412,40 @@ def test_a_full_snapshot_lists_every_register_tombstones_included() -> None:
     r.local_change("blocklist", k(2), None, T + 1)
     assert sorted((x.key, x.value) for x in r.records("blocklist")) == [(k(1), v(1)), (k(2), None)]
     assert r.maps == (M, C) and r.registers("blocklist") == 2
+
+
+# --- the bulk receive path ----------------------------------------------------------------------
+
+batch_records = st.lists(st.builds(
+    remote,
+    key=st.integers(0, 6),
+    value=st.none() | st.integers(0, 3),
+    wall=st.sampled_from([T - 2 * SECOND, T - SECOND, T, T + 5 * SECOND]),  # the last: drift
+    node=st.sampled_from(["a", "b", "c"]),
+), max_size=12)  # fmt: skip
+
+
+@settings(max_examples=300)
+@given(st.lists(batch_records, min_size=1, max_size=4), st.data())
+def test_the_bulk_path_merges_as_the_general_one(
+    batches: list[list[Record]], data: st.DataObject
+) -> None:
+    """A one-map lww batch is merged in bulk (Replica._receive_lww); every result must be what
+    the record-by-record path gives: writes, forwards, replies, refusals, state and clock."""
+    bulk, general = replica(), replica()
+    general._receive_lww = lambda *args: False  # type: ignore[method-assign]
+    for r in (bulk, general):
+        r.local_change("blocklist", k(1), v(9), T - SECOND // 2)
+        r.note_kernel("blocklist", k(2), v(5))  # a deviation
+    for batch in batches:
+        if data.draw(st.booleans()):  # a value of the wrong size, now and then
+            batch = [*batch, Record("blocklist", k(3), b"\x01", Stamp(T, 0, "b"))]
+        got, want = bulk.receive(batch, T, "b"), general.receive(batch, T, "b")
+        assert got.writes == want.writes
+        assert list(got.forward) == list(want.forward)
+        assert sorted(got.reply) == sorted(want.reply)
+        assert [(r, type(e)) for r, e in got.rejected] == [(r, type(e)) for r, e in want.rejected]
+        assert bulk.content("blocklist") == general.content("blocklist")
+        assert bulk.digest("blocklist") == general.digest("blocklist")
+        assert bulk.clock.last == general.clock.last
+        assert bulk.stats == general.stats

@@ -73,8 +73,16 @@ from bpfsync.core.digest import DEFAULT_BUCKETS, bucket_of, diff
 from bpfsync.core.hlc import DEFAULT_MAX_DRIFT_NS, ClockDriftError, HybridClock
 from bpfsync.core.merge import FieldPolicy, Policy, policy_for
 from bpfsync.core.messages import Digest, MapSchema, Pull, Record, Stamp, new_record
-from bpfsync.core.register import MAX_NODE_BYTES, Packed, node_of, pack, stamp_of, unpack
-from bpfsync.core.table import MapTable, SlotTable, new_table
+from bpfsync.core.register import (
+    MAX_NODE_BYTES,
+    Packed,
+    node_of,
+    pack,
+    stamp_of,
+    unpack,
+    value_of,
+)
+from bpfsync.core.table import LwwTable, MapTable, SlotTable, new_table
 from bpfsync.errors import (
     ConfigError,
     MalformedMessageError,
@@ -117,6 +125,13 @@ class ApplyResult:
     forward: Packed = field(default_factory=Packed.empty)  # to every other peer (R2, T3)
     reply: list[Record] = field(default_factory=list)  # back to the sender (R2, T3)
     rejected: list[tuple[Record, PeerError]] = field(default_factory=list)  # R1
+
+
+def _drift_limit(now_ns: int, max_drift_ns: int) -> bytes:
+    """R1's drift bound as a packed prefix: a packed record whose 8-byte big-endian wall is
+    above the bound compares above it; one at the bound compares below (a node id's first byte
+    is never 0xff in UTF-8)."""
+    return _BE64.pack(max(0, min(now_ns + max_drift_ns, _U64 - 1))) + b"\xff" * 9
 
 
 class Replica:
@@ -305,6 +320,8 @@ class Replica:
                 maps.append(rec.map)
                 keys.append(rec.key)
                 packs.append(pack(rec.stamp, rec.value))
+        if packs and self._receive_lww(res, maps, keys, packs, now_ns, sender):
+            return res
         # kernel view before the batch, per key it changed: the writes are the differences
         touched: dict[tuple[str, bytes], tuple[MapTable, int, bytes | None]] = {}
         replies: dict[tuple[str, bytes, str], tuple[MapTable, bytes, bytes]] = {}
@@ -316,12 +333,7 @@ class Replica:
         tables = self._tables
         deviations = self._deviations
         applied = ignored = 0
-        # R1 drift bound as a packed prefix: a record whose 8-byte big-endian wall is above the
-        # limit compares above it; one at the limit compares below (a node id byte is never
-        # 0xff in UTF-8)
-        drift_limit = _BE64.pack(max(0, min(now_ns + self.clock.max_drift_ns, _U64 - 1))) + (
-            b"\xff" * 9
-        )
+        drift_limit = _drift_limit(now_ns, self.clock.max_drift_ns)
         top: bytes | None = None  # C1: observing the highest stamp covers every lower one
         for name, key, packed in zip(maps, keys, packs, strict=True):
             table = tables.get(name)
@@ -386,6 +398,63 @@ class Replica:
         if top is not None:
             self.clock.observe(stamp_of(top), now_ns, sender)
         return res
+
+    def _receive_lww(
+        self,
+        res: ApplyResult,
+        maps: list[str],
+        keys: list[bytes],
+        packs: list[bytes],
+        now_ns: int,
+        sender: str,
+    ) -> bool:
+        """``receive`` of the usual batch, in bulk: one lww map, no purge horizon, keys of its
+        size, no stamp beyond the drift bound. False (nothing done) for any other batch."""
+        name = maps[0]
+        table = self._tables.get(name)
+        if (
+            not isinstance(table, LwwTable)
+            or table.horizon is not None
+            or maps.count(name) != len(maps)
+            or not min(map(len, keys)) == max(map(len, keys)) == table.schema.key_size
+        ):
+            return False
+        top = max(packs)  # C1: the highest stamp (register.py: bytes order is rank order)
+        if top > _drift_limit(now_ns, self.clock.max_drift_ns):
+            return False
+        done = table.offer_all(keys, packs)
+        for i in done.bad:
+            rec = unpack(name, keys[i], packs[i])
+            self._reject(res, rec, self._refusal(table, rec, now_ns, sender))
+        if done.bad:  # C1 takes accepted stamps only
+            bad = set(done.bad)
+            top = max((p for i, p in enumerate(packs) if i not in bad), default=b"")
+        forward = res.forward
+        if len(done.stored) == len(packs):
+            forward.extend(Packed(maps, keys, packs))
+        else:
+            for i in done.stored:
+                forward.append(name, keys[i], packs[i])
+        deviations = self._deviations[name]
+        writes = res.writes
+        for key, (old, new) in done.changed.items():
+            before = deviations.pop(key, _UNSET) if deviations else _UNSET
+            if before is _UNSET:
+                before = None if old is None else value_of(old)
+            want = value_of(new)
+            if want != before:
+                writes.append((name, key, want))
+        replied: set[bytes] = set()
+        for i, kept in done.outranked:  # R2: ours ranks above: the sender catches up at once
+            key = keys[i]
+            if key not in replied and table.packed_of(key) == kept:  # not superseded since
+                replied.add(key)
+                res.reply.append(unpack(name, key, kept))
+        self.stats["received.applied"] += len(done.stored)
+        self.stats["received.ignored"] += len(done.ignored)
+        if top:
+            self.clock.observe(stamp_of(top), now_ns, sender)
+        return True
 
     def _reject(self, res: ApplyResult, rec: Record, err: PeerError) -> None:
         res.rejected.append((rec, err))

@@ -18,7 +18,8 @@ from __future__ import annotations
 import heapq
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 from xxhash import xxh3_64_intdigest
 
@@ -131,6 +132,18 @@ class MapTable(ABC):
         """Number of registers."""
 
 
+@dataclass(slots=True)
+class LwwOffers:
+    """What ``LwwTable.offer_all`` did with each record (indexes into the batch)."""
+
+    stored: list[int]
+    ignored: list[int]  # the register holds a record that ranks as high or higher
+    outranked: list[tuple[int, bytes]]  # ... strictly higher: (index, the record it held)
+    bad: list[int]  # a value of the wrong size: not offered
+    # key -> (its packed record before the batch or None, the one stored last), per stored key
+    changed: dict[bytes, tuple[bytes | None, bytes]]
+
+
 class LwwTable(MapTable):
     """One register per key, packed (register.py)."""
 
@@ -158,6 +171,50 @@ class LwwTable(MapTable):
         else:
             self.sums[b] = (self.sums[b] + delta) & MASK
         return None
+
+    def offer_all(self, keys: Sequence[bytes], packs: Sequence[bytes]) -> LwwOffers:
+        """``offer_packed`` of each record in turn (the keys are of the right size): one call
+        per batch, for the receive path. A live record whose value is not of the map's size is
+        left out and listed in ``bad``."""
+        out = LwwOffers([], [], [], [], {})
+        stored, ignored, outranked = out.stored, out.ignored, out.outranked
+        bad, changed = out.bad, out.changed
+        regs_list, sums, nb, vsize = self._regs, self.sums, self.nbuckets, self._vsize
+        tombstones: list[tuple[bytes, bytes]] = []
+        added = 0
+        for i, (key, packed) in enumerate(zip(keys, packs, strict=True)):
+            end = packed.find(0, 16)
+            dead = packed[end + 1]
+            if not dead and len(packed) - end - 2 != vsize:
+                bad.append(i)
+                continue
+            b = xxh3_64_intdigest(key) % nb
+            regs = regs_list[b]
+            old = regs.get(key)
+            if old is not None and packed <= old:  # register.py: ranks as newer() does
+                ignored.append(i)
+                if packed < old:
+                    outranked.append((i, old))
+                continue
+            regs[key] = packed
+            stored.append(i)
+            first = changed.get(key)
+            changed[key] = (old if first is None else first[0], packed)
+            if old is None:
+                added += 1
+                delta = xxh3_64_intdigest(key + packed)
+            else:
+                delta = xxh3_64_intdigest(key + packed) - xxh3_64_intdigest(key + old)
+            sums[b] = (sums[b] + delta) & MASK
+            if dead:
+                tombstones.append((key, packed))
+        self._count += added
+        for key, packed in tombstones:
+            self._account(0, 0, unpack(self.name, key, packed))
+        return out
+
+    def packed_of(self, key: bytes) -> bytes | None:
+        return self._regs[self.bucket(key)].get(key)
 
     def holds(self, key: bytes, node: str, b: int | None = None) -> bool:
         return key in self._regs[self.bucket(key) if b is None else b]
