@@ -14,6 +14,8 @@ keys before merging, see ``Agent._fold_races``).
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +29,18 @@ log = logging.getLogger(__name__)
 
 
 Pairs = list[tuple[bytes, bytes | None]]  # (key, value or None to delete)
+
+
+@dataclass(slots=True)
+class _Job:
+    """One batch write for the background writer (values None: a delete)."""
+
+    name: str
+    map: Map
+    keys: list[bytes]
+    joined: bytes
+    values: bytes | None
+    note: bool  # a write to the watched map itself (else to a companion)
 
 
 @dataclass(slots=True)
@@ -44,6 +58,53 @@ class Applier:
     def __init__(self, maps: Mapping[str, SyncedMap], replica: Replica) -> None:
         self._maps = maps
         self._replica = replica
+        # background writing (see start_background): the writer's queue, thread, refusals
+        self._jobs: queue.SimpleQueue[_Job | None] | None = None
+        self._writer: threading.Thread | None = None
+        self._refused: list[_Job] = []
+
+    # --- writing in the background while catching up ----------------------------------------
+
+    def start_background(self) -> None:
+        """Until ``finish_background()``, batch writes go to a writer thread, in order, and
+        ``apply`` returns at once: a catching-up agent merges its next batch meanwhile (a 1M-key
+        catch-up spends ~0.5 s in the kernel). Meant for the time before the agent is ready,
+        when nothing reads the maps back; stats count what was asked."""
+        if self._jobs is not None:
+            return
+        self._jobs = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_jobs, args=(self._jobs,),
+                                        name="bpfsync-apply", daemon=True)
+        self._writer.start()
+
+    def finish_background(self) -> ApplyStats:
+        """Wait for the writer, then redo key by key, here, each batch the kernel refused, with
+        the values the replica wants now (a later batch may have changed them)."""
+        stats = ApplyStats()
+        if self._jobs is None or self._writer is None:
+            return stats
+        self._jobs.put(None)
+        self._writer.join()
+        self._jobs = self._writer = None
+        refused, self._refused = self._refused, []
+        for job in refused:
+            log.warning("batch write to %s failed; retrying key by key", job.name)
+            want = self._replica.desired if job.note else self._replica.peers_value
+            kvs = [(key, want(job.name, key)) for key in job.keys]
+            self._write_keys(job.name, job.map, kvs, stats, job.note)
+            if job.note:
+                stats.written.setdefault(job.name, []).extend(kvs)
+        return stats
+
+    def _write_jobs(self, jobs: queue.SimpleQueue[_Job | None]) -> None:
+        while (job := jobs.get()) is not None:
+            try:
+                if job.values is None:
+                    job.map.delete_batch(job.joined, len(job.keys))
+                else:
+                    job.map.update_batch(job.joined, job.values, len(job.keys))
+            except KernelError:
+                self._refused.append(job)  # read by finish_background() after join()
 
     def apply(self, writes: Iterable[Write]) -> ApplyStats:
         stats = ApplyStats()
@@ -59,6 +120,21 @@ class Applier:
             self._write(name, sm.map, kvs, stats, note=True)
             stats.written[name] = kvs
         return stats
+
+    def _write_keys(self, name: str, m: Map, kvs: Pairs, stats: ApplyStats, note: bool) -> None:
+        for key, value in kvs:
+            try:
+                if value is None:
+                    m.delete(key)
+                    stats.deleted += 1
+                else:
+                    m.update(key, value)
+                    stats.updated += 1
+            except KernelError as err:
+                stats.failed += 1
+                log.error("cannot write key %s to map %s: %s", key.hex(), name, err)
+                if note:
+                    self._replica.note_kernel(name, key, m.lookup(key))
 
     def _write(
         self, name: str, m: Map, kvs: Pairs, stats: ApplyStats, *, note: bool
@@ -76,7 +152,10 @@ class Applier:
     ) -> None:
         try:
             keys, values = b"".join([k for k, _ in pairs]), b"".join([v for _, v in pairs])
-            m.update_batch(keys, values, len(pairs))
+            if self._jobs is not None:
+                self._jobs.put(_Job(name, m, [k for k, _ in pairs], keys, values, note))
+            else:
+                m.update_batch(keys, values, len(pairs))
             stats.updated += len(pairs)
             return
         except KernelError as err:
@@ -92,6 +171,10 @@ class Applier:
                     self._replica.note_kernel(name, key, m.lookup(key))
 
     def _delete(self, name: str, m: Map, keys: list[bytes], stats: ApplyStats, note: bool) -> None:
+        if self._jobs is not None:
+            self._jobs.put(_Job(name, m, keys, b"".join(keys), None, note))
+            stats.deleted += len(keys)
+            return
         try:
             # keys already absent are skipped by delete_batch: absent is what we want
             m.delete_batch(b"".join(keys), len(keys))

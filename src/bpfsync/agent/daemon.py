@@ -175,6 +175,9 @@ class Agent:
                                       self._slots_threadsafe)
             self._http.start()
         self._refresh_status()
+        # until ready, kernel writes go to a thread of their own (applier.py), so a catch-up
+        # merges its next batch while the kernel takes the last
+        self.applier.start_background()
         await self.transport.start()
         self._bridge.start()
         log.info("agent started", extra={"node": self.node, "listen": self.cfg.listen,
@@ -195,6 +198,7 @@ class Agent:
             raise failure
 
     async def _shutdown(self) -> None:
+        self.applier.finish_background()
         if self._bridge is not None:
             await asyncio.to_thread(self._bridge.close)
         if self.transport is not None:
@@ -353,6 +357,7 @@ class Agent:
             self._become_ready(f"caught up with {', '.join(linked) or 'peers'}")
 
     def _become_ready(self, why: str) -> None:
+        self._note_written(self.applier.finish_background().written)  # the maps are current
         self.ready = True
         self.catchup.done_at = time.monotonic()
         self.metrics.ready.set(1)

@@ -222,11 +222,12 @@ class Peering:
         """Relay what changed our state to peers cut off from its origin; reply to the sender
         where we hold something newer."""
         relayed = False
-        origins = res.forward.origins() if res.forward else set()
+        others = [(o, s, links) for o, s in self.sessions.items()
+                  if o != sender and (links := self._peer_links.get(o)) is not None]
+        origins = res.forward.origins() if res.forward and others else set()
         if origins:
-            for other, s in self.sessions.items():
-                links = self._peer_links.get(other)
-                if other == sender or links is None or origins <= links | {other}:
+            for other, s, links in others:
+                if origins <= links | {other}:
                     continue
                 relay = [r for r in res.forward
                          if r.stamp.node not in links and r.stamp.node != other]
