@@ -80,10 +80,6 @@ def stamp_of(packed: bytes) -> Stamp:
     return new_stamp((wall, logical, _decoded.get(data) or _decode_node(data)))
 
 
-def is_tombstone(packed: bytes) -> bool:
-    return bool(packed[packed.find(0, 16) + 1])
-
-
 def unpack(map: str, key: bytes, packed: bytes) -> Record:
     """The Record of ``key`` in ``map`` that ``packed`` holds."""
     end = packed.find(0, 16)

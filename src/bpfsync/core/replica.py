@@ -94,7 +94,6 @@ from bpfsync.errors import (
 _U64 = 1 << 64
 _BE64 = struct.Struct(">Q")
 _SEED_CLOCK = bytes(16)  # a packed record's wall and logical of a seed stamp
-_UNSET = b"unset"  # a sentinel no kernel value is (compared by identity)
 
 REJECT_REASONS: dict[type[PeerError], str] = {
     UnknownMapError: "unknown_map",
@@ -246,7 +245,6 @@ class Replica:
             self.stats["local.echo"] += 1
             return None
         own = value
-        slotted = isinstance(table, SlotTable)
         if isinstance(table, SlotTable):
             if value is not None:
                 own = table.policy.own_part(value, table.others(key, self.node))
@@ -256,7 +254,7 @@ class Replica:
                 return None
         rec = new_record((map, key, own, self.clock.now(now_ns)))
         table.offer(rec, b)  # wins: the clock outranks everything it has seen (C1)
-        if slotted:
+        if isinstance(table, SlotTable):
             self._set_view(table, key, value, b)
         else:  # the register now holds what the kernel does
             deviations.pop(key, None)
@@ -369,9 +367,8 @@ class Replica:
             if first is not None:
                 before = first[2]
             else:
-                before = deviations[name].get(key, _UNSET)
-                if before is _UNSET:
-                    before = table.kernel_value(key, b)
+                dev = deviations[name]
+                before = dev[key] if dev and key in dev else table.kernel_value(key, b)
             kept = table.offer_packed(key, packed, b)
             if kept is None:
                 applied += 1
@@ -438,8 +435,9 @@ class Replica:
         deviations = self._deviations[name]
         writes = res.writes
         for key, (old, new) in done.changed.items():
-            before = deviations.pop(key, _UNSET) if deviations else _UNSET
-            if before is _UNSET:
+            if deviations and key in deviations:
+                before = deviations.pop(key)
+            else:
                 before = None if old is None else value_of(old)
             end = new.find(0, 16)  # value_of(new), inlined: once per key of a catch-up
             want = None if new[end + 1] else new[end + 2 :]
