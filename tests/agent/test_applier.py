@@ -69,3 +69,14 @@ def test_a_refused_batch_is_redone_key_by_key_with_the_values_wanted_now(
     for i in range(6):  # the replica knows what the kernel holds, written or not
         assert replica.kernel_view("m", k(i)) == held.get(k(i))
     assert stats.written["m"] == [(k(i), v(100) if i == 0 else v(i)) for i in range(6)]
+
+
+def test_a_refused_batch_is_redone_key_by_key_at_once_when_ready(
+    make_map: Callable[..., Map],
+) -> None:
+    m, replica, applier = setup(make_map, 4)
+    receive(replica, applier, {i: i for i in range(6)}, T - 1)  # no background: at once
+    held = content(m)
+    assert len(held) == 4 and all(held[key] == v(i) for i in range(6) if (key := k(i)) in held)
+    for i in range(6):
+        assert replica.kernel_view("m", k(i)) == held.get(k(i))

@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bpfsync.agent.synced import SyncedMap
@@ -121,7 +121,11 @@ class Applier:
             stats.written[name] = kvs
         return stats
 
-    def _write_keys(self, name: str, m: Map, kvs: Pairs, stats: ApplyStats, note: bool) -> None:
+    def _write_keys(
+        self, name: str, m: Map, kvs: Sequence[tuple[bytes, bytes | None]], stats: ApplyStats,
+        note: bool,
+    ) -> None:
+        """One by one, after a batch failed: each key costs only itself."""
         for key, value in kvs:
             try:
                 if value is None:
@@ -160,15 +164,7 @@ class Applier:
             return
         except KernelError as err:
             log.warning("batch update of %s failed (%s); retrying key by key", name, err)
-        for key, value in pairs:
-            try:
-                m.update(key, value)
-                stats.updated += 1
-            except KernelError as err:
-                stats.failed += 1
-                log.error("cannot write key %s to map %s: %s", key.hex(), name, err)
-                if note:
-                    self._replica.note_kernel(name, key, m.lookup(key))
+        self._write_keys(name, m, pairs, stats, note)
 
     def _delete(self, name: str, m: Map, keys: list[bytes], stats: ApplyStats, note: bool) -> None:
         if self._jobs is not None:
