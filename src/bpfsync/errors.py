@@ -14,7 +14,8 @@
     │   ├── MalformedMessageError   undecodable or oversized message
     │   ├── UnknownMapError         a change for a map this node does not sync
     │   ├── SizeMismatchError       key/value length differs from the local map's
-    │   └── UnauthenticatedPeerError  the sender is not on the allow-list
+    │   ├── UnauthenticatedPeerError  the sender is not on the allow-list
+    │   └── IncompatiblePeerError   the peer speaks another version of the protocol
     └── TransportError              the network failed; nobody's input was wrong
 
 Adapters at each boundary map the lower layer's exceptions (OSError from bpf(2), grpc.RpcError,
@@ -129,6 +130,10 @@ class SizeMismatchError(PeerError):
 
 class UnauthenticatedPeerError(PeerError):
     """The sender is not allowed to send changes to this node."""
+
+
+class IncompatiblePeerError(PeerError):
+    """The peer speaks another version of the peer protocol: run one version on every node."""
 
 
 class TransportError(BpfsyncError):

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bpfsync.core.messages import (
+    PROTOCOL,
     Ack,
     Answered,
     Batch,
@@ -173,3 +174,10 @@ def test_error_names_the_peer() -> None:
 def test_encode_refuses_invalid_local_values(msg: Message) -> None:
     with pytest.raises(ValueError):
         encode(msg)
+
+
+def test_a_hello_without_a_protocol_is_from_version_1() -> None:
+    frame = pb.Frame(hello=pb.Hello(node="old", incarnation=3)).SerializeToString()
+    old = decode(frame)
+    assert isinstance(old, Hello) and old.protocol == 1
+    assert decode(encode(Hello("new", 3, ()))) == Hello("new", 3, (), PROTOCOL)

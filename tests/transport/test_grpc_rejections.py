@@ -7,6 +7,7 @@ not the protocol.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,7 +17,7 @@ import grpc.aio
 import pytest
 from transport_harness import FAST, Node, batch, closing, eventually, hello, mesh, run
 
-from bpfsync.core.messages import Ack
+from bpfsync.core.messages import PROTOCOL, Ack
 from bpfsync.errors import TransportError
 from bpfsync.transport import GrpcMesh, MeshOptions, PeerDown, PeerUp, encode
 from bpfsync.transport.rpc import METHOD, METHOD_NAME, SERVICE
@@ -238,5 +239,32 @@ def test_listen_failure_is_a_transport_error() -> None:
                     await m.start()
             finally:
                 await m.close()
+
+    run(go)
+
+
+def test_a_peer_of_another_protocol_version_is_refused_both_ways_with_the_reason() -> None:
+    def said(node: Node) -> str:
+        errors = [p.last_error or "" for p in node.mesh.peers()]
+        return next((e for e in errors if "protocol" in e), "")
+
+    async def go() -> None:
+        a = await Node.start("a", options=FAST)
+        old = Node(GrpcMesh(dataclasses.replace(hello("b"), protocol=PROTOCOL - 1),
+                            "127.0.0.1:0", [a.address], options=FAST))  # fmt: skip
+        await old.mesh.start()
+        old._task = asyncio.create_task(old._collect())
+        c = await Node.start("c", [old.address], options=FAST)
+        try:
+            # b dials a: a's server refuses it, and b reads from a's Hello why
+            await eventually(lambda: a.mesh.stats["rejected_protocol"] >= 1, "a refuses b")
+            theirs = await eventually(lambda: said(old), "b's reason")
+            assert f"speaks bpfsync protocol {PROTOCOL}, this node {PROTOCOL - 1}" in theirs
+            # c dials b: c reads b's Hello and refuses it
+            ours = await eventually(lambda: said(c), "c refuses b")
+            assert f"node 'b' speaks bpfsync protocol {PROTOCOL - 1}, this node {PROTOCOL}" in ours
+            assert not any(isinstance(e, PeerUp) for e in a.events + old.events + c.events)
+        finally:
+            await closing(a, old, c)
 
     run(go)

@@ -33,6 +33,12 @@ from typing import NamedTuple, cast
 # and a stamp is compared for every record merged; tuples do both in C (2x and 4x faster).
 
 
+# The version of this protocol. 1: per-field batch columns, a digest answered by records then a
+# Pull; 2: packed records (register.py), a digest answered by a Pull, records, then Answered.
+# A Hello without one is from version 1.
+PROTOCOL = 2
+
+
 class Stamp(NamedTuple):
     """A hybrid logical clock timestamp with the node that made it: a total order over writes."""
 
@@ -73,6 +79,7 @@ class Hello:
     node: str
     incarnation: int  # changes at every start; a new incarnation restarts seq numbering
     maps: tuple[MapSchema, ...]
+    protocol: int = PROTOCOL  # peers of different protocols refuse each other at the Hello
 
 
 @dataclass(frozen=True, slots=True)

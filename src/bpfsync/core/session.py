@@ -46,7 +46,7 @@ from collections.abc import Iterable, Sequence
 from bpfsync.core.messages import Ack, Batch, Hello, MapSchema, Record
 from bpfsync.core.outbox import Outbox
 from bpfsync.core.register import Packed
-from bpfsync.errors import MalformedMessageError, UnauthenticatedPeerError
+from bpfsync.errors import IncompatiblePeerError, MalformedMessageError, UnauthenticatedPeerError
 
 
 class PeerSession:
@@ -187,6 +187,14 @@ class PeerSession:
         flag = self.outbox.take_overflow() or self._repair
         self._repair = False
         return flag
+
+
+def incompatible(hello: Hello, protocol: int, peer: str = "") -> IncompatiblePeerError:
+    """The error that refuses a peer whose Hello is of another protocol version than ours."""
+    return IncompatiblePeerError(
+        f"node {hello.node!r} speaks bpfsync protocol {hello.protocol}, this node {protocol}:"
+        " run one bpfsync version on every node", peer or hello.node,
+    )
 
 
 def map_mismatches(local: Iterable[MapSchema], hello: Hello) -> dict[str, str]:

@@ -86,6 +86,7 @@ def encode(message: Message) -> bytes:
         h = frame.hello
         h.node = message.node
         h.incarnation = message.incarnation
+        h.protocol = message.protocol
         for m in message.maps:
             h.maps.add(name=m.name, key_size=m.key_size, value_size=m.value_size, policy=m.policy)
     else:
@@ -187,7 +188,8 @@ def _decode_hello(h: pb.Hello, limits: Limits) -> Hello:
             )
         )
     return Hello(
-        node=_name(h.node, limits, "Hello.node"), incarnation=h.incarnation, maps=tuple(maps)
+        node=_name(h.node, limits, "Hello.node"), incarnation=h.incarnation, maps=tuple(maps),
+        protocol=h.protocol or 1,  # a version-1 node sends none
     )
 
 

@@ -49,6 +49,7 @@ COUNTERS = (
     "streams_accepted",  # ... that passed the Hello check
     "rejected_no_hello",  # first frame missing, late, or not a Hello
     "rejected_unauthenticated",  # node not allowed, spoofed sender, own id from elsewhere
+    "rejected_protocol",  # a Hello of another protocol version
     "frames_malformed",  # undecodable or invalid frames (the stream was ended)
     "frames_oversized",  # frames over max_message_bytes (the stream was ended)
     "dialed_self",  # streams that turned out to come from this node itself

@@ -24,6 +24,7 @@ import grpc
 import grpc.aio
 
 from bpfsync.core.messages import Hello
+from bpfsync.core.session import incompatible
 from bpfsync.errors import BpfsyncError, TransportError, UnauthenticatedPeerError
 from bpfsync.transport import codec
 from bpfsync.transport.backoff import Backoff
@@ -202,6 +203,8 @@ class PeerLink:
         allowed = self._opt.allowed_nodes
         if allowed is not None and msg.node not in allowed:
             raise UnauthenticatedPeerError(f"node {msg.node!r} is not allowed", self.address)
+        if msg.protocol != self._own.protocol:
+            raise incompatible(msg, self._own.protocol, self.address)
         return msg
 
     def _mark_up(self, hello: Hello) -> None:

@@ -8,6 +8,8 @@ Each stream is checked before anything it carries reaches the agent:
         │ not a Hello ───────────────────────────────────► UNAUTHENTICATED
         │ node not allowed, not in its certificate, or
         │ this node's own id from another process ───────► PERMISSION_DENIED
+        │ another protocol version (after our Hello, so
+        │ that the dialer can say which) ────────────────► FAILED_PRECONDITION
         ▼
     reply with our Hello, deliver the peer's Hello, then every further frame, in order:
         undecodable, or a second Hello ──────────────────► INVALID_ARGUMENT
@@ -30,6 +32,7 @@ import grpc
 import grpc.aio
 
 from bpfsync.core.messages import Batch, Hello, Message
+from bpfsync.core.session import incompatible
 from bpfsync.errors import MalformedMessageError, PeerError, UnauthenticatedPeerError
 from bpfsync.transport import codec
 from bpfsync.transport.base import Received
@@ -146,6 +149,9 @@ class StreamServer:
             )
         self._authorize(msg, context)
         await context.write(self._hello_frame)
+        if msg.protocol != self._own.protocol:
+            raise _Reject(grpc.StatusCode.FAILED_PRECONDITION,
+                          incompatible(msg, self._own.protocol), "rejected_protocol")
         if msg.node == self._own.node:
             # It is this very process (same incarnation: _authorize refused any other). Our
             # Hello tells its link so; end the stream quietly.
