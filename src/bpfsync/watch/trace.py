@@ -52,7 +52,7 @@ import numpy.typing as npt
 
 from bpfsync.errors import NotSupportedError, PermissionDeniedError
 from bpfsync.kernel.btf import KIND_VAR, vmlinux
-from bpfsync.kernel.features import function_exists
+from bpfsync.kernel.features import function_exists, tracing_supported
 from bpfsync.kernel.info import MapInfo, MapType, ProgramInfo
 from bpfsync.kernel.links import Link
 from bpfsync.kernel.maps import Map
@@ -246,6 +246,12 @@ class TraceWatcher:
             raise ValueError("TraceWatcher.start() called twice")
         choices = (Hooks.FEXIT, Hooks.SYSCALL) if self._want is Hooks.AUTO else (self._want,)
         refusals: list[str] = []
+        if self._want is Hooks.AUTO:
+            # the probe program loads in ~20 ms; a refused load of the whole object takes ~90
+            fexit, why = tracing_supported()
+            if not fexit:
+                choices = (Hooks.SYSCALL,)
+                refusals.append(f"{Hooks.FEXIT.value}: {why}")
         for hooks in choices:
             try:
                 self._start(hooks)
