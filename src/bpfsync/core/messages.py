@@ -5,7 +5,8 @@ These are plain values. The core produces and consumes them; a transport only en
 
 Protocol between two nodes, over one ordered, bidirectional link:
 
-    both sides      Hello        who I am (node id, incarnation) and which maps I sync, with sizes
+    both sides      Hello        who I am (node id, incarnation), which maps I sync, with sizes,
+                                 and the protocol version (``PROTOCOL``)
     sender          Batch        records, numbered per sender: seq 1, 2, 3, ... per incarnation
     receiver        Ack          highest seq received and applied without a gap
     either side     Digest       per-bucket hashes of one map's state, and the sender's links
