@@ -33,7 +33,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from bpfsync.agent.config import SyncConfig
@@ -95,7 +95,10 @@ class Peering:
         self._linked: set[str] = set()  # peers whose link from us is up
         self._peer_links: dict[str, frozenset[str]] = {}  # what each peer's digests said
         self.last_batch_at = 0.0  # ... of the last batch of any kind (repair answers included)
-        self._repairs: dict[str, deque[Batch | Pull | Answered]] = defaultdict(deque)
+        # per peer, what its repair answers still have to send (batches cut as they go out)
+        self._repairs: dict[str, deque[Batch | Pull | Answered | Iterator[Batch]]] = (
+            defaultdict(deque)
+        )
         self._unanswered: dict[str, dict[str, Digest]] = {}  # peer -> map -> its latest digest
         # (peer, map) -> (its last digest's buckets, ours then): what _stable_differences compares
         self._observed: dict[tuple[str, str], tuple[tuple[int, ...], tuple[int, ...]]] = {}
@@ -288,8 +291,9 @@ class Peering:
         self, peer: str, s: PeerSession, records: Sequence[Record], tail: Answered | None = None
     ) -> None:
         q = self._repairs[peer]
-        for chunk in split(records, self.sync.max_batch_records, self._batch_bytes()):
-            q.append(s.repair_batch(chunk))
+        if records:  # cut as it goes out: a whole map's first batch leaves at once
+            chunks = split(records, self.sync.max_batch_records, self._batch_bytes())
+            q.append(s.repair_batch(chunk) for chunk in chunks)
         if tail is not None:
             q.append(tail)
         self._drain_repairs(peer)
@@ -304,10 +308,19 @@ class Peering:
             if backlog > _REPAIR_BACKLOG:
                 asyncio.get_running_loop().call_later(0.005, self._drain_repairs, peer)
                 return
-            if not self._send(peer, q[0]):
+            head = q[0]
+            msg: Batch | Pull | Answered | None
+            if isinstance(head, Iterator):
+                msg = next(head, None)
+                if msg is None:
+                    q.popleft()
+                    continue
+            else:
+                msg = head
+                q.popleft()
+            if not self._send(peer, msg):
                 q.clear()
                 return
-            q.popleft()
 
     # --- flushing ------------------------------------------------------------------------------
 
