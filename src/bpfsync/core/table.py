@@ -40,8 +40,6 @@ class MapTable(ABC):
         self.nbuckets = nbuckets
         self.sums = [0] * nbuckets
         self.horizon: Stamp | None = None
-        # the horizon as the stamp part of a packed record (clock, node, NUL): compares alike
-        self.horizon_packed: bytes | None = None
         self._tombstones: list[tuple[int, int, Record]] = []  # heap of (wall, tiebreak, record)
         self._tick = itertools.count()
 
@@ -76,8 +74,11 @@ class MapTable(ABC):
         """Keep the digest sum (``delta``: new hash minus old) and the tombstone queue in step
         with a register change."""
         if tombstone is not None:
-            heapq.heappush(self._tombstones, (tombstone.stamp.wall, next(self._tick), tombstone))
+            self._queue_tombstone(tombstone)
         self.sums[b] = (self.sums[b] + delta) & MASK
+
+    def _queue_tombstone(self, rec: Record) -> None:
+        heapq.heappush(self._tombstones, (rec.stamp.wall, next(self._tick), rec))
 
     def expire(self, deadline_wall: int) -> int:
         """Purge tombstones whose stamp's wall is <= ``deadline_wall``; raise the horizon."""
@@ -89,7 +90,6 @@ class MapTable(ABC):
                 purged += 1
                 if self.horizon is None or rec.stamp > self.horizon:
                     self.horizon = rec.stamp
-                    self.horizon_packed = pack(rec.stamp, None)[:-1]
         return purged
 
     def offer(self, rec: Record, b: int | None = None) -> Record | None:
@@ -210,7 +210,7 @@ class LwwTable(MapTable):
                 tombstones.append((key, packed))
         self._count += added
         for key, packed in tombstones:
-            self._account(0, 0, unpack(self.name, key, packed))
+            self._queue_tombstone(unpack(self.name, key, packed))
         return out
 
     def packed_of(self, key: bytes) -> bytes | None:

@@ -246,12 +246,18 @@ class Notes:
         return self.count
 
     def __contains__(self, key: object) -> bool:
-        if self._keys is None:
-            self._keys = {k for k, _ in self._pairs()}
-        return key in self._keys
+        return key in self._key_set()
 
     def keys(self) -> frozenset[bytes]:
-        return frozenset(k for k, _ in self._pairs())
+        return frozenset(self._key_set())
+
+    def _key_set(self) -> set[bytes]:
+        if self._keys is None:
+            self._keys = set()
+            for keys, _, _, n in self._parts:
+                ks = len(keys) // n
+                self._keys.update(keys[i * ks : (i + 1) * ks] for i in range(n))
+        return self._keys
 
     def to_dict(self) -> dict[bytes, bytes | None]:
         return dict(self._pairs())
