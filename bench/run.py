@@ -17,7 +17,8 @@ Phases (each bounded; every pin and process is cleaned up by the Cluster context
             bpf(2) hooks on this host) at 10k/s and at 80% of the rate thr-user sustained, and
             poll-only at 0.25 s for comparison
   catch-up  a holds N entries and is ready; b starts empty: time to ready and identical, bytes read
-            sent by the two agents (ss -ti bytes_sent), RSS of both
+            sent by the two agents (ss -ti bytes_sent), RSS of both then, and again once every
+            bucket of both maps is frozen (core/table.py: quiet buckets take a third of the memory)
   detect    MapPoller scan+diff of a 1M-entry u32 -> 16 B hash (bench/poll_scan.py's helpers),
             and what the bpf(2) hooks cost every other process (bench/syscall_hooks.py)
   profile   py-spy record of a and b during thr-user (if py-spy is installed)
@@ -45,6 +46,7 @@ import poll_scan
 import seed_baseline
 import syscall_hooks
 
+from bpfsync.core.digest import DEFAULT_BUCKETS
 from bpfsync.demo.cluster import (
     BPFFS,
     DEMO_UPDATE,
@@ -395,16 +397,28 @@ def catchup(entries: int, wait_max: float) -> dict[str, Any]:
                 same_s = began
                 break
             time.sleep(0.05)
+        at_rest_b0 = (b.status() or {"maps": [{}]})["maps"][0].get("buckets_at_rest")
         wire = wire_bytes(a.port, b.port)
         st_a = a.status() or {}
         st_b = b.status() or {}
+        a_rss_after, b_rss = rss_mb(a.proc.pid), rss_mb(b.proc.pid)
+
+        def at_rest(n: Node) -> int:
+            st = n.status()
+            return int(st["maps"][0].get("buckets_at_rest", 0)) if st else 0
+
+        # quiet buckets freeze (core/table.py): wait for both maps to settle, then measure again
+        t_rest = time.perf_counter()
+        rested = c.wait(lambda: at_rest(a) == at_rest(b) == DEFAULT_BUCKETS, 90, every=0.5)
+        rest = {"settled": rested, "after_s": time.perf_counter() - t_rest,
+                "a_rss": rss_mb(a.proc.pid), "b_rss": rss_mb(b.proc.pid),
+                "b_frozen_at_identical": at_rest_b0}
         return {
             "entries": entries, "a_loaded": a_ok, "a_load_s": a_load_s, "ready_s": ready_s,
             "identical_s": same_s, "wire": wire,
             "a_peers": [{k: p.get(k) for k in ("node", "sent", "reconnects", "dropped",
                                                "last_error")} for p in st_a.get("peers", [])],
-            "a_rss": a_rss, "a_rss_after": rss_mb(a.proc.pid),
-            "b_rss": rss_mb(b.proc.pid),
+            "a_rss": a_rss, "a_rss_after": a_rss_after, "b_rss": b_rss, "rest": rest,
             "b_peers": [{k: p.get(k) for k in ("node", "sent", "received")}
                         for p in st_b.get("peers", [])],
         }
@@ -629,8 +643,15 @@ def report(R: dict[str, Any], argv: list[str]) -> None:
                      f"{cu['wire']['from_receiver'] / 1e6:.1f} MB; a's link to b reconnects "
                      f"{sum(p['reconnects'] or 0 for p in cu['a_peers'])}, dropped "
                      f"{sum(p['dropped'] or 0 for p in cu['a_peers'])}", "", ""))
-        rows.append((f"agent RSS with {cu['entries']:,} entries (a / b)",
-                     f"{cu['a_rss_after']:.0f} MB / {cu['b_rss']:.0f} MB", "", "<=300 MB"))
+        rows.append((f"agent RSS with {cu['entries']:,} entries, just caught up (a / b)",
+                     f"{cu['a_rss_after']:.0f} MB / {cu['b_rss']:.0f} MB (b's buckets frozen: "
+                     f"{cu['rest']['b_frozen_at_identical']}/{DEFAULT_BUCKETS})", "", "<=300 MB"))
+        rest = cu["rest"]
+        rows.append((f"agent RSS with {cu['entries']:,} entries at rest (a / b)",
+                     f"{rest['a_rss']:.0f} MB / {rest['b_rss']:.0f} MB, every bucket frozen "
+                     f"{rest['after_s']:.0f} s later" if rest["settled"] else
+                     f"{rest['a_rss']:.0f} MB / {rest['b_rss']:.0f} MB, NOT all buckets frozen "
+                     "in 90 s", "", "<=300 MB"))
         rows.append(("a: initial load of the full map (start -> ready)",
                      f"{cu['a_load_s']:.1f} s", "", ""))
     if "thr_rss_b" in R:

@@ -6,11 +6,13 @@ import random
 import signal
 import time
 import urllib.request
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tcp_proxy import Proxy
 
-from bpfsync.demo.cluster import Cluster, session
+from bpfsync.demo.cluster import Cluster, Node, session
 
 CONVERGE_S = 60.0  # the bound every convergence below is held to
 
@@ -88,6 +90,47 @@ def test_killed_node_catches_up_before_ready(cluster: Cluster) -> None:
     # ready means caught up: no write happened since, so c must already match
     assert c.content() == cluster["a"].content()
     assert len(c.content()) == 1500 - 334
+
+
+def _maps_status(node: Node) -> dict[str, Any]:
+    st = node.status()
+    assert st is not None, node.log()[-2000:]
+    (m,) = st["maps"]
+    return m  # type: ignore[no-any-return]
+
+
+def test_a_map_at_rest_freezes_keeps_syncing_and_a_fresh_node_catches_up_frozen(
+    tmp_path: Path,
+) -> None:
+    """core/table.py: quiet buckets freeze; writes thaw them and still replicate; a node that
+    catches up on whole buckets holds them frozen from the start."""
+    with Cluster(tag="rest") as cl:
+        a, b, c = cl["a"], cl["b"], cl["c"]
+        for node in cl:  # 8 digest buckets: 2000 keys fill each with ~250
+            cfg = tmp_path / f"{node.name}.yaml"
+            cfg.write_text(f"node_id: {node.name}\nmaps: [{{path: {node.pin}}}]\n"
+                           "sync: {digest_buckets: 8, freeze_after_s: 2}\n")  # fmt: skip
+            node.start(["--config", str(cfg)])
+        assert cl.wait_ready(30)
+        for k in range(2000):
+            a.put(k, session(k))
+        assert cl.wait_converged(CONVERGE_S)
+        assert cl.wait(lambda: all(_maps_status(n)["buckets_at_rest"] == 8 for n in cl), 30), [
+            _maps_status(n) for n in cl]  # fmt: skip
+        for k in range(0, 2000, 20):  # writes into frozen buckets, from both sources
+            b.put(k, session(k + 5))
+            c.bpf_delete(k + 1)
+        assert cl.wait_converged(CONVERGE_S)
+        assert a.content()[(20).to_bytes(4, "little")] == session(25)
+        assert (21).to_bytes(4, "little") not in a.content()
+        c.stop()
+        for key in c.content():  # c comes back with an empty map: a fresh node
+            c.map.delete(key)
+        b.put(5000, session(5000))
+        c.start(["--config", str(tmp_path / "c.yaml")])
+        assert cl.wait(c.is_ready, 30), c.log()[-3000:]
+        assert c.content() == a.content()
+        assert _maps_status(c)["buckets_at_rest"] == 8  # filled by the catch-up, frozen at once
 
 
 def test_partitioned_node_converges_after_heal() -> None:

@@ -179,11 +179,12 @@ class Mesh:
             if msg.seq:
                 self.send(node.name, src, session.ack())
         elif isinstance(msg, Digest):
-            pull, records = replica.answer_digest(msg, src)
+            pull, parts = replica.answer_digest(msg, src, part=MAX_RECORDS)
             if pull is not None:  # first, so it is answered from src's state (peering.py)
                 self.send(node.name, src, pull)
-            for chunk in split(records, MAX_RECORDS, MAX_BYTES):
-                self.send(node.name, src, session.repair_batch(chunk))
+            for part in parts:
+                for chunk in split(part, MAX_RECORDS, MAX_BYTES):
+                    self.send(node.name, src, session.repair_batch(chunk))
         elif isinstance(msg, Pull):
             for chunk in split(replica.answer_pull(msg, src), MAX_RECORDS, MAX_BYTES):
                 self.send(node.name, src, session.repair_batch(chunk))

@@ -33,7 +33,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from bpfsync.agent.config import SyncConfig
@@ -213,7 +213,7 @@ class Peering:
             self._peer_links[peer] = frozenset(msg.linked)
             self._answer_digest(peer, s, msg)
         elif isinstance(msg, Pull):
-            self._send_repair(peer, s, self.replica.answer_pull(msg, peer))
+            self._send_repair(peer, s, [self.replica.answer_pull(msg, peer)])
         elif isinstance(msg, Answered):
             self._on_caught_up(msg.map, peer, msg.differing)
         elif isinstance(msg, Hello):
@@ -280,20 +280,24 @@ class Peering:
                 self._observed.pop((peer, digest.map), None)
                 return
             only = self._stable_differences(peer, digest)
-        pull, records = self.replica.answer_digest(digest, peer, only=only)
+        pull, parts = self.replica.answer_digest(
+            digest, peer, only=only, part=self.sync.max_batch_records
+        )
         differing = 0 if pull is None else len(pull.buckets)
         if pull is not None:
             self.metrics.repairs.labels(digest.map).inc(differing)
             self._repairs[peer].append(pull)
-        self._send_repair(peer, s, records, Answered(digest.map, differing))
+        self._send_repair(peer, s, parts, Answered(digest.map, differing))
 
     def _send_repair(
-        self, peer: str, s: PeerSession, records: Sequence[Record], tail: Answered | None = None
+        self, peer: str, s: PeerSession, parts: Iterable[Sequence[Record]],
+        tail: Answered | None = None,
     ) -> None:
+        """Queue the records (read and cut as they go out: a whole map's first batch leaves at
+        once), then ``tail``."""
         q = self._repairs[peer]
-        if records:  # cut as it goes out: a whole map's first batch leaves at once
-            chunks = split(records, self.sync.max_batch_records, self._batch_bytes())
-            q.append(s.repair_batch(chunk) for chunk in chunks)
+        limit, nbytes = self.sync.max_batch_records, self._batch_bytes()
+        q.append(s.repair_batch(chunk) for part in parts for chunk in split(part, limit, nbytes))
         if tail is not None:
             q.append(tail)
         self._drain_repairs(peer)

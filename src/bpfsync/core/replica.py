@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bpfsync.core.digest import DEFAULT_BUCKETS, bucket_of, diff
@@ -82,7 +82,7 @@ from bpfsync.core.register import (
     unpack,
     value_of,
 )
-from bpfsync.core.table import LwwTable, MapTable, SlotTable, new_table
+from bpfsync.core.table import QUIET_CALLS, LwwTable, MapTable, SlotTable, new_table
 from bpfsync.errors import (
     ConfigError,
     MalformedMessageError,
@@ -214,6 +214,10 @@ class Replica:
     def registers(self, map: str) -> int:
         return len(self._local_table(map))
 
+    def buckets_at_rest(self, map: str) -> int:
+        """How many of the map's buckets are frozen (``settle``)."""
+        return self._local_table(map).at_rest()
+
     # --- local side ------------------------------------------------------------------------
 
     def seed(self, map: str, items: Iterable[tuple[bytes, bytes]]) -> int:
@@ -294,6 +298,14 @@ class Replica:
         purged = sum(table.expire(deadline) for table in self._tables.values())
         self.stats["tombstones.purged"] += purged
         return purged
+
+    def settle(self, most: int, quiet: int = QUIET_CALLS) -> int:
+        """Let at most ``most`` buckets, over all maps, unwritten over the last ``quiet`` calls
+        take less memory (table.py); call it at a steady pace. Returns how many did."""
+        done = 0
+        for table in self._tables.values():
+            done += table.settle(most - done, quiet)
+        return done
 
     # --- remote side -----------------------------------------------------------------------
 
@@ -472,12 +484,18 @@ class Replica:
         return self._local_table(map).records_in(buckets, nbuckets)
 
     def answer_digest(
-        self, remote: Digest, sender: str = "", only: Collection[int] | None = None
-    ) -> tuple[Pull | None, Packed]:
+        self,
+        remote: Digest,
+        sender: str = "",
+        only: Collection[int] | None = None,
+        part: int = 8192,
+    ) -> tuple[Pull | None, Iterator[Packed]]:
         """A peer's digest: the Pull for the buckets that differ, and our records in them
-        (of the buckets in ``only``, when given).
+        (of the buckets in ``only``, when given), in parts of ``part`` records.
 
-        Sending both repairs both sides in one round trip.
+        Sending both repairs both sides in one round trip. The records are read as the parts
+        are taken, bucket by bucket: the first part of a whole map can leave at once (reading
+        1M records takes 0.07-0.25 s), and a part holds what the buckets hold by then.
         """
         table = self._remote_table(remote.map, sender)
         n = len(remote.buckets)
@@ -487,12 +505,14 @@ class Replica:
                 " (a digest must have a divisor of that many)",
                 sender,
             )
+        if part <= 0:
+            raise ValueError(f"part must be > 0, got {part}")
         differing = diff(Digest(remote.map, table.digest_buckets(n)), remote)
         if only is not None:
             differing = [b for b in differing if b in only]
         if not differing:
-            return None, Packed.empty()
-        return Pull(remote.map, tuple(differing)), table.records_in(differing, n)
+            return None, iter(())
+        return Pull(remote.map, tuple(differing)), _parts(table, differing, n, part)
 
     def answer_pull(
         self, pull: Pull, sender: str = "", nbuckets: int | None = None
@@ -587,3 +607,17 @@ class Replica:
             self._deviations[table.name].pop(key, None)
         else:
             self._deviations[table.name][key] = actual
+
+
+def _parts(table: MapTable, buckets: list[int], n: int, size: int) -> Iterator[Packed]:
+    """The records in ``buckets`` (of ``n``), read bucket by bucket, in parts of ``size``."""
+    pending = Packed.empty()
+    for b in buckets:
+        pending.extend(table.records_in((b,), n))
+        if len(pending) >= size:
+            whole = len(pending) - len(pending) % size
+            for start in range(0, whole, size):
+                yield pending[start : start + size]
+            pending = pending[whole:]
+    if len(pending):
+        yield pending
