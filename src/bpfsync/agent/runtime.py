@@ -21,7 +21,8 @@ from bpfsync.kernel.allocator import pin_mmap_threshold
 GC_THRESHOLDS = (100_000, 50, 100)
 # 1 MiB: a scan's arrays of a large map (the memory that matters) are mmap()ed; a batch's
 # dicts and frames (up to ~0.5 MB) still come from the heap, without page faults each time.
-# At glibc's own 128 KiB, those faults cost 5-10% of the throughput under overload.
+# At glibc's own 128 KiB, those faults cost 3% of bench/run.py's 250k/s run and 17% of the
+# 50k/s run after it.
 MMAP_THRESHOLD = 1 << 20
 
 
