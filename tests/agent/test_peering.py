@@ -104,6 +104,29 @@ def test_no_routine_digest_while_records_for_the_peer_wait() -> None:
     with_pair(body)
 
 
+def test_behind_while_records_wait_for_a_linked_peer_only() -> None:
+    """The agent's housekeeping (freezing quiet buckets) waits while a peer waits for us; a
+    peer that is down must not hold it off for the length of the outage."""
+
+    async def body(a: Peering, ra: Replica, b: Peering, rb: Replica) -> None:
+        assert not a.behind()
+        now = time.time_ns()
+        recs = [ra.local_change("m", struct.pack("<I", k), struct.pack("<Q", k), now)
+                for k in range(3)]  # fmt: skip
+        a.broadcast([r for r in recs if r is not None])
+        assert a.behind()  # queued for b
+        for _ in range(50):
+            await asyncio.sleep(0.02)
+            if not a.behind():
+                break
+        assert not a.behind() and rb.registers("m") == 3  # sent and acknowledged
+        a._linked.discard("b")  # b is down: what waits for it waits for its return
+        a.sessions["b"].outbox.add([Record("m", b"\0\0\0\x09", b"\0" * 8, Stamp(1, 1, "a"))])
+        assert not a.behind()
+
+    with_pair(body)
+
+
 def test_a_fresh_node_sends_nothing_back_of_its_catch_up() -> None:
     """The answer to a digest puts its Pull before its records: a fresh node answers that Pull
     from its empty state, not with the records it is being sent (which it used to return)."""

@@ -152,6 +152,15 @@ class Peering:
     def connected(self) -> list[str]:
         return sorted(self._linked)
 
+    def behind(self) -> bool:
+        """Whether records wait for a linked peer: queued, unacknowledged, or a repair answer
+        (for a peer that is down, they may wait for hours)."""
+        return any(
+            s.outbox or s.unacked or self._repairs.get(peer)
+            for peer, s in self.sessions.items()
+            if peer in self._linked
+        )
+
     # --- events --------------------------------------------------------------------------------
 
     def _session(self, peer: str) -> PeerSession:
