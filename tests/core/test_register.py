@@ -67,3 +67,40 @@ def test_packed_splits_within_both_limits() -> None:
             assert isinstance(p, Packed) and 1 <= len(p) <= max_records
             size = sum(8 + len(k) + len(v) for k, v in zip(p.keys, p.packed, strict=True))
             assert size <= max_bytes or len(p) == 1
+
+
+def _record(node: bytes, kind: int, value: bytes) -> bytes:
+    return b"\x00" * 7 + b"\x05" + b"\x00" * 8 + node + b"\x00" + bytes([kind]) + value
+
+
+flaws = st.sampled_from([
+    b"",  # well-formed
+    b"\x00" * 16 + b"\x00\x00",  # empty node id
+    b"\x00" * 16 + b"ab\x00\x02",  # unknown kind
+    b"\x00" * 16 + b"ab\x00\x01",  # a tombstone with a value (the padding)
+    b"\x00" * 16 + b"\xff\xfe\x00\x00",  # node id not UTF-8
+    b"\x00" * 16 + b"abcd",  # no end of the node id
+])  # fmt: skip
+
+
+@given(
+    nodes=st.lists(st.sampled_from([b"a", b"b", b"node-7", "n\u00e9".encode()]), min_size=64,
+                   max_size=200),
+    flaw=flaws,
+    at=st.integers(0, 199),
+)  # fmt: skip
+def test_a_batch_of_one_size_is_checked_in_bulk_as_one_by_one(
+    nodes: list[bytes], flaw: bytes, at: int
+) -> None:
+    """check() takes batches of records of one size as arrays; it must name the same flaw as
+    the record-by-record check, including when records differ only in size."""
+    from bpfsync.core.register import _check_each
+
+    width = 16 + 7 + 2 + 4  # the longest id here, padded by the value: all of one size
+    records = [_record(n, 0, b"v" * (width - 16 - len(n) - 2)) for n in nodes]
+    if flaw:
+        records[at % len(records)] = flaw + b"x" * (width - len(flaw))
+    assert check(records) == _check_each(records)
+    assert bool(check(records)) == bool(flaw)
+    records[at % len(records)] += b"x"  # one size no more: the record-by-record path decides
+    assert check(records) == _check_each(records)

@@ -25,6 +25,8 @@ import struct
 from collections.abc import Iterable, Iterator, Sequence
 from typing import overload
 
+import numpy as np
+
 from bpfsync.core.messages import Record, Stamp, new_record, new_stamp
 
 _CLOCK = struct.Struct(">QQ")
@@ -98,9 +100,46 @@ def _decode_node(data: bytes) -> str:
     return node
 
 
-def check(records: Iterable[bytes]) -> str:
+_BULK_CHECK = 64  # batches of this many records, all of one size, are checked by numpy
+
+
+def check(records: Sequence[bytes]) -> str:
     """Why one of ``records`` (packed, from a peer) is not well-formed; empty if all are. Value
     sizes are the receiving map's to check."""
+    if len(records) >= _BULK_CHECK and _all_well_formed(records):
+        return ""
+    return _check_each(records)
+
+
+def _all_well_formed(records: Sequence[bytes]) -> bool:
+    """``not check(records)`` for records of one size, as array operations (a catch-up checks
+    a million: 0.15 s one by one). False also when the sizes differ: ``_check_each`` decides."""
+    sizes = set(map(len, records))
+    size = sizes.pop()
+    if sizes or size < MIN_SIZE:
+        return False
+    n = len(records)
+    rows = np.frombuffer(b"".join(records), np.uint8).reshape(n, size)
+    zero = rows[:, 16 : min(size, 16 + MAX_NODE_BYTES + 1)] == 0
+    end = zero.argmax(axis=1) + 16  # the first NUL after the clock, where there is one
+    every = np.arange(n)
+    if not zero[every, end - 16].all() or (end == 16).any() or (end + 2 > size).any():
+        return False
+    kind = rows[every, end + 1]
+    if (kind > 1).any() or ((kind == 1) & (end + 2 != size)).any():
+        return False
+    for e in np.unique(end).tolist():  # node ids: one per cluster member
+        ids = np.ascontiguousarray(rows[end == e, 16:e]).view(f"V{e - 16}")
+        for node in np.unique(ids).tolist():
+            if node not in _decoded:
+                try:
+                    _decode_node(node)
+                except UnicodeDecodeError:
+                    return False
+    return True
+
+
+def _check_each(records: Iterable[bytes]) -> str:
     known = _decoded
     for packed in records:
         end = packed.find(0, 16)
