@@ -199,22 +199,6 @@ def test_snapshot_get() -> None:
         s.get(b"abc")
 
 
-def test_get_many_matches_get() -> None:
-    from bpfsync.kernel.dump import MapDump
-    from bpfsync.watch.snapshot import Snapshot
-
-    for key_size in (4, 8, 12):  # exact codes, and hashed ones
-        keys = [i.to_bytes(key_size, "little") for i in range(0, 2000, 3)]
-        values = [(i * 7).to_bytes(8, "little") for i in range(len(keys))]
-        snap = Snapshot(MapDump.from_bytes(b"".join(keys), b"".join(values), key_size, 8))
-        probe = [i.to_bytes(key_size, "little") for i in range(0, 2100, 2)]
-        assert snap.get_many(probe) == [snap.get(k) for k in probe]
-        assert any(v is not None for v in snap.get_many(probe))
-        assert any(v is None for v in snap.get_many(probe))
-    empty = Snapshot(MapDump.from_bytes(b"", b"", 4, 8))
-    assert empty.get_many([b"\x00" * 4]) == [None]
-
-
 @settings(max_examples=200)
 @given(st.sampled_from([4, 8, 16]), st.data())
 def test_notes_keep_the_last_word_per_key(key_size: int, data: st.DataObject) -> None:

@@ -69,25 +69,6 @@ class Snapshot:
                 return bytes(self.dump.value_array[pos].tobytes())
         return None
 
-    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        """``[self.get(k) for k in keys]``, with the searches done by numpy in one call."""
-        n, size = len(keys), self.dump.key_size
-        if n == 0:
-            return []
-        order, codes = self.sorted()
-        if len(order) == 0:
-            return [None] * n
-        rows = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(n, size)
-        want = key_codes(rows)
-        lo = np.searchsorted(codes, want, "left")
-        hi = np.searchsorted(codes, want, "right")
-        if not self._exact:  # hashed codes may collide: compare the keys themselves
-            return [self.get(k) if a < b else None for k, a, b in zip(keys, lo, hi, strict=True)]
-        hit = (lo < hi).tolist()
-        blob = self.dump.value_array[order[np.minimum(lo, len(order) - 1)]].tobytes()
-        vs = self.dump.value_size
-        return [blob[i * vs : (i + 1) * vs] if hit[i] else None for i in range(n)]
-
     def to_dict(self) -> dict[bytes, bytes]:
         return self.dump.to_dict()
 
