@@ -34,7 +34,7 @@ from xxhash import xxh3_64_intdigest
 from bpfsync.core.digest import MASK, bucket_of, fold, packed_hash, record_hash
 from bpfsync.core.merge import Policy, newer
 from bpfsync.core.messages import MapSchema, Record, Stamp
-from bpfsync.core.register import Packed, pack, unpack
+from bpfsync.core.register import Packed, pack, unpack, value_of
 
 QUIET_CALLS = 120  # settle() calls without a write before a bucket freezes (by default)
 # A batch that adds this many registers to a bucket freezes it at once: a catch-up fills whole
@@ -275,15 +275,18 @@ class LwwTable(MapTable):
             regs = self._regs[b] = regs.thaw()
         return regs
 
+    def _freeze(self, b: int, regs: dict[bytes, bytes]) -> None:
+        self._regs[b] = FrozenRegs.of(regs, self.schema.key_size)
+
     def settle(self, most: int, quiet: int = QUIET_CALLS) -> int:
         frozen = 0
-        regs_list, quiet_for, ks = self._regs, self._quiet, self.schema.key_size
+        quiet_for = self._quiet
         for b, (now, then) in enumerate(zip(self.sums, self._sums_then, strict=True)):
             # written since the last call? (a write always moves the sum: it hashes the stamp)
             quiet_for[b] = 0 if now != then else quiet_for[b] + 1
-            regs = regs_list[b]
+            regs = self._regs[b]
             if frozen < most and quiet_for[b] >= quiet and regs and isinstance(regs, dict):
-                regs_list[b] = FrozenRegs.of(regs, ks)
+                self._freeze(b, regs)
                 frozen += 1
         self._sums_then = array("Q", self.sums)
         return frozen
@@ -356,11 +359,10 @@ class LwwTable(MapTable):
         self._count += added
         for key, packed in tombstones:
             self._queue_tombstone(unpack(self.name, key, packed))
-        ks = self.schema.key_size
         for b, before in grown.items():
             regs = regs_list[b]
-            if len(regs) - before >= _REFILL:
-                regs_list[b] = FrozenRegs.of(regs, ks)  # type: ignore[arg-type]
+            if isinstance(regs, dict) and len(regs) - before >= _REFILL:
+                self._freeze(b, regs)
         return out
 
     def packed_of(self, key: bytes) -> bytes | None:
@@ -375,10 +377,7 @@ class LwwTable(MapTable):
 
     def kernel_value(self, key: bytes, b: int | None = None) -> bytes | None:
         packed = self._regs[self.bucket(key) if b is None else b].get(key)
-        if packed is None:
-            return None
-        end = packed.find(0, 16)
-        return None if packed[end + 1] else packed[end + 2 :]
+        return None if packed is None else value_of(packed)
 
     def all_keys(self) -> Iterator[bytes]:
         for regs in self._regs:
