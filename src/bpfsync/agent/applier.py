@@ -155,11 +155,12 @@ class Applier:
         self, name: str, m: Map, pairs: list[tuple[bytes, bytes]], stats: ApplyStats, note: bool
     ) -> None:
         try:
-            keys, values = b"".join([k for k, _ in pairs]), b"".join([v for _, v in pairs])
+            keys = [k for k, _ in pairs]
+            joined, values = b"".join(keys), b"".join([v for _, v in pairs])
             if self._jobs is not None:
-                self._jobs.put(_Job(name, m, [k for k, _ in pairs], keys, values, note))
+                self._jobs.put(_Job(name, m, keys, joined, values, note))
             else:
-                m.update_batch(keys, values, len(pairs))
+                m.update_batch(joined, values, len(pairs))
             stats.updated += len(pairs)
             return
         except KernelError as err:
