@@ -35,6 +35,7 @@ _VALUE = b"\x00\x00"  # end of node id, kind "value"
 _TOMBSTONE = b"\x00\x01"
 MIN_SIZE = 16 + 1 + 2  # clock, a one-byte node id, end and kind
 MAX_NODE_BYTES = 255
+MAX_OVERHEAD = 16 + MAX_NODE_BYTES + 2  # a packed record's bytes besides its value, at most
 
 # node id <-> the bytes it packs to; node ids are few (one per cluster member)
 _CACHED_NODES = 4096

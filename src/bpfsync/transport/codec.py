@@ -29,7 +29,7 @@ from bpfsync.core.messages import (
     Message,
     Pull,
 )
-from bpfsync.core.register import MAX_NODE_BYTES, Packed, check
+from bpfsync.core.register import MAX_OVERHEAD, Packed, check
 from bpfsync.errors import MalformedMessageError
 from bpfsync.transport._proto import bpfsync_pb2 as pb
 
@@ -54,7 +54,6 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
-_PACKED_OVERHEAD = 16 + MAX_NODE_BYTES + 2  # a packed record's bytes besides its value
 
 
 # --- encode --------------------------------------------------------------------------------------
@@ -210,7 +209,7 @@ def _decode_batch(b: pb.Batch, limits: Limits) -> Batch:
     packed = list(b.records)
     if max(map(len, keys)) > limits.max_key_bytes:
         raise _Bad(f"a key is longer than {limits.max_key_bytes} bytes")
-    if max(map(len, packed)) > limits.max_value_bytes + _PACKED_OVERHEAD:
+    if max(map(len, packed)) > limits.max_value_bytes + MAX_OVERHEAD:
         raise _Bad(f"a value is longer than {limits.max_value_bytes} bytes")
     why = check(packed)
     if why:
