@@ -245,6 +245,7 @@ class Replica:
         self._check_local(table, key, value)
         b = bucket_of(key, table.nbuckets)
         deviations = self._deviations[map]
+        # _expected(), inlined: every local change passes here
         if value == (deviations[key] if key in deviations else table.kernel_value(key, b)):
             self.stats["local.echo"] += 1
             return None
@@ -341,7 +342,6 @@ class Replica:
         fwd_packed = forward.packed.append
         stats = self.stats
         tables = self._tables
-        deviations = self._deviations
         applied = ignored = 0
         drift_limit = _drift_limit(now_ns, self.clock.max_drift_ns)
         top: bytes | None = None  # C1: observing the highest stamp covers every lower one
@@ -376,11 +376,7 @@ class Replica:
                 continue
             reg = (name, key)
             first = touched.get(reg)
-            if first is not None:
-                before = first[2]
-            else:
-                dev = deviations[name]
-                before = dev[key] if dev and key in dev else table.kernel_value(key, b)
+            before = first[2] if first is not None else self._expected(table, key, b)
             kept = table.offer_packed(key, packed, b)
             if kept is None:
                 applied += 1
