@@ -397,7 +397,6 @@ def catchup(entries: int, wait_max: float) -> dict[str, Any]:
                 same_s = began
                 break
             time.sleep(0.05)
-        at_rest_b0 = (b.status() or {"maps": [{}]})["maps"][0].get("buckets_at_rest")
         wire = wire_bytes(a.port, b.port)
         st_a = a.status() or {}
         st_b = b.status() or {}
@@ -412,7 +411,7 @@ def catchup(entries: int, wait_max: float) -> dict[str, Any]:
         rested = c.wait(lambda: at_rest(a) == at_rest(b) == DEFAULT_BUCKETS, 90, every=0.5)
         rest = {"settled": rested, "after_s": time.perf_counter() - t_rest,
                 "a_rss": rss_mb(a.proc.pid), "b_rss": rss_mb(b.proc.pid),
-                "b_frozen_at_identical": at_rest_b0}
+                "b_frozen_at_identical": st_b.get("maps", [{}])[0].get("buckets_at_rest")}
         return {
             "entries": entries, "a_loaded": a_ok, "a_load_s": a_load_s, "ready_s": ready_s,
             "identical_s": same_s, "wire": wire,
