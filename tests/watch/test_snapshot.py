@@ -208,7 +208,11 @@ def test_notes_keep_the_last_word_per_key(key_size: int, data: st.DataObject) ->
     calls = data.draw(st.lists(st.lists(st.tuples(keys, value), max_size=6), max_size=5))
     notes, want = snapshot.Notes(), {}
     for pairs in calls:
-        notes.add(pairs)
+        if all(v is not None for _, v in pairs) and data.draw(st.booleans()):  # as columns
+            values = b"".join(v for _, v in pairs if v is not None)
+            notes.add_joined(b"".join(k for k, _ in pairs), values, len(pairs))
+        else:
+            notes.add(pairs)
         want.update(pairs)
     assert len(notes) == sum(map(len, calls)) and notes.to_dict() == want
     assert all(k in notes for k in want) and b"\xff" * (key_size + 1) not in notes

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bpfsync.agent.synced import SyncedMap
-from bpfsync.core.replica import Replica, Write
+from bpfsync.core.replica import Fill, Replica, Write
 from bpfsync.errors import KernelError
 from bpfsync.kernel.maps import Map
 
@@ -37,10 +37,22 @@ class _Job:
 
     name: str
     map: Map
-    keys: list[bytes]
-    joined: bytes
+    joined: bytes  # the keys
+    count: int
     values: bytes | None
     note: bool  # a write to the watched map itself (else to a companion)
+
+    def key_list(self) -> list[bytes]:
+        return _split(self.joined, self.count)
+
+
+def _split(joined: bytes, count: int) -> list[bytes]:
+    size = len(joined) // count
+    return [joined[i : i + size] for i in range(0, len(joined), size)]
+
+
+def _pairs(keys: bytes, values: bytes, count: int) -> list[tuple[bytes, bytes | None]]:
+    return list(zip(_split(keys, count), _split(values, count), strict=True))
 
 
 @dataclass(slots=True)
@@ -50,6 +62,7 @@ class ApplyStats:
     failed: int = 0
     # per map: what was written to the watched map itself (not to a companion)
     written: dict[str, Pairs] = field(default_factory=dict)
+    filled: list[Fill] = field(default_factory=list)  # ... and as columns
     # per map: how many updates and deletes were asked for
     asked: dict[str, tuple[int, int]] = field(default_factory=dict)
 
@@ -90,7 +103,7 @@ class Applier:
         for job in refused:
             log.warning("batch write to %s failed; retrying key by key", job.name)
             want = self._replica.desired if job.note else self._replica.peers_value
-            kvs = [(key, want(job.name, key)) for key in job.keys]
+            kvs = [(key, want(job.name, key)) for key in job.key_list()]
             self._write_keys(job.name, job.map, kvs, stats, job.note)
             if job.note:
                 stats.written.setdefault(job.name, []).extend(kvs)
@@ -100,17 +113,26 @@ class Applier:
         while (job := jobs.get()) is not None:
             try:
                 if job.values is None:
-                    job.map.delete_batch(job.joined, len(job.keys))
+                    job.map.delete_batch(job.joined, job.count)
                 else:
-                    job.map.update_batch(job.joined, job.values, len(job.keys))
+                    job.map.update_batch(job.joined, job.values, job.count)
             except KernelError:
                 self._refused.append(job)  # read by finish_background() after join()
 
-    def apply(self, writes: Iterable[Write]) -> ApplyStats:
+    def apply(self, writes: Iterable[Write], fills: Iterable[Fill] = ()) -> ApplyStats:
         stats = ApplyStats()
         per_map: dict[str, Pairs] = defaultdict(list)
         for name, key, value in writes:
             per_map[name].append((key, value))
+        for fill in fills:
+            if self._maps[fill.map].companion is not None:  # fills are lww's: not expected
+                per_map[fill.map] += _pairs(fill.keys, fill.values, fill.entries)
+                continue
+            ups, dels = stats.asked.get(fill.map, (0, 0))
+            stats.asked[fill.map] = (ups + fill.entries, dels)
+            self._update(fill.map, self._maps[fill.map].map, fill.keys, fill.values, fill.entries,
+                         stats, True)
+            stats.filled.append(fill)
         for name, kvs in per_map.items():
             sm = self._maps[name]
             if sm.companion is not None:
@@ -145,31 +167,34 @@ class Applier:
     ) -> None:
         ups = [(k, v) for k, v in kvs if v is not None]
         dels = [k for k, v in kvs if v is None]
-        stats.asked[name] = (len(ups), len(dels))
+        before = stats.asked.get(name, (0, 0))
+        stats.asked[name] = (before[0] + len(ups), before[1] + len(dels))
         if ups:
-            self._update(name, m, ups, stats, note)
+            joined, values = b"".join([k for k, _ in ups]), b"".join([v for _, v in ups])
+            self._update(name, m, joined, values, len(ups), stats, note)
         if dels:
             self._delete(name, m, dels, stats, note)
 
     def _update(
-        self, name: str, m: Map, pairs: list[tuple[bytes, bytes]], stats: ApplyStats, note: bool
+        self, name: str, m: Map, joined: bytes, values: bytes, count: int, stats: ApplyStats,
+        note: bool,
     ) -> None:
+        """Write ``count`` keys (``joined``) with their ``values`` (joined, in order)."""
+        job = _Job(name, m, joined, count, values, note)
         try:
-            keys = [k for k, _ in pairs]
-            joined, values = b"".join(keys), b"".join([v for _, v in pairs])
             if self._jobs is not None:
-                self._jobs.put(_Job(name, m, keys, joined, values, note))
+                self._jobs.put(job)
             else:
-                m.update_batch(joined, values, len(pairs))
-            stats.updated += len(pairs)
+                m.update_batch(joined, values, count)
+            stats.updated += count
             return
         except KernelError as err:
             log.warning("batch update of %s failed (%s); retrying key by key", name, err)
-        self._write_keys(name, m, pairs, stats, note)
+        self._write_keys(name, m, _pairs(joined, values, count), stats, note)
 
     def _delete(self, name: str, m: Map, keys: list[bytes], stats: ApplyStats, note: bool) -> None:
         if self._jobs is not None:
-            self._jobs.put(_Job(name, m, keys, b"".join(keys), None, note))
+            self._jobs.put(_Job(name, m, b"".join(keys), len(keys), None, note))
             stats.deleted += len(keys)
             return
         try:

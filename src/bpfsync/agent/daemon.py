@@ -30,7 +30,7 @@ import os
 import signal
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +44,7 @@ from bpfsync.agent.runtime import tune_process
 from bpfsync.agent.synced import SyncedMap, open_synced
 from bpfsync.agent.watchers import BatchWatcher, open_watcher
 from bpfsync.core.messages import Hello, Record
-from bpfsync.core.replica import ApplyResult, Replica
+from bpfsync.core.replica import ApplyResult, Fill, Replica
 from bpfsync.kernel.maps import Map
 from bpfsync.model import Change, Overflow, WatchEvent
 from bpfsync.transport.base import Transport
@@ -323,10 +323,10 @@ class Agent:
         for rec, err in res.rejected:
             self.map_stats[rec.map].rejected += 1
             self.metrics.rejected.labels(type(err).__name__).inc()
-        if res.writes:
+        if res.writes or res.fills:
             started = time.perf_counter()
-            applied = self.applier.apply(res.writes)
-            self._note_written(applied.written)
+            applied = self.applier.apply(res.writes, res.fills)
+            self._note_written(applied.written, applied.filled)
             self.metrics.apply_seconds.observe(time.perf_counter() - started)
             mono = time.monotonic()
             for name, (updates, deletes) in applied.asked.items():
@@ -337,17 +337,20 @@ class Agent:
                     if n:
                         self.metrics.applied.labels(name, op).inc(n)
         into.writes += res.writes
+        into.fills += res.fills
         into.forward.extend(res.forward)
         into.reply += res.reply
         into.rejected += res.rejected
 
-    def _note_written(self, written: Mapping[str, Pairs]) -> None:
+    def _note_written(self, written: Mapping[str, Pairs], filled: Iterable[Fill] = ()) -> None:
         """Tell a polling watcher what we wrote (per map), so its next scan is compared with it."""
         if self._watcher is None:
             return
         for name, kvs in written.items():
             if kvs:
                 self._watcher.note_written(name, kvs)
+        for fill in filled:
+            self._watcher.note_filled(fill.map, fill.keys, fill.values, fill.entries)
 
     # --- catch-up and timers -------------------------------------------------------------------
 

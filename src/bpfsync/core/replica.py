@@ -68,6 +68,7 @@ import struct
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from bpfsync.core.digest import DEFAULT_BUCKETS, bucket_of, diff
 from bpfsync.core.hlc import DEFAULT_MAX_DRIFT_NS, ClockDriftError, HybridClock
@@ -116,11 +117,21 @@ def is_seed(stamp: Stamp) -> bool:
 Write = tuple[str, bytes, bytes | None]  # (map, key, value to write or None to delete)
 
 
+class Fill(NamedTuple):
+    """Writes of many keys at once (a catch-up's), as columns: every one an update."""
+
+    map: str
+    keys: bytes  # joined, of the map's key size each
+    values: bytes  # joined, of its value size each, in the keys' order
+    entries: int
+
+
 @dataclass(slots=True)
 class ApplyResult:
     """What a received batch asks of the caller."""
 
     writes: list[Write] = field(default_factory=list)  # to the local kernel maps, one per key
+    fills: list[Fill] = field(default_factory=list)  # ... more, for keys not in ``writes``
     forward: Packed = field(default_factory=Packed.empty)  # to every other peer (R2, T3)
     reply: list[Record] = field(default_factory=list)  # back to the sender (R2, T3)
     rejected: list[tuple[Record, PeerError]] = field(default_factory=list)  # R1
@@ -427,7 +438,9 @@ class Replica:
         top = max(packs)  # C1: the highest stamp (register.py: bytes order is rank order)
         if top > _drift_limit(now_ns, self.clock.max_drift_ns):
             return False
-        done = table.offer_all(keys, packs)
+        deviations = self._deviations[name]
+        # a register that held nothing has the kernel hold nothing, unless it deviates
+        done = table.offer_all(keys, packs, fill=not deviations)
         for i in done.bad:
             rec = unpack(name, keys[i], packs[i])
             self._reject(res, rec, self._refusal(table, rec, now_ns, sender))
@@ -440,7 +453,10 @@ class Replica:
         else:
             for i in done.stored:
                 forward.append(name, keys[i], packs[i])
-        deviations = self._deviations[name]
+        if done.filled:
+            res.fills.append(Fill(name, b"".join([k for k, _, _ in done.filled]),
+                                  b"".join([v for _, v, _ in done.filled]),
+                                  sum(c for _, _, c in done.filled)))
         writes = res.writes
         for key, (old, new) in done.changed.items():
             if deviations and key in deviations:
@@ -606,10 +622,16 @@ class Replica:
 
 
 def _parts(table: MapTable, buckets: list[int], n: int, size: int) -> Iterator[Packed]:
-    """The records in ``buckets`` (of ``n``), read bucket by bucket, in parts of ``size``."""
+    """The records in ``buckets`` (of ``n``), read bucket by bucket, in parts of at most ``size``
+    made of whole buckets where a bucket fits in one: the receiver then fills each of its
+    buckets in one go (LwwTable.offer_all)."""
     pending = Packed.empty()
     for b in buckets:
-        pending.extend(table.records_in((b,), n))
+        got = table.records_in((b,), n)
+        if len(pending) and len(pending) + len(got) > size:
+            yield pending
+            pending = Packed.empty()
+        pending.extend(got)
         if len(pending) >= size:
             whole = len(pending) - len(pending) % size
             for start in range(0, whole, size):

@@ -178,30 +178,34 @@ class FrozenRegs(bytes):
 
     @classmethod
     def of(cls, regs: dict[bytes, bytes], key_size: int) -> FrozenRegs:
-        n = len(regs)
         joined = b"".join(regs)
-        if len(joined) != key_size * n:
+        if len(joined) != key_size * len(regs):
             raise ValueError(f"registers with keys of other sizes than {key_size} bytes")
         # 'S' items compare as the keys' bytes do (all of one size; trailing zeros are kept)
         keys = np.frombuffer(joined, f"S{key_size}")
-        packs = list(regs.values())
-        sizes = np.fromiter(map(len, packs), np.uint32, n)
-        width = int(sizes[0]) if n and (sizes == sizes[0]).all() else 0
-        order = None if (keys[1:] > keys[:-1]).all() else keys.argsort()  # sorted: at rest
-        if order is not None:
-            joined = keys[order].tobytes()
-        if width:
-            records = b"".join(packs)
-            if order is not None:
-                records = np.frombuffer(records, f"V{width}")[order].tobytes()
-            return cls(b"".join([_HEAD.pack(n, key_size, width), joined, records]))
-        if order is not None:
-            packs = [packs[i] for i in order.tolist()]
-            sizes = sizes[order]
+        records = _rows(list(regs.values()))
+        if (keys[1:] > keys[:-1]).all():  # sorted already: a bucket thawed for a few writes
+            return cls.of_sorted(keys, records)
+        order = keys.argsort()
+        return cls.of_sorted(keys[order], _take(records, order))
+
+    @classmethod
+    def of_sorted(cls, keys: np.ndarray, records: Rows) -> FrozenRegs:
+        """From keys in sorted order ('S' items) and their records in that order."""
+        n, key_size = len(keys), keys.dtype.itemsize
+        if isinstance(records, np.ndarray):
+            head = _HEAD.pack(n, key_size, records.dtype.itemsize)
+            return cls(b"".join([head, keys.tobytes(), records.tobytes()]))
         ends = np.zeros(n + 1, np.uint32)
-        np.cumsum(sizes, out=ends[1:])
-        head = _HEAD.pack(n, key_size, 0)
-        return cls(b"".join([head, joined, ends.tobytes(), *packs]))
+        np.cumsum(np.fromiter(map(len, records), np.uint32, n), out=ends[1:])
+        return cls(b"".join([_HEAD.pack(n, key_size, 0), keys.tobytes(), ends.tobytes(),
+                             *records]))
+
+    def columns(self) -> tuple[np.ndarray, Rows]:
+        """The keys ('S' items, sorted) and their records."""
+        n, ks, width, _, packs_at = self._layout()
+        keys = np.frombuffer(self, f"S{ks}", n, _HEAD.size)
+        return keys, np.frombuffer(self, f"V{width}", n, packs_at) if width else self.values()
 
     def _layout(self) -> tuple[int, int, int, int, int]:
         """(registers, key size, record size or 0, where the offsets start, where the records
@@ -246,6 +250,38 @@ class FrozenRegs(bytes):
         return dict(zip(self.keys(), self.values(), strict=True))
 
 
+# packed records: 'V' items when they are all of one size (numpy moves those as opaque rows),
+# else bytes objects
+Rows = np.ndarray | list[bytes]
+
+
+def _rows(records: list[bytes]) -> Rows:
+    sizes = set(map(len, records))
+    if len(sizes) != 1:
+        return records
+    return np.frombuffer(b"".join(records), f"V{sizes.pop()}")
+
+
+def _take(records: Rows, order: np.ndarray) -> Rows:
+    if isinstance(records, np.ndarray):
+        taken: np.ndarray = records[order]
+        return taken
+    return [records[i] for i in order.tolist()]
+
+
+def _joined(a: Rows, b: Rows) -> Rows:
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype:
+        return np.concatenate([a, b])
+    return _rows([*_list(a), *_list(b)])
+
+
+def _list(records: Rows) -> list[bytes]:
+    if isinstance(records, np.ndarray):
+        listed: list[bytes] = records.tolist()
+        return listed
+    return records
+
+
 @dataclass(slots=True)
 class LwwOffers:
     """What ``LwwTable.offer_all`` did with each record (indexes into the batch)."""
@@ -255,7 +291,11 @@ class LwwOffers:
     outranked: list[tuple[int, bytes]]  # ... strictly higher: (index, the record it held)
     bad: list[int]  # a value of the wrong size: not offered
     # key -> (its packed record before the batch or None, the one stored last), per stored key
+    # outside ``filled``
     changed: dict[bytes, tuple[bytes | None, bytes]]
+    # registers filled in bulk, each from nothing (stored too): per group, the live records'
+    # keys and values, joined, and how many; their tombstones need no write
+    filled: list[tuple[bytes, bytes, int]]
 
 
 class LwwTable(MapTable):
@@ -315,24 +355,114 @@ class LwwTable(MapTable):
             self.sums[b] = (self.sums[b] + delta) & MASK
         return None
 
-    def offer_all(self, keys: Sequence[bytes], packs: Sequence[bytes]) -> LwwOffers:
+    def offer_all(
+        self, keys: Sequence[bytes], packs: Sequence[bytes], *, fill: bool = True
+    ) -> LwwOffers:
         """``offer_packed`` of each record in turn (the keys are of the right size): one call
         per batch, for the receive path. A live record whose value is not of the map's size is
-        left out and listed in ``bad``."""
-        out = LwwOffers([], [], [], [], {})
+        left out and listed in ``bad``. With ``fill``, registers that held nothing and receive
+        many records at once (a catch-up) are filled by array operations and listed in
+        ``filled``, not ``changed``."""
+        out = LwwOffers([], [], [], [], {}, [])
+        n, nb = len(keys), self.nbuckets
+        where: list[int] | None = None
+        todo: Sequence[int] = range(n)
+        if fill and n >= _REFILL:
+            hashes = np.fromiter(map(xxh3_64_intdigest, keys), np.uint64, n)
+            buckets = hashes % np.uint64(nb)
+            where = buckets.tolist()
+            todo = self._fill(keys, packs, buckets, out)
+        self._offer_each(keys, packs, todo, where, out)
+        if not isinstance(todo, range):  # some filled: stored in batch order, as offer_packed
+            out.stored.sort()
+        return out
+
+    def _fill(
+        self, keys: Sequence[bytes], packs: Sequence[bytes], buckets: np.ndarray, out: LwwOffers
+    ) -> Sequence[int]:
+        """Store in bulk each group of >= _REFILL records of one bucket whose keys are new to
+        it (so every record is stored: none outranks another), when the batch's live values
+        are all of the map's size; the bucket comes out frozen (FrozenRegs). Returns the
+        indexes of the records left to ``_offer_each``."""
+        n, regs_list, vsize = len(keys), self._regs, self._vsize
+        counts = np.bincount(buckets.astype(np.intp), minlength=self.nbuckets)
+        frozen = FrozenRegs  # a bucket of dict registers is being written to: not filled
+        groups = [b for b in np.flatnonzero(counts >= _REFILL).tolist()
+                  if not regs_list[b] or type(regs_list[b]) is frozen]
+        if not groups:
+            return range(n)
+        sizes = np.fromiter(map(len, packs), np.intp, n)
+        width = int(sizes[0]) if (sizes == sizes[0]).all() else 0
+        if width:  # as arrays (the codec checked each record's form)
+            rows = np.frombuffer(b"".join(packs), np.uint8).reshape(n, width)
+            end = (rows[:, 16:] == 0).argmax(axis=1) + 16  # the node id's NUL
+            live = rows[np.arange(n), end + 1] == 0
+        else:  # tombstones or node ids of other lengths among them
+            ends = [p.find(0, 16) for p in packs]
+            end = np.array(ends, np.intp)
+            live = np.fromiter([not p[e + 1] for p, e in zip(packs, ends, strict=True)], bool, n)
+        if (live & (end + 2 + vsize != sizes)).any():
+            return range(n)  # values of another size: _offer_each sorts them out
+        ks = self.schema.key_size
+        joined_keys = b"".join(keys)
+        key_items = np.frombuffer(joined_keys, f"S{ks}")
+        records = rows.view(f"V{width}").ravel() if width else list(packs)
+        order = np.argsort(buckets, kind="stable")
+        starts = np.searchsorted(buckets[order], np.array(groups, np.uint64))
+        done = np.zeros(n, bool)
+        for b, start in zip(groups, starts.tolist(), strict=True):
+            idx = order[start : start + counts[b]]
+            new_keys, new_records = key_items[idx], _take(records, idx)
+            held = regs_list[b]
+            if isinstance(held, FrozenRegs) and held:
+                held_keys, held_records = held.columns()
+                new_keys = np.concatenate([held_keys, new_keys])
+                new_records = _joined(held_records, new_records)
+            by_key = new_keys.argsort(kind="stable")
+            sorted_keys = new_keys[by_key]
+            if (sorted_keys[1:] == sorted_keys[:-1]).any():
+                continue  # a key held already or twice in the batch: merged one by one
+            regs_list[b] = FrozenRegs.of_sorted(sorted_keys, _take(new_records, by_key))
+            at = idx.tolist()
+            hashes = map(xxh3_64_intdigest, [keys[i] + packs[i] for i in at])
+            self.sums[b] = (self.sums[b] + int(np.fromiter(hashes, np.uint64, len(at)).sum())
+                            ) & MASK  # fmt: skip
+            self._count += len(at)
+            done[idx] = True
+            alive = live[idx]
+            shown = idx[alive]
+            if len(shown):
+                if width:
+                    values = np.ascontiguousarray(rows[shown, width - vsize :]).tobytes()
+                else:
+                    values = b"".join([packs[i][len(packs[i]) - vsize :] for i in shown.tolist()])
+                out.filled.append((key_items[shown].tobytes(), values, len(shown)))
+            for i in idx[~alive].tolist():
+                self._queue_tombstone(unpack(self.name, keys[i], packs[i]))
+        stored = np.flatnonzero(done)
+        out.stored += stored.tolist()
+        return np.flatnonzero(~done).tolist() if len(stored) else range(n)
+
+    def _offer_each(
+        self, keys: Sequence[bytes], packs: Sequence[bytes], todo: Iterable[int],
+        where: list[int] | None, out: LwwOffers,
+    ) -> None:
+        """``offer_all``'s record-by-record path, for the records ``todo`` (``where``: each
+        record's bucket, if known)."""
         stored, ignored, outranked = out.stored, out.ignored, out.outranked
         bad, changed = out.bad, out.changed
         regs_list, sums, nb, vsize = self._regs, self.sums, self.nbuckets, self._vsize
         tombstones: list[tuple[bytes, bytes]] = []
         grown: dict[int, int] = {}  # bucket -> its registers before the batch's first new key
         added = 0
-        for i, (key, packed) in enumerate(zip(keys, packs, strict=True)):
+        for i in todo:
+            key, packed = keys[i], packs[i]
             end = packed.find(0, 16)
             dead = packed[end + 1]
             if not dead and len(packed) - end - 2 != vsize:
                 bad.append(i)
                 continue
-            b = xxh3_64_intdigest(key) % nb
+            b = xxh3_64_intdigest(key) % nb if where is None else where[i]
             regs = regs_list[b]
             old = regs.get(key)
             if old is not None and packed <= old:  # register.py: ranks as newer() does
@@ -363,7 +493,6 @@ class LwwTable(MapTable):
             regs = regs_list[b]
             if isinstance(regs, dict) and len(regs) - before >= _REFILL:
                 self._freeze(b, regs)
-        return out
 
     def packed_of(self, key: bytes) -> bytes | None:
         return self._regs[self.bucket(key)].get(key)

@@ -246,6 +246,12 @@ class AutoWatcher:
         with self._overlay_lock:
             self._overlay.setdefault(name, Notes()).add(writes)
 
+    def note_filled(self, name: str, keys: bytes, values: bytes, count: int) -> None:
+        """``note_written`` of ``count`` updates at once, their keys and values joined (a
+        catch-up's)."""
+        with self._overlay_lock:
+            self._overlay.setdefault(name, Notes()).add_joined(keys, values, count)
+
     def release_scans(self) -> None:
         """Start the periodic scans (after ``hold_scans=True``).
 

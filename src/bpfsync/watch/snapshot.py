@@ -223,6 +223,13 @@ class Notes:
         self.count += len(pairs)
         self._keys = None
 
+    def add_joined(self, keys: bytes, values: bytes, count: int) -> None:
+        """``add`` of ``count`` values (none deleted), given as the keys and values joined."""
+        if count:
+            self._parts.append((keys, values, b"\x01" * count, count))
+            self.count += count
+            self._keys = None
+
     def __len__(self) -> int:
         return self.count
 

@@ -368,6 +368,9 @@ class TraceWatcher:
         """Nothing to do: the consumer's own writes are suppressed in the kernel, and there is
         no scan to compare with them (AutoWatcher.note_written has the polling side)."""
 
+    def note_filled(self, name: str, keys: bytes, values: bytes, count: int) -> None:
+        """Nothing to do, as for ``note_written``."""
+
     def stats(self) -> TraceStats:
         with self._lock:
             counters = self._read_counters()
