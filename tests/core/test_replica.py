@@ -11,6 +11,7 @@ from bpfsync.core.hlc import ClockDriftError
 from bpfsync.core.merge import LWW, FieldPolicy, FieldRule
 from bpfsync.core.messages import Digest, MapSchema, Pull, Record, Stamp
 from bpfsync.core.replica import ApplyResult, Replica, is_seed, seed_stamp
+from bpfsync.core.table import LwwTable
 from bpfsync.errors import (
     ConfigError,
     MalformedMessageError,
@@ -320,6 +321,23 @@ def test_seed_comes_first() -> None:
     r.local_change("blocklist", k(1), v(1), T)
     with pytest.raises(ValueError, match="before"):
         r.seed("blocklist", [(k(2), v(2))])
+
+
+def test_a_full_map_seeds_in_bulk_into_frozen_buckets() -> None:
+    """A node restarting on a full map seeds it as a catch-up fills one: frozen at once."""
+    r = replica()
+    items = [(k(i), v(i * 7)) for i in range(3000)]
+    assert r.seed("blocklist", items) == 3000
+    assert r.buckets_at_rest("blocklist") == 16 and r.registers("blocklist") == 3000
+    want = LwwTable(M, LWW, 16)
+    for key, value in items:
+        want.offer(Record("blocklist", key, value, seed_stamp("a")))
+    assert r.digest("blocklist").buckets == want.digest_buckets()
+    assert r.content("blocklist") == dict(items)
+    assert all(is_seed(rec.stamp) for rec in r.records("blocklist"))
+    assert r.local_change("blocklist", k(5), v(35), T) is None  # the kernel holds it: an echo
+    with pytest.raises(ValueError, match="4-byte keys and 8-byte values"):
+        replica().seed("blocklist", [*items, (k(1) + b"x", v(1))])
 
 
 def test_counters_are_not_seeded_as_our_slot() -> None:

@@ -238,6 +238,10 @@ class Replica:
         if len(table):
             raise ValueError(f"seed({map!r}) must come before any other change of that map")
         stamp = seed_stamp(self.node)
+        if isinstance(table, LwwTable):
+            seeded = self._seed_lww(table, list(items), pack(stamp, b""))
+            self.stats["local.seeded"] += seeded
+            return seeded
         seeded = 0
         for key, value in items:
             self._check_local(table, key, value)
@@ -246,6 +250,21 @@ class Replica:
             self._set_view(table, key, value)
         self.stats["local.seeded"] += seeded
         return seeded
+
+    def _seed_lww(self, table: LwwTable, items: list[tuple[bytes, bytes]], prefix: bytes) -> int:
+        """``seed`` of an lww map, as one batch: a full map's buckets fill in bulk and come out
+        frozen (table.py), as a catch-up's do. Every register then holds what the kernel does."""
+        keys = [key for key, _ in items]
+        values = [value for _, value in items]
+        if {len(key) for key in keys} - {table.schema.key_size} or (
+            {len(value) for value in values} - {table.schema.value_size}
+        ):
+            for key, value in items:  # names the first entry of the wrong size
+                self._check_local(table, key, value)
+        deviations = self._deviations[table.name]
+        for key in keys if deviations else ():
+            deviations.pop(key, None)
+        return len(table.offer_all(keys, [prefix + value for value in values]).stored)
 
     def local_change(self, map: str, key: bytes, value: bytes | None, now_ns: int) -> Record | None:
         """A watcher saw ``key`` change to ``value`` (None: deleted). L1, L2.

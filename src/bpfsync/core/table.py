@@ -407,6 +407,11 @@ class LwwTable(MapTable):
         joined_keys = b"".join(keys)
         key_items = np.frombuffer(joined_keys, f"S{ks}")
         records = rows.view(f"V{width}").ravel() if width else list(packs)
+        if width:  # what a record's digest hash covers: its key, then the record
+            hashed = np.empty((n, ks + width), np.uint8)
+            hashed[:, :ks] = np.frombuffer(joined_keys, np.uint8).reshape(n, ks)
+            hashed[:, ks:] = rows
+            hashed_items = hashed.view(f"V{ks + width}").ravel()
         order = np.argsort(buckets, kind="stable")
         starts = np.searchsorted(buckets[order], np.array(groups, np.uint64))
         done = np.zeros(n, bool)
@@ -423,11 +428,13 @@ class LwwTable(MapTable):
             if (sorted_keys[1:] == sorted_keys[:-1]).any():
                 continue  # a key held already or twice in the batch: merged one by one
             regs_list[b] = FrozenRegs.of_sorted(sorted_keys, _take(new_records, by_key))
-            at = idx.tolist()
-            hashes = map(xxh3_64_intdigest, [keys[i] + packs[i] for i in at])
-            self.sums[b] = (self.sums[b] + int(np.fromiter(hashes, np.uint64, len(at)).sum())
-                            ) & MASK  # fmt: skip
-            self._count += len(at)
+            if width:
+                hashes = map(xxh3_64_intdigest, hashed_items[idx].tolist())
+            else:
+                hashes = map(xxh3_64_intdigest, [keys[i] + packs[i] for i in idx.tolist()])
+            total = int(np.fromiter(hashes, np.uint64, len(idx)).sum())  # wraps at 2**64
+            self.sums[b] = (self.sums[b] + total) & MASK
+            self._count += len(idx)
             done[idx] = True
             alive = live[idx]
             shown = idx[alive]
