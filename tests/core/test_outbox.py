@@ -4,6 +4,7 @@ import pytest
 
 from bpfsync.core.messages import Record, Stamp
 from bpfsync.core.outbox import Outbox, encoded_size, split
+from bpfsync.core.register import pack
 
 
 def rec(key: int, wall: int, node: str = "a", map: str = "m", value: bytes | None = b"v") -> Record:
@@ -39,7 +40,7 @@ def test_batches_respect_both_limits_but_always_carry_one_record() -> None:
     box = Outbox()
     box.add([rec(i, 1) for i in range(10)])
     assert len(box.take_batch(3, 10_000)) == 3
-    one = encoded_size(rec(0, 1))
+    one = encoded_size(bytes([0]), pack(Stamp(1, 0, "a"), b"v"))
     assert len(box.take_batch(100, 2 * one)) == 2
     assert len(box.take_batch(100, 1)) == 1  # larger than the byte limit on its own
     assert len(box.take_batch(100, 10_000)) == 4
@@ -59,7 +60,7 @@ def test_overflow_empties_the_outbox_and_asks_for_repair() -> None:
 
 def test_split_cuts_repair_answers_into_batches() -> None:
     recs = [rec(i, 1) for i in range(10)]
-    one = encoded_size(recs[0])
+    one = encoded_size(recs[0].key, pack(recs[0].stamp, recs[0].value))
     assert [len(c) for c in split(recs, 4, 10_000)] == [4, 4, 2]
     assert [len(c) for c in split(recs, 100, 3 * one)] == [3, 3, 3, 1]
     assert [len(c) for c in split(recs[:2], 100, 1)] == [1, 1]

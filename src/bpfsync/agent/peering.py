@@ -49,6 +49,7 @@ from bpfsync.core.messages import (
     Record,
 )
 from bpfsync.core.outbox import Outbox, split
+from bpfsync.core.register import Packed
 from bpfsync.core.replica import ApplyResult, Replica
 from bpfsync.core.session import PeerSession, map_mismatches
 from bpfsync.errors import BpfsyncError, PeerError
@@ -120,7 +121,7 @@ class Peering:
                 self.metrics.rejected.labels(type(err).__name__).inc()
                 log.warning("refused input from peer %s: %s", ev.peer, err)
 
-    def broadcast(self, records: list[Record]) -> None:
+    def broadcast(self, records: list[Record] | Packed) -> None:
         """Local changes: to every peer."""
         if records:
             for s in self.sessions.values():

@@ -11,59 +11,39 @@ peer is then brought up to date by digest repair, which costs less than holding 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator
 
-from bpfsync.core.merge import newer
 from bpfsync.core.messages import Record
-from bpfsync.core.register import Packed
+from bpfsync.core.register import Packed, node_of
 
-RECORD_OVERHEAD = 32  # framing, stamp integers and flags on the wire, roughly
-_PACKED_OVERHEAD = 8  # framing of a packed record and its key on the wire, roughly
+PACKED_OVERHEAD = 8  # framing of a packed record, its key and its map's index on the wire, roughly
 
 
-def encoded_size(rec: Record) -> int:
-    """An estimate of a record's size on the wire, for batch byte limits."""
-    value = 0 if rec.value is None else len(rec.value)
-    return RECORD_OVERHEAD + len(rec.map) + len(rec.key) + value + len(rec.stamp.node)
+def encoded_size(key: bytes, packed: bytes) -> int:
+    """An estimate of a packed record's size on the wire, for batch byte limits."""
+    return PACKED_OVERHEAD + len(key) + len(packed)
 
 
 def split(
-    records: Iterable[Record], max_records: int, max_bytes: int
-) -> Iterator[Sequence[Record]]:
+    records: Iterable[Record] | Packed, max_records: int, max_bytes: int
+) -> Iterator[Packed]:
     """Cut records into batch-sized pieces (within both limits, at least one record each).
 
     For repair answers, which can be a whole map: they go out as seq-0 batches, not through an
-    Outbox, whose bound is meant for live traffic. ``Packed`` records are cut into ``Packed``
-    slices, sized by their columns.
+    Outbox, whose bound is meant for live traffic.
     """
-    if isinstance(records, Packed):
-        yield from _split_packed(records, max_records, max_bytes)
-        return
-    chunk: list[Record] = []
-    size = 0
-    for rec in records:
-        n = encoded_size(rec)
-        if chunk and (len(chunk) >= max_records or size + n > max_bytes):
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(rec)
-        size += n
-    if chunk:
-        yield chunk
-
-
-def _split_packed(records: Packed, max_records: int, max_bytes: int) -> Iterator[Packed]:
+    records = Packed.of(records)
     # most repair answers are far below the byte limit per max_records: cut by count, and
     # walk record by record only a piece that is too big
     for start in range(0, len(records), max_records):
         piece = records[start : start + max_records]
         size = sum(map(len, piece.keys)) + sum(map(len, piece.packed))
-        if size + _PACKED_OVERHEAD * len(piece) <= max_bytes:
+        if size + PACKED_OVERHEAD * len(piece) <= max_bytes:
             yield piece
             continue
         first = size = 0
         for i, (key, packed) in enumerate(zip(piece.keys, piece.packed, strict=True)):
-            n = _PACKED_OVERHEAD + len(key) + len(packed)
+            n = encoded_size(key, packed)
             if i > first and size + n > max_bytes:
                 yield piece[first:i]
                 first, size = i, 0
@@ -72,7 +52,8 @@ def _split_packed(records: Packed, max_records: int, max_bytes: int) -> Iterator
 
 
 class Outbox:
-    """Pending records for one peer, newest per register, in first-queued order."""
+    """Pending records for one peer, newest per register, in first-queued order; kept packed
+    (register.py), the form they are stored and sent in."""
 
     __slots__ = ("_pending", "_per_origin", "max_records", "overflowed")
 
@@ -82,39 +63,43 @@ class Outbox:
         self.max_records = max_records
         self.overflowed = False
         self._per_origin = frozenset(per_origin_maps)
-        self._pending: dict[tuple[str, bytes, str], Record] = {}
+        # (map, key, origin for per-origin maps else "") -> packed record
+        self._pending: dict[tuple[str, bytes, str], bytes] = {}
 
-    def add(self, records: Iterable[Record]) -> None:
+    def add(self, records: Iterable[Record] | Packed) -> None:
         """Queue records; a newer record of a queued register replaces it in place."""
+        records = Packed.of(records)
         pending, per_origin = self._pending, self._per_origin
-        for rec in records:
-            reg = (rec.map, rec.key, rec.stamp.node if rec.map in per_origin else "")
+        for name, key, packed in zip(records.maps, records.keys, records.packed, strict=True):
+            reg = (name, key, node_of(packed) if name in per_origin else "")
             old = pending.get(reg)
-            if old is None or newer(rec, old):
-                pending[reg] = rec
+            if old is None or packed > old:  # register.py: ranks as newer() does
+                pending[reg] = packed
         if len(pending) > self.max_records:
             pending.clear()
             self.overflowed = True
 
-    def take_batch(self, max_records: int, max_bytes: int) -> list[Record]:
+    def take_batch(self, max_records: int, max_bytes: int) -> Packed:
         """Remove and return the oldest-queued records, within both limits (at least one)."""
-        out: list[Record] = []
+        out = Packed.empty()
+        maps, keys, packs = out.maps, out.keys, out.packed
         taken: list[tuple[str, bytes, str]] = []
         size = 0
         pending = self._pending
         # one pass, then delete: popping the first key repeatedly rescans deleted slots
-        for reg, rec in pending.items():
-            if len(out) >= max_records:
+        for reg, packed in pending.items():
+            if len(taken) >= max_records:
                 break
-            size += encoded_size(rec)
-            if out and size > max_bytes:
+            size += PACKED_OVERHEAD + len(reg[1]) + len(packed)  # encoded_size, inlined
+            if taken and size > max_bytes:
                 break
-            out.append(rec)
             taken.append(reg)
+            packs.append(packed)
         for reg in taken:
             del pending[reg]
+            maps.append(reg[0])
+            keys.append(reg[1])
         return out
-
     def take_overflow(self) -> bool:
         """Whether records were dropped since the last call (then the peer needs repair)."""
         flag, self.overflowed = self.overflowed, False

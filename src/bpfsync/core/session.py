@@ -116,7 +116,8 @@ class PeerSession:
     def send(self, records: Sequence[Record]) -> Batch | None:
         """Number a batch and hold it (P1, P2); returns it when the link is up, else None (it
         goes out on the next ``link_up``)."""
-        batch = Batch(self.node, self._next_seq, tuple(records))
+        batch = Batch(self.node, self._next_seq,
+                      records if isinstance(records, Packed) else tuple(records))
         self._next_seq += 1
         self._held.append(batch)
         if len(self._held) > self.max_unacked:
