@@ -51,6 +51,20 @@ def test_logical_counts_while_physical_time_stands_still_and_resets_when_it_move
     assert clock.now(T + 1) == Stamp(T + 1, 0, "a")
 
 
+def test_a_reserved_run_is_what_now_would_have_issued_one_by_one() -> None:
+    one_by_one, reserved = HybridClock("a"), HybridClock("a")
+    for clock in (one_by_one, reserved):
+        clock.now(T)
+    stamps = [one_by_one.now(T - 1) for _ in range(5)]
+    assert reserved.peek(T - 1) == (T, 1) and reserved.last == Stamp(T, 0, "a")  # not issued
+    wall, logical = reserved.reserve(T - 1, 5)
+    assert [Stamp(wall, logical + i, "a") for i in range(5)] == stamps
+    assert reserved.last == one_by_one.last
+    assert reserved.reserve(T + 9, 1) == (T + 9, 0)
+    with pytest.raises(ValueError):
+        reserved.reserve(T, 0)
+
+
 def test_receive_rules_follow_kulkarni() -> None:
     clock = HybridClock("a")
     clock.now(T)  # (T, 0)

@@ -552,3 +552,53 @@ def test_filling_buckets_in_bulk_merges_as_the_general_path(
         assert bulk.stats == general.stats
     assert bulk.expire(T + TTL) == general.expire(T + TTL)
     assert sorted(bulk.records("blocklist")) == sorted(general.records("blocklist"))
+
+
+# --- local changes in batches ---------------------------------------------------------------------
+
+local_batch = st.lists(st.tuples(st.integers(0, 40), st.none() | st.integers(0, 3)), max_size=60)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(local_batch, min_size=1, max_size=3), st.data())
+def test_a_batch_of_local_changes_is_local_change_one_by_one(
+    batches: list[list[tuple[int, int | None]]], data: st.DataObject
+) -> None:
+    """Replica.local_changes (one pass over an lww map) must stamp, store, count and return
+    what ``local_change`` called for each in turn does: echoes, deletes of absent keys,
+    deviations, repeated keys, registers of other nodes, buckets at rest."""
+    batched, single = replica(), replica()
+    seeded = [(k(i), v(i % 4)) for i in range(0, 41, 3)]
+    incoming = [remote(i, i % 4 or None, T - SECOND) for i in range(1, 41, 4)]
+    for r in (batched, single):
+        r.seed("blocklist", seeded)
+        r.receive(incoming, T, "b")
+        r.note_kernel("blocklist", k(2), v(7))  # a deviation
+    for batch in batches:
+        if data.draw(st.booleans()):
+            batched.settle(64, quiet=0)
+        now = T + data.draw(st.sampled_from([-SECOND, 0, SECOND]))
+        keys = [k(i) for i, _ in batch]
+        values = [None if x is None else v(x) for _, x in batch]
+        got, changed = batched.local_changes("blocklist", keys, values, now)
+        want = [single.local_change("blocklist", key, value, now)
+                for key, value in zip(keys, values, strict=True)]  # fmt: skip
+        assert list(got) == [rec for rec in want if rec is not None]
+        assert changed == [i for i, rec in enumerate(want) if rec is not None]
+        assert batched.content("blocklist") == single.content("blocklist")
+        assert batched.digest("blocklist") == single.digest("blocklist")
+        assert batched.clock.last == single.clock.last
+        assert batched.stats == single.stats
+        for i in range(41):
+            assert batched.kernel_view("blocklist", k(i)) == single.kernel_view("blocklist", k(i))
+    assert batched.expire(T + 2 * TTL) == single.expire(T + 2 * TTL)
+    assert sorted(batched.records("blocklist")) == sorted(single.records("blocklist"))
+
+
+def test_local_changes_of_the_wrong_size_are_refused_before_any_is_taken() -> None:
+    r = replica()
+    with pytest.raises(ValueError, match="4-byte keys and 8-byte values"):
+        r.local_changes("blocklist", [k(1), k(2)], [v(1), b"\x01"], T)
+    assert r.content("blocklist") == {} and r.clock.last == Stamp(0, 0, "a")
+    counted, changed = r.local_changes("ratelimit", [k(1), k(1)], [v(5), v(5)], T)  # per origin
+    assert changed == [0] and [rec.value for rec in counted] == [v(5)]

@@ -44,9 +44,10 @@ from bpfsync.agent.runtime import tune_process
 from bpfsync.agent.synced import SyncedMap, open_synced
 from bpfsync.agent.watchers import BatchWatcher, open_watcher
 from bpfsync.core.messages import Hello, Record
+from bpfsync.core.register import Packed
 from bpfsync.core.replica import ApplyResult, Fill, Replica
 from bpfsync.kernel.maps import Map
-from bpfsync.model import Change, Overflow, WatchEvent
+from bpfsync.model import Change, Overflow, Seen, WatchEvent
 from bpfsync.transport.base import Transport
 from bpfsync.transport.grpc_mesh import GrpcMesh
 from bpfsync.transport.options import MeshOptions
@@ -236,9 +237,9 @@ class Agent:
     def _local(self, events: list[WatchEvent]) -> None:
         now = _now()
         recent = time.monotonic() - _STALE_WINDOW
-        records: list[Record] = []
         reread: dict[str, Pairs] = defaultdict(list)  # per map: (key, kernel value)
-        counts: Counter[tuple[str, str]] = Counter()  # metrics: one update per burst, not per key
+        # per map, in the order reported: the keys, the values to take in, how each was seen
+        batches: dict[str, tuple[list[bytes], list[bytes | None], list[Seen]]] = {}
         for ev in events:
             if isinstance(ev, Overflow):
                 self.metrics.overflows.inc()
@@ -253,25 +254,29 @@ class Agent:
                 value = sm.fold(raw)
                 if raw != ev.value:  # we now believe another value than the watcher reported
                     reread[ev.map].append((ev.key, raw))
-            rec = self.replica.local_change(ev.map, ev.key, value, now)
-            if rec is None:
-                counts[(ev.map, "")] += 1
-                continue
-            st.local_changes += 1
-            counts[(ev.map, ev.seen.value)] += 1
-            records.append(rec)
-        for (name, seen), n in counts.items():
-            if seen:
-                self.metrics.local_changes.labels(name, seen).inc(n)
-            else:
-                self.metrics.echoes.labels(name).inc(n)
+            batch = batches.get(ev.map)
+            if batch is None:
+                batch = batches[ev.map] = ([], [], [])
+            batch[0].append(ev.key)
+            batch[1].append(value)
+            batch[2].append(ev.seen)
+        records = Packed.empty()
+        for name, (keys, values, seen) in batches.items():
+            packed, changed = self.replica.local_changes(name, keys, values, now)
+            records.extend(packed)
+            self.map_stats[name].local_changes += len(changed)
+            # metrics: one update per burst, not per key
+            for how, n in Counter(seen[i].value for i in changed).items():
+                self.metrics.local_changes.labels(name, how).inc(n)
+            if len(keys) > len(changed):
+                self.metrics.echoes.labels(name).inc(len(keys) - len(changed))
         # the watcher compares its next scan with what we believe: without this, a key whose
         # report we replaced by a re-read value, then deleted by the data plane back to the
         # reported state, would look unchanged to it and never be reported
         self._note_written(reread)
         self._broadcast(records)
 
-    def _broadcast(self, records: list[Record]) -> None:
+    def _broadcast(self, records: list[Record] | Packed) -> None:
         if self.peering is not None:
             self.peering.broadcast(records)
 

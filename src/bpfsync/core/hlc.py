@@ -61,6 +61,21 @@ class HybridClock:
             self._logical += 1
         return new_stamp((self._wall, self._logical, self.node))
 
+    def peek(self, physical_ns: int) -> tuple[int, int]:
+        """(wall, logical) of the stamp ``now(physical_ns)`` would issue; nothing issued."""
+        if physical_ns > self._wall:
+            return physical_ns, 0
+        return self._wall, self._logical + 1
+
+    def reserve(self, physical_ns: int, n: int) -> tuple[int, int]:
+        """(wall, logical) of the first of ``n`` new stamps for local events, as ``now`` would
+        issue them one after another: the others follow on the logical part."""
+        if n <= 0:
+            raise ValueError(f"reserve needs n > 0, got {n}")
+        first = self.now(physical_ns)
+        self._logical += n - 1
+        return first.wall, first.logical
+
     def check(self, stamp: Stamp, physical_ns: int, peer: str = "") -> None:
         """Raise ClockDriftError if ``stamp`` is too far ahead of ``physical_ns``."""
         ahead = stamp.wall - physical_ns

@@ -57,6 +57,15 @@ def pack(stamp: Stamp, value: bytes | None) -> bytes:
     return b"".join((clock, node, _VALUE, value))
 
 
+pack_clock = _CLOCK.pack  # (wall, logical) -> a packed record's first 16 bytes
+
+
+def own_tails(node: str) -> tuple[bytes, bytes]:
+    """What follows the clock in ``node``'s packed records: (before a value, a tombstone)."""
+    data = _encoded.get(node) or _encode_node(node)
+    return data + _VALUE, data + _TOMBSTONE
+
+
 def _encode_node(node: str) -> bytes:
     data = node.encode()
     if not 0 < len(data) <= MAX_NODE_BYTES or b"\x00" in data:

@@ -296,6 +296,35 @@ class Replica:
         self.stats["local.changed"] += 1
         return rec
 
+    def local_changes(
+        self, map: str, keys: Sequence[bytes], values: Sequence[bytes | None], now_ns: int
+    ) -> tuple[Packed, list[int]]:
+        """``local_change`` of each (key, value) in turn (a watcher's batch): the records to
+        send, packed, and which of the changes they are (the others were echoes or changed
+        nothing). An lww map takes the batch in one pass."""
+        table = self._local_table(map)
+        if not isinstance(table, LwwTable) or not keys:
+            out, changed = Packed.empty(), []
+            for i, (key, value) in enumerate(zip(keys, values, strict=True)):
+                rec = self.local_change(map, key, value, now_ns)
+                if rec is not None:
+                    out.append(map, key, pack(rec.stamp, rec.value))
+                    changed.append(i)
+            return out, changed
+        schema = table.schema
+        if {len(key) for key in keys} != {schema.key_size} or (
+            {len(value) for value in values if value is not None} - {schema.value_size}
+        ):
+            for key, value in zip(keys, values, strict=True):  # names the first wrong size
+                self._check_local(table, key, value)
+        start = self.clock.peek(now_ns)
+        changed, packs = table.offer_own(keys, values, self._deviations[map], start, self.node)
+        if changed:
+            self.clock.reserve(now_ns, len(changed))  # the stamps offer_own gave, from start
+        self.stats["local.echo"] += len(keys) - len(changed)
+        self.stats["local.changed"] += len(changed)
+        return Packed([map] * len(changed), [keys[i] for i in changed], packs), changed
+
     def peers_value(self, map: str, key: bytes) -> bytes | None:
         """The other origins' merged value of ``key`` (per-origin maps): what a companion map
         holds in the exact counter layout. None when no other origin has a live slot."""

@@ -34,7 +34,7 @@ from xxhash import xxh3_64_intdigest
 from bpfsync.core.digest import MASK, bucket_of, fold, packed_hash, record_hash
 from bpfsync.core.merge import Policy, newer
 from bpfsync.core.messages import MapSchema, Record, Stamp
-from bpfsync.core.register import Packed, pack, unpack, value_of
+from bpfsync.core.register import Packed, own_tails, pack, pack_clock, unpack, value_of
 
 QUIET_CALLS = 120  # settle() calls without a write before a bucket freezes (by default)
 # A batch that adds this many registers to a bucket freezes it at once: a catch-up fills whole
@@ -282,6 +282,27 @@ def _list(records: Rows) -> list[bytes]:
     return records
 
 
+def _forms(
+    packs: Sequence[bytes], vsize: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Packed records (checked by the codec) as (their bytes as an (n, size) array when they
+    are all of one size, which are live); live None if a live value is not ``vsize`` long."""
+    n = len(packs)
+    sizes = np.fromiter(map(len, packs), np.intp, n)
+    rows = None
+    if (sizes == sizes[0]).all():
+        rows = np.frombuffer(b"".join(packs), np.uint8).reshape(n, int(sizes[0]))
+        end = (rows[:, 16:] == 0).argmax(axis=1) + 16  # the node id's NUL
+        live = rows[np.arange(n), end + 1] == 0
+    else:  # tombstones, or node ids of other lengths, among them
+        ends = [p.find(0, 16) for p in packs]
+        end = np.array(ends, np.intp)
+        live = np.fromiter([not p[e + 1] for p, e in zip(packs, ends, strict=True)], bool, n)
+    if (live & (end + 2 + vsize != sizes)).any():
+        return rows, None
+    return rows, live
+
+
 @dataclass(slots=True)
 class LwwOffers:
     """What ``LwwTable.offer_all`` did with each record (indexes into the batch)."""
@@ -382,73 +403,67 @@ class LwwTable(MapTable):
     ) -> Sequence[int]:
         """Store in bulk each group of >= _REFILL records of one bucket whose keys are new to
         it (so every record is stored: none outranks another), when the batch's live values
-        are all of the map's size; the bucket comes out frozen (FrozenRegs). Returns the
-        indexes of the records left to ``_offer_each``."""
+        are all of the map's size. Returns the indexes of the records left to ``_offer_each``."""
         n, regs_list, vsize = len(keys), self._regs, self._vsize
         counts = np.bincount(buckets.astype(np.intp), minlength=self.nbuckets)
-        frozen = FrozenRegs  # a bucket of dict registers is being written to: not filled
+        # buckets holding nothing, or at rest; one of dict registers is being written to
         groups = [b for b in np.flatnonzero(counts >= _REFILL).tolist()
-                  if not regs_list[b] or type(regs_list[b]) is frozen]
+                  if not regs_list[b] or type(regs_list[b]) is FrozenRegs]  # fmt: skip
         if not groups:
             return range(n)
-        sizes = np.fromiter(map(len, packs), np.intp, n)
-        width = int(sizes[0]) if (sizes == sizes[0]).all() else 0
-        if width:  # as arrays (the codec checked each record's form)
-            rows = np.frombuffer(b"".join(packs), np.uint8).reshape(n, width)
-            end = (rows[:, 16:] == 0).argmax(axis=1) + 16  # the node id's NUL
-            live = rows[np.arange(n), end + 1] == 0
-        else:  # tombstones or node ids of other lengths among them
-            ends = [p.find(0, 16) for p in packs]
-            end = np.array(ends, np.intp)
-            live = np.fromiter([not p[e + 1] for p, e in zip(packs, ends, strict=True)], bool, n)
-        if (live & (end + 2 + vsize != sizes)).any():
+        rows, live = _forms(packs, vsize)
+        if live is None:
             return range(n)  # values of another size: _offer_each sorts them out
         ks = self.schema.key_size
-        joined_keys = b"".join(keys)
-        key_items = np.frombuffer(joined_keys, f"S{ks}")
-        records = rows.view(f"V{width}").ravel() if width else list(packs)
-        if width:  # what a record's digest hash covers: its key, then the record
-            hashed = np.empty((n, ks + width), np.uint8)
-            hashed[:, :ks] = np.frombuffer(joined_keys, np.uint8).reshape(n, ks)
-            hashed[:, ks:] = rows
-            hashed_items = hashed.view(f"V{ks + width}").ravel()
+        key_items = np.frombuffer(b"".join(keys), f"S{ks}")
+        records: Rows = list(packs)
+        hashed = None  # what a record's digest hash covers: its key, then the record
+        if rows is not None:
+            records = rows.view(f"V{rows.shape[1]}").ravel()
+            hashed = np.concatenate([key_items.view(np.uint8).reshape(n, ks), rows], axis=1)
+            hashed = hashed.view(f"V{hashed.shape[1]}").ravel()
         order = np.argsort(buckets, kind="stable")
-        starts = np.searchsorted(buckets[order], np.array(groups, np.uint64))
+        starts = np.searchsorted(buckets[order], np.array(groups, np.uint64)).tolist()
         done = np.zeros(n, bool)
-        for b, start in zip(groups, starts.tolist(), strict=True):
+        for b, start in zip(groups, starts, strict=True):
             idx = order[start : start + counts[b]]
-            new_keys, new_records = key_items[idx], _take(records, idx)
-            held = regs_list[b]
-            if isinstance(held, FrozenRegs) and held:
-                held_keys, held_records = held.columns()
-                new_keys = np.concatenate([held_keys, new_keys])
-                new_records = _joined(held_records, new_records)
-            by_key = new_keys.argsort(kind="stable")
-            sorted_keys = new_keys[by_key]
-            if (sorted_keys[1:] == sorted_keys[:-1]).any():
+            if not self._fill_bucket(b, key_items[idx], _take(records, idx)):
                 continue  # a key held already or twice in the batch: merged one by one
-            regs_list[b] = FrozenRegs.of_sorted(sorted_keys, _take(new_records, by_key))
-            if width:
-                hashes = map(xxh3_64_intdigest, hashed_items[idx].tolist())
+            if hashed is not None:
+                hashes = map(xxh3_64_intdigest, hashed[idx].tolist())
             else:
                 hashes = map(xxh3_64_intdigest, [keys[i] + packs[i] for i in idx.tolist()])
             total = int(np.fromiter(hashes, np.uint64, len(idx)).sum())  # wraps at 2**64
             self.sums[b] = (self.sums[b] + total) & MASK
             self._count += len(idx)
             done[idx] = True
-            alive = live[idx]
-            shown = idx[alive]
+            shown = idx[live[idx]]
             if len(shown):
-                if width:
-                    values = np.ascontiguousarray(rows[shown, width - vsize :]).tobytes()
+                if rows is not None:
+                    values = rows[shown, rows.shape[1] - vsize :].tobytes()
                 else:
                     values = b"".join([packs[i][len(packs[i]) - vsize :] for i in shown.tolist()])
                 out.filled.append((key_items[shown].tobytes(), values, len(shown)))
-            for i in idx[~alive].tolist():
+            for i in idx[~live[idx]].tolist():
                 self._queue_tombstone(unpack(self.name, keys[i], packs[i]))
         stored = np.flatnonzero(done)
         out.stored += stored.tolist()
         return np.flatnonzero(~done).tolist() if len(stored) else range(n)
+
+    def _fill_bucket(self, b: int, keys: np.ndarray, records: Rows) -> bool:
+        """Bucket ``b`` takes new registers ('S' keys and their records) and is left frozen;
+        False, and nothing done, if one of the keys is held already or given twice."""
+        held = self._regs[b]
+        if isinstance(held, FrozenRegs) and held:
+            held_keys, held_records = held.columns()
+            keys = np.concatenate([held_keys, keys])
+            records = _joined(held_records, records)
+        by_key = keys.argsort(kind="stable")
+        keys = keys[by_key]
+        if (keys[1:] == keys[:-1]).any():
+            return False
+        self._regs[b] = FrozenRegs.of_sorted(keys, _take(records, by_key))
+        return True
 
     def _offer_each(
         self, keys: Sequence[bytes], packs: Sequence[bytes], todo: Iterable[int],
@@ -500,6 +515,57 @@ class LwwTable(MapTable):
             regs = regs_list[b]
             if isinstance(regs, dict) and len(regs) - before >= _REFILL:
                 self._freeze(b, regs)
+
+    def offer_own(
+        self, keys: Sequence[bytes], values: Sequence[bytes | None],
+        kernel: dict[bytes, bytes | None], stamp: tuple[int, int], node: str,
+    ) -> tuple[list[int], list[bytes]]:
+        """This node's own writes, of the right sizes, in turn (one call per watcher batch).
+        Each value other than the one the kernel is believed to hold (the register's, or
+        ``kernel``'s where that differs: the entry leaves it) is packed with the next stamp
+        from ``stamp`` (wall, logical) on and stored: it outranks every record held, as the
+        clock has observed them all (C1). Returns the indexes stored and their records."""
+        live_tail, dead_tail = own_tails(node)
+        wall, logical = stamp
+        regs_list, sums, nb = self._regs, self.sums, self.nbuckets
+        stored: list[int] = []
+        packs: list[bytes] = []
+        tombstones: list[tuple[bytes, bytes]] = []
+        added = 0
+        for i, (key, value) in enumerate(zip(keys, values, strict=True)):
+            b = xxh3_64_intdigest(key) % nb
+            regs = regs_list[b]
+            old = regs.get(key)
+            if kernel and key in kernel:
+                if value == kernel[key]:
+                    continue
+                del kernel[key]
+            elif old is None:
+                if value is None:
+                    continue
+            else:
+                end = old.find(0, 16)  # value_of(old), inlined: once per local change
+                if value == (None if old[end + 1] else old[end + 2 :]):
+                    continue
+            packed = pack_clock(wall, logical) + (dead_tail if value is None else live_tail + value)
+            logical += 1
+            if type(regs) is not dict:
+                regs = self._thaw(b)
+            regs[key] = packed
+            if old is None:
+                added += 1
+                delta = xxh3_64_intdigest(key + packed)
+            else:
+                delta = xxh3_64_intdigest(key + packed) - xxh3_64_intdigest(key + old)
+            sums[b] = (sums[b] + delta) & MASK
+            if value is None:
+                tombstones.append((key, packed))
+            stored.append(i)
+            packs.append(packed)
+        self._count += added
+        for key, packed in tombstones:
+            self._queue_tombstone(unpack(self.name, key, packed))
+        return stored, packs
 
     def packed_of(self, key: bytes) -> bytes | None:
         return self._regs[self.bucket(key)].get(key)
