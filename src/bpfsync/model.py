@@ -8,7 +8,10 @@ buffer). Nothing here knows how a change was detected or where it will be sent.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple, cast
 
 
 class Seen(enum.StrEnum):
@@ -23,12 +26,14 @@ class Op(enum.StrEnum):
     DELETE = "delete"
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
+class Change(NamedTuple):
     """One key of one watched map changed.
 
     ``value`` is the map's value as the kernel lays it out (for per-CPU maps: every possible CPU's
     value, each padded to 8 bytes), or None when the key was deleted or evicted.
+
+    A tuple, not a frozen dataclass: watchers make one per write they see, millions a second
+    under load, and a tuple is built ~5x faster.
     """
 
     map: str
@@ -39,6 +44,13 @@ class Change:
     @property
     def op(self) -> Op:
         return Op.DELETE if self.value is None else Op.UPDATE
+
+
+# new_change((map, key, value, seen)): a Change without the Python-level __new__, for the
+# watchers' hot loops (map(new_change, zip(...)) stays in C)
+new_change = cast(
+    Callable[[tuple[str, bytes, bytes | None, Seen]], Change], partial(tuple.__new__, Change)
+)
 
 
 @dataclass(frozen=True, slots=True)

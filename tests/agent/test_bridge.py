@@ -76,3 +76,9 @@ def test_a_failing_watcher_fails_the_loop() -> None:
     w = ScriptedWatcher([[ch(1, 1)]], fail=RuntimeError("ring gone"))
     with pytest.raises(RuntimeError, match="ring gone"):
         run_bridge(w, [10, 10])
+
+
+def test_a_batch_of_changes_alone_coalesces_within_itself_too() -> None:
+    w = ScriptedWatcher([[ch(1, 1), ch(2, 2), ch(1, 3)], [ch(2, 4), ch(3, 5)]])
+    (taken,), coalesced = run_bridge(w, [100])
+    assert taken == [ch(1, 3), ch(2, 4), ch(3, 5)] and coalesced == 2

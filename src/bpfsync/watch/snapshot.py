@@ -17,12 +17,13 @@ Deleted and evicted keys (present before, absent now) are reported with ``value=
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Mapping, Sequence
+from itertools import repeat
 
 import numpy as np
 import numpy.typing as npt
 
 from bpfsync.kernel.dump import MapDump
-from bpfsync.model import Change, Seen
+from bpfsync.model import Change, Seen, new_change
 
 U64 = npt.NDArray[np.uint64]
 Rows = npt.NDArray[np.uint8]
@@ -411,11 +412,16 @@ def _diff_by_dict(
 def _changes(map_name: str, snap: Snapshot, rows: Index) -> list[Change]:
     keys = _row_bytes(snap.dump.key_array, rows)
     values = _row_bytes(snap.dump.value_array, rows)
-    return [Change(map_name, k, v, Seen.POLL) for k, v in zip(keys, values, strict=True)]
+    n = len(keys)
+    rows_of = zip(repeat(map_name, n), keys, values, repeat(Seen.POLL, n), strict=True)
+    return list(map(new_change, rows_of))
 
 
 def _deletions(map_name: str, snap: Snapshot, rows: Index) -> list[Change]:
-    return [Change(map_name, k, None, Seen.POLL) for k in _row_bytes(snap.dump.key_array, rows)]
+    keys = _row_bytes(snap.dump.key_array, rows)
+    n = len(keys)
+    rows_of = zip(repeat(map_name, n), keys, repeat(None, n), repeat(Seen.POLL, n), strict=True)
+    return list(map(new_change, rows_of))
 
 
 def _row_bytes(array: Rows, rows: Index) -> list[bytes]:

@@ -58,7 +58,7 @@ from bpfsync.kernel.links import Link
 from bpfsync.kernel.maps import Map
 from bpfsync.kernel.objects import BpfObject
 from bpfsync.kernel.ringbuf import DEFAULT_MAX_RECORDS, RingBuffer
-from bpfsync.model import Change, Overflow, Seen, WatchEvent
+from bpfsync.model import Change, Overflow, Seen, WatchEvent, new_change
 
 # --- mirror of bpf/trace.h ---------------------------------------------------------------------
 
@@ -426,7 +426,8 @@ class TraceWatcher:
             values = [vb[i : i + vs] for i in range(0, n * vs, vs)]
             for i in np.flatnonzero(deleted).tolist():
                 values[i] = None
-        return list(map(Change, repeat(w.name, n), keys, values, repeat(Seen.TRACE, n)))
+        rows = zip(repeat(w.name, n), keys, values, repeat(Seen.TRACE, n), strict=True)
+        return list(map(new_change, rows))
 
     def _overflows(self) -> list[WatchEvent]:
         """Overflow events for records dropped, or writes missed, since the last check."""
