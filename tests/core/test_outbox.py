@@ -65,3 +65,13 @@ def test_split_cuts_repair_answers_into_batches() -> None:
     assert [len(c) for c in split(recs, 100, 3 * one)] == [3, 3, 3, 1]
     assert [len(c) for c in split(recs[:2], 100, 1)] == [1, 1]
     assert list(split([], 4, 100)) == []
+
+
+def test_this_nodes_own_records_replace_queued_ones_in_place_without_a_comparison() -> None:
+    box = Outbox(per_origin_maps=["c"])
+    box.add([rec(1, 5), rec(2, 5)])
+    box.add([rec(1, 7), rec(3, 7)], newest=True)
+    assert box.take_batch(10, 10_000) == [rec(1, 7), rec(2, 5), rec(3, 7)]
+    box.add([rec(1, 1, "b", "c")])
+    box.add([rec(1, 2, "a", "c"), rec(2, 2, "a")], newest=True)  # a per-origin map among them
+    assert box.take_batch(10, 10_000) == [rec(1, 1, "b", "c"), rec(1, 2, "a", "c"), rec(2, 2, "a")]

@@ -125,7 +125,7 @@ class Peering:
         """Local changes: to every peer."""
         if records:
             for s in self.sessions.values():
-                s.outbox.add(records)
+                s.outbox.add(records, newest=True)
             self._flush_soon()
 
     def digest_round(self) -> None:

@@ -12,6 +12,8 @@ peer is then brought up to date by digest repair, which costs less than holding 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Iterator
+from itertools import islice, repeat
+from operator import itemgetter
 
 from bpfsync.core.messages import Record
 from bpfsync.core.register import Packed, node_of
@@ -51,6 +53,10 @@ def split(
         yield piece[first:]
 
 
+_REG, _PACKED = itemgetter(0), itemgetter(1)  # of a pending item
+_MAP, _KEY = itemgetter(0), itemgetter(1)  # of a register
+
+
 class Outbox:
     """Pending records for one peer, newest per register, in first-queued order; kept packed
     (register.py), the form they are stored and sent in."""
@@ -66,10 +72,16 @@ class Outbox:
         # (map, key, origin for per-origin maps else "") -> packed record
         self._pending: dict[tuple[str, bytes, str], bytes] = {}
 
-    def add(self, records: Iterable[Record] | Packed) -> None:
-        """Queue records; a newer record of a queued register replaces it in place."""
+    def add(self, records: Iterable[Record] | Packed, *, newest: bool = False) -> None:
+        """Queue records; a newer record of a queued register replaces it in place.
+        ``newest``: the records outrank any queued record of their registers (this node's own,
+        just stamped: the clock has seen every record it holds, C1), so none is compared."""
         records = Packed.of(records)
         pending, per_origin = self._pending, self._per_origin
+        if newest and per_origin.isdisjoint(records.maps):  # in one call: every local change
+            regs = zip(records.maps, records.keys, repeat("", len(records)), strict=True)
+            pending.update(zip(regs, records.packed, strict=True))
+            records = Packed.empty()
         for name, key, packed in zip(records.maps, records.keys, records.packed, strict=True):
             reg = (name, key, node_of(packed) if name in per_origin else "")
             old = pending.get(reg)
@@ -81,25 +93,25 @@ class Outbox:
 
     def take_batch(self, max_records: int, max_bytes: int) -> Packed:
         """Remove and return the oldest-queued records, within both limits (at least one)."""
-        out = Packed.empty()
-        maps, keys, packs = out.maps, out.keys, out.packed
-        taken: list[tuple[str, bytes, str]] = []
-        size = 0
         pending = self._pending
         # one pass, then delete: popping the first key repeatedly rescans deleted slots
-        for reg, packed in pending.items():
-            if len(taken) >= max_records:
-                break
-            size += PACKED_OVERHEAD + len(reg[1]) + len(packed)  # encoded_size, inlined
-            if taken and size > max_bytes:
-                break
-            taken.append(reg)
-            packs.append(packed)
-        for reg in taken:
+        head = list(islice(pending.items(), max_records))
+        regs = list(map(_REG, head))
+        packs = list(map(_PACKED, head))
+        keys = list(map(_KEY, regs))
+        size = PACKED_OVERHEAD * len(head) + sum(map(len, keys)) + sum(map(len, packs))
+        if size > max_bytes:  # rare: batches are cut by count long before
+            size = n = 0
+            for key, packed in zip(keys, packs, strict=True):
+                size += encoded_size(key, packed)
+                if n and size > max_bytes:
+                    break
+                n += 1
+            del regs[n:], keys[n:], packs[n:]
+        for reg in regs:
             del pending[reg]
-            maps.append(reg[0])
-            keys.append(reg[1])
-        return out
+        return Packed(list(map(_MAP, regs)), keys, packs)
+
     def take_overflow(self) -> bool:
         """Whether records were dropped since the last call (then the peer needs repair)."""
         flag, self.overflowed = self.overflowed, False
