@@ -31,7 +31,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Protocol
+from operator import itemgetter
+from typing import Protocol, cast
 
 from bpfsync.errors import KernelError, NotSupportedError
 from bpfsync.kernel.dump import MapDump
@@ -48,6 +49,7 @@ _RESULT_CHECK = 0.02
 # The share of time the scanner may spend on one map: a 1M-entry map takes ~0.3 s to dump and
 # diff, so it is scanned every ~1.2 s whatever the poll interval (rescans included).
 _SCAN_SHARE = 0.25
+_KEY_VALUE = itemgetter(1, 2)  # a Change's (key, value)
 
 
 class Tracer(Protocol):
@@ -317,6 +319,12 @@ class AutoWatcher:
         return events
 
     def _note_locked(self, events: list[WatchEvent]) -> None:
+        if events and all(type(e) is Change for e in events):
+            changes = cast(list[Change], events)
+            first = changes[0].map
+            if all(c.map == first for c in changes):  # the usual batch: one map's, noted in C
+                self._overlay.setdefault(first, Notes()).add(list(map(_KEY_VALUE, changes)))
+                return
         reported: dict[str, list[tuple[bytes, bytes | None]]] = {}
         for e in events:
             if type(e) is Change:

@@ -244,8 +244,8 @@ class Notes:
         if self._keys is None:
             self._keys = set()
             for keys, _, _, n in self._parts:
-                ks = len(keys) // n
-                self._keys.update(keys[i * ks : (i + 1) * ks] for i in range(n))
+                # 'V' items come out as bytes objects, sliced in C
+                self._keys.update(np.frombuffer(keys, f"V{len(keys) // n}").tolist())
         return self._keys
 
     def to_dict(self) -> dict[bytes, bytes | None]:
