@@ -131,6 +131,18 @@ def test_a_map_at_rest_freezes_keeps_syncing_and_a_fresh_node_catches_up_frozen(
         assert cl.wait(c.is_ready, 30), c.log()[-3000:]
         assert c.content() == a.content()
         assert _maps_status(c)["buckets_at_rest"] == 8  # filled by the catch-up, frozen at once
+        held = a.content()
+        for node in cl:
+            node.stop()
+        # b restarts alone on its full map (peers down: its own map is all it has), with
+        # buckets that would take 10 min of quiet to freeze
+        slow = tmp_path / "b-alone.yaml"
+        slow.write_text(f"node_id: b\nmaps: [{{path: {b.pin}}}]\nsync: {{digest_buckets: 8,"
+                        " freeze_after_s: 600, catchup_timeout_s: 1}\n")  # fmt: skip
+        b.start(["--config", str(slow)])
+        assert cl.wait(b.is_ready, 30), b.log()[-3000:]
+        assert _maps_status(b)["buckets_at_rest"] == 8  # seeded from its map, frozen at once
+        assert _maps_status(b)["registers"] == len(held) and b.content() == held
 
 
 def test_partitioned_node_converges_after_heal() -> None:
