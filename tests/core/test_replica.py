@@ -602,3 +602,36 @@ def test_local_changes_of_the_wrong_size_are_refused_before_any_is_taken() -> No
     assert r.content("blocklist") == {} and r.clock.last == Stamp(0, 0, "a")
     counted, changed = r.local_changes("ratelimit", [k(1), k(1)], [v(5), v(5)], T)  # per origin
     assert changed == [0] and [rec.value for rec in counted] == [v(5)]
+
+
+def test_a_node_restarting_on_its_full_map_merges_the_repair_in_bulk_as_the_general_path() -> None:
+    """A restarted node seeds its map (seed stamps rank lowest) and is sent every record again:
+    its frozen buckets merge them by array operations (LwwTable._merge_frozen): same writes,
+    replies, forwards, state, digests and stats as record by record, and still frozen."""
+    source = replica("b")
+    for i in range(2000):
+        source.local_change("blocklist", k(i), v(i), T - SECOND + i)
+    items = [(k(i), v(i) if i % 7 else v(i + 1)) for i in range(200, 2300)]  # some differ
+    bulk, general = replica(), replica()
+    general._receive_lww = lambda *args: False  # type: ignore[method-assign]
+    for r in (bulk, general):
+        r.seed("blocklist", items)
+        for i in range(200, 260):  # written here after the restart: newer than the source's
+            r.local_change("blocklist", k(i), v(9000 + i), T)
+    bulk.settle(64, quiet=0)  # the local changes thawed a few buckets: freeze them again
+    assert bulk.buckets_at_rest("blocklist") == 16
+    batch = source.records("blocklist")
+    got, want = bulk.receive(batch, T, "b"), general.receive(batch, T, "b")
+    differing = [i for i in range(260, 2000) if i % 7 == 0]  # seeded otherwise, not since
+    assert written(got) == written(want) and len(written(got)) == 200 + len(differing)
+    assert list(got.forward) == list(want.forward)
+    assert sorted(got.reply) == sorted(want.reply) and len(got.reply) == 60
+    assert bulk.content("blocklist") == general.content("blocklist")
+    assert sorted(bulk.records("blocklist")) == sorted(general.records("blocklist"))
+    assert bulk.digest("blocklist") == general.digest("blocklist")
+    assert bulk.registers("blocklist") == general.registers("blocklist") == 2300
+    assert bulk.stats == general.stats
+    assert bulk.buckets_at_rest("blocklist") == 16
+    got, want = bulk.receive(batch, T, "b"), general.receive(batch, T, "b")  # the same again
+    assert list(got.forward) == list(want.forward) == [] and not written(got)
+    assert bulk.stats == general.stats and bulk.digest("blocklist") == general.digest("blocklist")

@@ -282,6 +282,17 @@ def _list(records: Rows) -> list[bytes]:
     return records
 
 
+def _record_hashes(keys: np.ndarray, records: np.ndarray) -> np.ndarray:
+    """Each record's digest hash (digest.py: of its key, then the packed record), for keys
+    ('S' items) and records ('V' items of one size)."""
+    n, ks, width = len(keys), keys.dtype.itemsize, records.dtype.itemsize
+    rows = np.empty((n, ks + width), np.uint8)
+    rows[:, :ks] = keys.view(np.uint8).reshape(n, ks)
+    rows[:, ks:] = records.view(np.uint8).reshape(n, width)
+    items = rows.view(f"V{ks + width}").ravel().tolist()
+    return np.fromiter(map(xxh3_64_intdigest, items), np.uint64, n)
+
+
 def _forms(
     packs: Sequence[bytes], vsize: int
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -394,16 +405,18 @@ class LwwTable(MapTable):
             where = buckets.tolist()
             todo = self._fill(keys, packs, buckets, out)
         self._offer_each(keys, packs, todo, where, out)
-        if not isinstance(todo, range):  # some filled: stored in batch order, as offer_packed
+        if not isinstance(todo, range):  # in batch order, as offer_packed gives them
             out.stored.sort()
+            out.ignored.sort()
         return out
 
     def _fill(
         self, keys: Sequence[bytes], packs: Sequence[bytes], buckets: np.ndarray, out: LwwOffers
     ) -> Sequence[int]:
-        """Store in bulk each group of >= _REFILL records of one bucket whose keys are new to
-        it (so every record is stored: none outranks another), when the batch's live values
-        are all of the map's size. Returns the indexes of the records left to ``_offer_each``."""
+        """Merge in bulk each group of >= _REFILL records of one bucket that holds nothing or
+        is frozen, when the batch's live values are all of the map's size: keys new to the
+        bucket are stored as they are (``_fill_bucket``), others by comparing records
+        (``_merge_frozen``). Returns the indexes of the records left to ``_offer_each``."""
         n, regs_list, vsize = len(keys), self._regs, self._vsize
         counts = np.bincount(buckets.astype(np.intp), minlength=self.nbuckets)
         # buckets holding nothing, or at rest; one of dict registers is being written to
@@ -417,26 +430,29 @@ class LwwTable(MapTable):
         ks = self.schema.key_size
         key_items = np.frombuffer(b"".join(keys), f"S{ks}")
         records: Rows = list(packs)
-        hashed = None  # what a record's digest hash covers: its key, then the record
+        hashes = None  # each record's digest hash
         if rows is not None:
             records = rows.view(f"V{rows.shape[1]}").ravel()
-            hashed = np.concatenate([key_items.view(np.uint8).reshape(n, ks), rows], axis=1)
-            hashed = hashed.view(f"V{hashed.shape[1]}").ravel()
+            hashes = _record_hashes(key_items, records)
         order = np.argsort(buckets, kind="stable")
         starts = np.searchsorted(buckets[order], np.array(groups, np.uint64)).tolist()
         done = np.zeros(n, bool)
         for b, start in zip(groups, starts, strict=True):
             idx = order[start : start + counts[b]]
             if not self._fill_bucket(b, key_items[idx], _take(records, idx)):
-                continue  # a key held already or twice in the batch: merged one by one
-            if hashed is not None:
-                hashes = map(xxh3_64_intdigest, hashed[idx].tolist())
+                if hashes is not None and isinstance(records, np.ndarray):
+                    done[idx] = self._merge_frozen(b, idx, keys, key_items, records, hashes,
+                                                   live, out)  # fmt: skip
+                continue  # if not: a key twice in the batch, or records of other sizes
+            if hashes is not None:
+                total = int(hashes[idx].sum())  # wraps at 2**64, as the digest sums do
             else:
-                hashes = map(xxh3_64_intdigest, [keys[i] + packs[i] for i in idx.tolist()])
-            total = int(np.fromiter(hashes, np.uint64, len(idx)).sum())  # wraps at 2**64
+                each = map(xxh3_64_intdigest, [keys[i] + packs[i] for i in idx.tolist()])
+                total = int(np.fromiter(each, np.uint64, len(idx)).sum())
             self.sums[b] = (self.sums[b] + total) & MASK
             self._count += len(idx)
             done[idx] = True
+            out.stored += idx.tolist()
             shown = idx[live[idx]]
             if len(shown):
                 if rows is not None:
@@ -446,9 +462,7 @@ class LwwTable(MapTable):
                 out.filled.append((key_items[shown].tobytes(), values, len(shown)))
             for i in idx[~live[idx]].tolist():
                 self._queue_tombstone(unpack(self.name, keys[i], packs[i]))
-        stored = np.flatnonzero(done)
-        out.stored += stored.tolist()
-        return np.flatnonzero(~done).tolist() if len(stored) else range(n)
+        return np.flatnonzero(~done).tolist() if done.any() else range(n)
 
     def _fill_bucket(self, b: int, keys: np.ndarray, records: Rows) -> bool:
         """Bucket ``b`` takes new registers ('S' keys and their records) and is left frozen;
@@ -463,6 +477,61 @@ class LwwTable(MapTable):
         if (keys[1:] == keys[:-1]).any():
             return False
         self._regs[b] = FrozenRegs.of_sorted(keys, _take(records, by_key))
+        return True
+
+    def _merge_frozen(
+        self, b: int, idx: np.ndarray, keys: Sequence[bytes], key_items: np.ndarray,
+        records: np.ndarray, hashes: np.ndarray, live: np.ndarray, out: LwwOffers,
+    ) -> bool:
+        """Merge the records ``idx`` of the batch (keys distinct, records of one size, some of
+        them held already) into frozen bucket ``b`` by array operations, as ``_offer_each``
+        would: a held key keeps the higher-ranked record. A node that restarts on its full map
+        is sent every record again (its seed stamps rank lowest). False, and nothing done, if
+        a key is given twice or the bucket's records are of another size."""
+        held = self._regs[b]
+        new_keys, new = key_items[idx], records[idx]
+        if not isinstance(held, FrozenRegs) or np.unique(new_keys).size != new_keys.size:
+            return False
+        held_keys, held_records = held.columns()
+        if not isinstance(held_records, np.ndarray) or held_records.dtype != new.dtype:
+            return False
+        at = np.searchsorted(held_keys, new_keys)
+        found = np.zeros(len(idx), bool)
+        inside = at < len(held_keys)
+        found[inside] = held_keys[at[inside]] == new_keys[inside]
+        # equal-size 'S' items order as their bytes do, and packed bytes rank records
+        # (register.py); 'S' drops trailing NULs, which keeps the order of equal-size items
+        rank = f"S{new.dtype.itemsize}"
+        old = held_records[at[found]]
+        higher = new[found].view(rank) > old.view(rank)
+        lower = new[found].view(rank) < old.view(rank)
+        stored = ~found
+        stored[found] = higher
+        replaced = at[found][higher]
+        merged = held_records.copy()
+        merged[replaced] = new[found][higher]
+        fresh = ~found
+        all_keys = np.concatenate([held_keys, new_keys[fresh]])
+        all_records = np.concatenate([merged, new[fresh]])
+        by_key = all_keys.argsort(kind="stable")
+        self._regs[b] = FrozenRegs.of_sorted(all_keys[by_key], all_records[by_key])
+        added = hashes[idx[stored]].sum()
+        removed = _record_hashes(held_keys[replaced], held_records[replaced]).sum()
+        self.sums[b] = (self.sums[b] + int(added) - int(removed)) & MASK
+        self._count += int(fresh.sum())
+        out.stored += idx[stored].tolist()
+        out.ignored += idx[found][~higher].tolist()
+        out.outranked += zip(idx[found][lower].tolist(), old[lower].tolist(), strict=True)
+        shown = idx[fresh & live[idx]]
+        if len(shown):
+            values = np.asarray(records[shown].view(np.uint8)).reshape(len(shown), -1)
+            out.filled.append((key_items[shown].tobytes(),
+                               values[:, values.shape[1] - self._vsize :].tobytes(), len(shown)))
+        changed = out.changed
+        for i, was in zip(idx[found][higher].tolist(), old[higher].tolist(), strict=True):
+            changed[keys[i]] = (was, records[i].tobytes())
+        for i in idx[stored & ~live[idx]].tolist():
+            self._queue_tombstone(unpack(self.name, keys[i], records[i].tobytes()))
         return True
 
     def _offer_each(
