@@ -27,7 +27,8 @@ def node(net: MemoryNetwork, name: str) -> tuple[Peering, Replica]:
     p = Peering(
         name, replica, [SCHEMA], transport, SyncConfig(), AgentMetrics(),
         outbox_records=1 << 16,
-        on_records=lambda peer, recs: replica.receive(recs, time.time_ns(), peer),
+        on_records=lambda peer, recs, repair: replica.receive(recs, time.time_ns(), peer,
+                                                             replies=not repair),
         on_caught_up=lambda *_: None,
         catching_up=lambda: False,
     )  # fmt: skip
@@ -155,6 +156,45 @@ def test_a_fresh_node_sends_nothing_back_of_its_catch_up() -> None:
             assert rb.content("m") == ra.content("m") and rb.registers("m") == 3000
             assert not any(type(m).__name__ == "Batch" and m.records for m in sent_by_b)
             assert ra.stats["received.ignored"] == 0
+        finally:
+            await a.transport.close()
+            await b.transport.close()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def test_a_node_restarting_on_its_map_is_sent_each_record_once() -> None:
+    """A restarted node's entries come back with seed stamps, which rank lowest: it is sent
+    every record. Its own records go back once, answering the Pull of the digest answer; the
+    peer does not also reply to them with its records (R2), which its answer carries already."""
+
+    async def main() -> None:
+        net = MemoryNetwork()
+        a, ra = node(net, "a")
+        diverge(ra, range(3000))
+        b, rb = node(net, "b")
+        rb.seed("m", [(struct.pack("<I", k), struct.pack("<Q", k)) for k in range(3000)])
+        caught_up: list[tuple[str, str, int]] = []
+        b._on_caught_up = lambda *args: caught_up.append(args)
+        b._catching_up = lambda: True
+        sent: dict[str, list[object]] = {"a": [], "b": []}
+        for p in (a, b):
+            original = p.transport.send
+            p.transport.send = (lambda peer, msg, log=sent[p.node], send=original:  # type: ignore[method-assign]
+                                log.append(msg) or send(peer, msg))  # fmt: skip
+        await a.transport.start()
+        await b.transport.start()
+        tasks = [asyncio.create_task(a.run()), asyncio.create_task(b.run())]
+        try:
+            for _ in range(100):
+                await asyncio.sleep(0.02)
+                if caught_up and rb.digest("m") == ra.digest("m"):
+                    break
+            assert rb.content("m") == ra.content("m") and rb.registers("m") == 3000
+            records = {n: sum(len(m.records) for m in msgs if type(m).__name__ == "Batch")
+                       for n, msgs in sent.items()}  # fmt: skip
+            assert records == {"a": 3000, "b": 3000}
         finally:
             await a.transport.close()
             await b.transport.close()

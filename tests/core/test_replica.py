@@ -272,6 +272,24 @@ def test_after_the_ttl_a_purged_delete_still_refuses_older_records_by_the_horizo
     assert r.receive([fresh], T + TTL + 3 * SECOND, "c").writes == [("blocklist", k(1), v(9))]
 
 
+def test_repair_records_get_no_r2_reply_but_stale_ones_get_their_tombstone() -> None:
+    """R2 replies are for live batches: a repair's records come with a Pull of their buckets,
+    which the receiver answers with its own records anyway. T3 answers stay."""
+    for general in (False, True):
+        r = replica()
+        if general:
+            r._receive_lww = lambda *args: False  # type: ignore[method-assign]
+        r.receive([remote(5, 5, T)], T, "b")
+        older = [remote(5, 4, T - SECOND, "c")]
+        assert r.receive(older, T, "c", replies=False).reply == []
+        assert r.receive(older, T, "c").reply == [remote(5, 5, T)]
+    r.receive([remote(1, 1, T), remote(1, None, T + SECOND)], T + SECOND, "b")
+    assert r.expire(T + SECOND + TTL) == 1
+    late = remote(1, 1, T, "c")
+    res = r.receive([late], T + TTL + 2 * SECOND, "c", replies=False)
+    assert res.reply == [Record("blocklist", k(1), None, late.stamp)]
+
+
 def test_a_stale_tombstone_is_dropped_silently() -> None:
     r = replica()
     r.receive([remote(1, None, T + SECOND)], T + SECOND, "b")

@@ -280,8 +280,9 @@ class Agent:
         if self.peering is not None:
             self.peering.broadcast(records)
 
-    def _merge(self, peer: str, records: Sequence[Record]) -> ApplyResult:
-        """Peer records: merge, write what changed to the kernel, return what to pass on.
+    def _merge(self, peer: str, records: Sequence[Record], repair: bool = False) -> ApplyResult:
+        """Peer records: merge, write what changed to the kernel, return what to pass on
+        (``repair``: records of a digest exchange, which answers the sender with ours already).
 
         In-place counters go key by key: re-read the key, take the increments the data plane
         made since we last looked into our own slot, merge the peers' records of that key and
@@ -290,7 +291,7 @@ class Agent:
         """
         res = ApplyResult()
         if not (self.ready and self._in_place):
-            self._receive(peer, records, res)
+            self._receive(peer, records, res, repair)
             return res
         rest: list[Record] = []
         per_key: dict[tuple[str, bytes], list[Record]] = defaultdict(list)
@@ -307,10 +308,10 @@ class Agent:
             own = self._fold_race(self.synced[name], key)
             if own is not None:
                 mine.append(own)
-            self._receive(peer, tuple(recs), res)
+            self._receive(peer, tuple(recs), res, repair)
         self._broadcast(mine)
         if rest:
-            self._receive(peer, tuple(rest), res)
+            self._receive(peer, tuple(rest), res, repair)
         if res.rejected:
             log.warning("refused %d records from peer %s: %s", len(res.rejected), peer,
                         res.rejected[0][1])
@@ -323,8 +324,10 @@ class Agent:
         self.metrics.raced.labels(sm.name).inc()
         return self.replica.local_change(sm.name, key, current, _now())
 
-    def _receive(self, peer: str, records: Sequence[Record], into: ApplyResult) -> None:
-        res = self.replica.receive(records, _now(), peer)
+    def _receive(
+        self, peer: str, records: Sequence[Record], into: ApplyResult, repair: bool
+    ) -> None:
+        res = self.replica.receive(records, _now(), peer, replies=not repair)
         for rec, err in res.rejected:
             self.map_stats[rec.map].rejected += 1
             self.metrics.rejected.labels(type(err).__name__).inc()

@@ -61,9 +61,11 @@ _MAX_BATCH_BYTES = 4 << 20
 _ROUTINE_BUCKETS = 64  # buckets one routine digest answer may repair (of 1024 by default)
 _REPAIR_BACKLOG = 8 << 20  # bytes queued on a link before repair answers wait for it to drain
 _SEND_BACKLOG = 16 << 20  # ... before new batches wait (the link resets past 64 MiB)
+_CROSSED_S = 5.0  # a peer's Pull this soon after our answer to its digest answers the same
 
 # (peer, records) -> what merging them asks of us; None when the records were not merged
-OnRecords = Callable[[str, Sequence[Record]], ApplyResult | None]
+# (peer, records, whether they answer a digest or a pull) -> what to pass on
+OnRecords = Callable[[str, Sequence[Record], bool], ApplyResult | None]
 
 
 class Peering:
@@ -104,6 +106,8 @@ class Peering:
         # (peer, map) -> (its last digest's buckets, ours then): what _stable_differences compares
         self._observed: dict[tuple[str, str], tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self._repair_turn: Counter[tuple[str, str]] = Counter()
+        # (peer, map) -> (when, bucket count, buckets): what our last answer to its digest sent
+        self._answered: dict[tuple[str, str], tuple[float, int, frozenset[int]]] = {}
 
     # --- what the agent calls ------------------------------------------------------------------
 
@@ -194,6 +198,8 @@ class Peering:
     def _peer_down(self, peer: str, error: BpfsyncError | None) -> None:
         self._session(peer).link_down()
         self._repairs.pop(peer, None)
+        for key in [key for key in self._answered if key[0] == peer]:
+            del self._answered[key]
         self.metrics.peer_connected.labels(peer).set(0)
         self._linked.discard(peer)
         log.info("peer down", extra={"peer": peer, "error": str(error) if error else None})
@@ -211,7 +217,7 @@ class Peering:
         if isinstance(msg, Batch):
             self.last_batch_at = time.monotonic()
             if s.on_batch(msg):
-                res = self._on_records(peer, msg.records)
+                res = self._on_records(peer, msg.records, msg.seq == 0)
                 if res is not None:
                     self._pass_on(peer, res)
             if msg.seq > 0:
@@ -223,7 +229,7 @@ class Peering:
             self._peer_links[peer] = frozenset(msg.linked)
             self._answer_digest(peer, s, msg)
         elif isinstance(msg, Pull):
-            self._send_repair(peer, s, [self.replica.answer_pull(msg, peer)])
+            self._send_repair(peer, s, [self.replica.answer_pull(self._unsent(peer, msg), peer)])
         elif isinstance(msg, Answered):
             self._on_caught_up(msg.map, peer, msg.differing)
         elif isinstance(msg, Hello):
@@ -297,7 +303,21 @@ class Peering:
         if pull is not None:
             self.metrics.repairs.labels(digest.map).inc(differing)
             self._repairs[peer].append(pull)
+            self._answered[(peer, digest.map)] = (
+                time.monotonic(), len(digest.buckets), frozenset(pull.buckets))
         self._send_repair(peer, s, parts, Answered(digest.map, differing))
+
+    def _unsent(self, peer: str, pull: Pull) -> Pull:
+        """``pull`` without the buckets our answer to the peer's digest has just sent: when two
+        nodes' digests cross (both at link-up), each answer's Pull asks for what the other
+        answer carries already. A bucket left out that still differs is one digest round away."""
+        sent = self._answered.pop((peer, pull.map), None)
+        if sent is None or time.monotonic() - sent[0] > _CROSSED_S:
+            return pull
+        _, n, buckets = sent
+        if n != self.replica.digest_buckets:  # counted otherwise than our digest's Pull
+            return pull
+        return Pull(pull.map, tuple(b for b in pull.buckets if b not in buckets))
 
     def _send_repair(
         self, peer: str, s: PeerSession, parts: Iterable[Sequence[Record]],

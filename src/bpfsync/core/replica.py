@@ -369,12 +369,16 @@ class Replica:
 
     # --- remote side -----------------------------------------------------------------------
 
-    def receive(self, records: Sequence[Record], now_ns: int, sender: str = "") -> ApplyResult:
+    def receive(
+        self, records: Sequence[Record], now_ns: int, sender: str = "", *, replies: bool = True
+    ) -> ApplyResult:
         """Merge records a peer sent (R1-R3, T3).
 
         Batches off the wire are ``Packed`` (the codec checked their form) and are merged
         without building a Record each: a catch-up is a million of them. Anything else is
-        checked, then packed.
+        checked, then packed. ``replies=False``: no R2 reply, for records of a repair (a digest
+        answer starts with a Pull of the same buckets, which the sender's answer fills with
+        ours; a reply would send them twice). T3 answers are still given.
         """
         res = ApplyResult()
         if isinstance(records, Packed):
@@ -390,11 +394,11 @@ class Replica:
                 maps.append(rec.map)
                 keys.append(rec.key)
                 packs.append(pack(rec.stamp, rec.value))
-        if packs and self._receive_lww(res, maps, keys, packs, now_ns, sender):
+        if packs and self._receive_lww(res, maps, keys, packs, now_ns, sender, replies):
             return res
         # kernel view before the batch, per key it changed: the writes are the differences
         touched: dict[tuple[str, bytes], tuple[MapTable, int, bytes | None]] = {}
-        replies: dict[tuple[str, bytes, str], tuple[MapTable, bytes, bytes]] = {}
+        owed: dict[tuple[str, bytes, str], tuple[MapTable, bytes, bytes]] = {}  # R2, by register
         forward = res.forward
         # the loop below runs a million times per catch-up: names bound once
         fwd_map, fwd_key = forward.maps.append, forward.keys.append
@@ -446,11 +450,11 @@ class Replica:
                     touched[reg] = (table, b, before)
             else:
                 ignored += 1
-                if kept > packed:  # ours ranks above the sender's (register.py)
-                    replies[(name, key, node_of(kept))] = (table, key, kept)
+                if kept > packed and replies:  # ours ranks above the sender's (register.py)
+                    owed[(name, key, node_of(kept))] = (table, key, kept)
         stats["received.applied"] += applied
         stats["received.ignored"] += ignored
-        for table, key, kept in replies.values():
+        for table, key, kept in owed.values():
             held = table.held(unpack(table.name, key, kept))
             if held is not None and pack(held.stamp, held.value) == kept:  # not superseded
                 res.reply.append(held)
@@ -471,6 +475,7 @@ class Replica:
         packs: list[bytes],
         now_ns: int,
         sender: str,
+        replies: bool,
     ) -> bool:
         """``receive`` of the usual batch, in bulk: one lww map, no purge horizon, keys of its
         size, no stamp beyond the drift bound. False (nothing done) for any other batch."""
@@ -516,7 +521,7 @@ class Replica:
             if want != before:
                 writes.append((name, key, want))
         replied: set[bytes] = set()
-        for i, kept in done.outranked:  # R2: ours ranks above: the sender catches up at once
+        for i, kept in done.outranked if replies else ():  # R2: the sender catches up at once
             key = keys[i]
             if key not in replied and table.packed_of(key) == kept:  # not superseded since
                 replied.add(key)
