@@ -14,7 +14,7 @@ from bpfsync.agent import peering as peering_mod
 from bpfsync.agent.config import SyncConfig
 from bpfsync.agent.metrics import AgentMetrics
 from bpfsync.agent.peering import Peering
-from bpfsync.core.messages import Hello, MapSchema, Record, Stamp
+from bpfsync.core.messages import Batch, Hello, MapSchema, Record, Stamp
 from bpfsync.core.replica import Replica
 from bpfsync.transport.memory import MemoryNetwork
 
@@ -128,57 +128,21 @@ def test_behind_while_records_wait_for_a_linked_peer_only() -> None:
     with_pair(body)
 
 
-def test_a_fresh_node_sends_nothing_back_of_its_catch_up() -> None:
-    """The answer to a digest puts its Pull before its records: a fresh node answers that Pull
-    from its empty state, not with the records it is being sent (which it used to return)."""
+def catch_up(seeded: int) -> tuple[Replica, Replica, dict[str, list[object]], list[object]]:
+    """a holds 3000 records; b starts with ``seeded`` of their keys in its map (a restart) and
+    catches up from a (it sends an urgent digest at link-up). Returns both replicas, what each
+    node sent, and b's catch-up reports, once b reported caught up and both agree."""
+    sent: dict[str, list[object]] = {"a": [], "b": []}
+    caught_up: list[object] = []
 
-    async def main() -> None:
-        net = MemoryNetwork()
-        a, ra = node(net, "a")
-        diverge(ra, range(3000))  # a holds 3000 records; b starts empty
-        b, rb = node(net, "b")
-        caught_up: list[tuple[str, str, int]] = []
-        b._on_caught_up = lambda *args: caught_up.append(args)
-        b._catching_up = lambda: True  # b sends an urgent digest at link-up
-        sent_by_b: list[object] = []
-        original = b.transport.send
-        b.transport.send = lambda peer, msg: sent_by_b.append(msg) or original(peer, msg)  # type: ignore[method-assign]
-        await a.transport.start()
-        await b.transport.start()
-        tasks = [asyncio.create_task(a.run()), asyncio.create_task(b.run())]
-        try:
-            for _ in range(100):
-                await asyncio.sleep(0.02)
-                if caught_up:
-                    break
-            filled = sum(1 for h in ra.digest("m").buckets if h)
-            assert caught_up == [("m", "a", filled)]
-            assert rb.content("m") == ra.content("m") and rb.registers("m") == 3000
-            assert not any(type(m).__name__ == "Batch" and m.records for m in sent_by_b)
-            assert ra.stats["received.ignored"] == 0
-        finally:
-            await a.transport.close()
-            await b.transport.close()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    asyncio.run(main())
-
-
-def test_a_node_restarting_on_its_map_is_sent_each_record_once() -> None:
-    """A restarted node's entries come back with seed stamps, which rank lowest: it is sent
-    every record. Its own records go back once, answering the Pull of the digest answer; the
-    peer does not also reply to them with its records (R2), which its answer carries already."""
-
-    async def main() -> None:
+    async def main() -> tuple[Replica, Replica]:
         net = MemoryNetwork()
         a, ra = node(net, "a")
         diverge(ra, range(3000))
         b, rb = node(net, "b")
-        rb.seed("m", [(struct.pack("<I", k), struct.pack("<Q", k)) for k in range(3000)])
-        caught_up: list[tuple[str, str, int]] = []
+        rb.seed("m", [(struct.pack("<I", k), struct.pack("<Q", k)) for k in range(seeded)])
         b._on_caught_up = lambda *args: caught_up.append(args)
         b._catching_up = lambda: True
-        sent: dict[str, list[object]] = {"a": [], "b": []}
         for p in (a, b):
             original = p.transport.send
             p.transport.send = (lambda peer, msg, log=sent[p.node], send=original:  # type: ignore[method-assign]
@@ -191,13 +155,36 @@ def test_a_node_restarting_on_its_map_is_sent_each_record_once() -> None:
                 await asyncio.sleep(0.02)
                 if caught_up and rb.digest("m") == ra.digest("m"):
                     break
-            assert rb.content("m") == ra.content("m") and rb.registers("m") == 3000
-            records = {n: sum(len(m.records) for m in msgs if type(m).__name__ == "Batch")
-                       for n, msgs in sent.items()}  # fmt: skip
-            assert records == {"a": 3000, "b": 3000}
         finally:
             await a.transport.close()
             await b.transport.close()
             await asyncio.gather(*tasks, return_exceptions=True)
+        return ra, rb
 
-    asyncio.run(main())
+    ra, rb = asyncio.run(main())
+    return ra, rb, sent, caught_up
+
+
+def records_sent(msgs: list[object]) -> int:
+    return sum(len(m.records) for m in msgs if isinstance(m, Batch))
+
+
+def test_a_fresh_node_sends_nothing_back_of_its_catch_up() -> None:
+    """The answer to a digest puts its Pull before its records: a fresh node answers that Pull
+    from its empty state, not with the records it is being sent (which it used to return)."""
+    ra, rb, sent, caught_up = catch_up(seeded=0)
+    filled = sum(1 for h in ra.digest("m").buckets if h)
+    assert caught_up == [("m", "a", filled)]
+    assert rb.content("m") == ra.content("m") and rb.registers("m") == 3000
+    assert records_sent(sent["b"]) == 0
+    assert ra.stats["received.ignored"] == 0
+
+
+def test_a_node_restarting_on_its_map_is_sent_each_record_once() -> None:
+    """A restarted node's entries come back with seed stamps, which rank lowest: it is sent
+    every record. Its own records go back once, answering the Pull of the digest answer; the
+    peer neither replies to them (R2) nor answers a Pull crossing its answer with the same
+    records again: its answer carries them already."""
+    ra, rb, sent, _ = catch_up(seeded=3000)
+    assert rb.content("m") == ra.content("m") and rb.registers("m") == 3000
+    assert {n: records_sent(msgs) for n, msgs in sent.items()} == {"a": 3000, "b": 3000}
