@@ -97,20 +97,11 @@ class Outbox:
         # one pass, then delete: popping the first key repeatedly rescans deleted slots
         head = list(islice(pending.items(), max_records))
         regs = list(map(_REG, head))
-        packs = list(map(_PACKED, head))
-        keys = list(map(_KEY, regs))
-        size = PACKED_OVERHEAD * len(head) + sum(map(len, keys)) + sum(map(len, packs))
-        if size > max_bytes:  # rare: batches are cut by count long before
-            size = n = 0
-            for key, packed in zip(keys, packs, strict=True):
-                size += encoded_size(key, packed)
-                if n and size > max_bytes:
-                    break
-                n += 1
-            del regs[n:], keys[n:], packs[n:]
-        for reg in regs:
+        queued = Packed(list(map(_MAP, regs)), list(map(_KEY, regs)), list(map(_PACKED, head)))
+        batch = next(split(queued, max_records, max_bytes), queued)
+        for reg in regs[: len(batch)]:
             del pending[reg]
-        return Packed(list(map(_MAP, regs)), keys, packs)
+        return batch
 
     def take_overflow(self) -> bool:
         """Whether records were dropped since the last call (then the peer needs repair)."""
