@@ -256,11 +256,7 @@ class Replica:
         frozen (table.py), as a catch-up's do. Every register then holds what the kernel does."""
         keys = [key for key, _ in items]
         values = [value for _, value in items]
-        if {len(key) for key in keys} - {table.schema.key_size} or (
-            {len(value) for value in values} - {table.schema.value_size}
-        ):
-            for key, value in items:  # names the first entry of the wrong size
-                self._check_local(table, key, value)
+        self._check_batch(table, keys, values)
         deviations = self._deviations[table.name]
         for key in keys if deviations else ():
             deviations.pop(key, None)
@@ -311,12 +307,7 @@ class Replica:
                     out.append(map, key, pack(rec.stamp, rec.value))
                     changed.append(i)
             return out, changed
-        schema = table.schema
-        if {len(key) for key in keys} != {schema.key_size} or (
-            {len(value) for value in values if value is not None} - {schema.value_size}
-        ):
-            for key, value in zip(keys, values, strict=True):  # names the first wrong size
-                self._check_local(table, key, value)
+        self._check_batch(table, keys, values)
         start = self.clock.peek(now_ns)
         changed, packs = table.offer_own(keys, values, self._deviations[map], start, self.node)
         if changed:
@@ -615,6 +606,17 @@ class Replica:
                 f" values; got key of {len(key)} and value of"
                 f" {'None' if value is None else len(value)} bytes"
             )
+
+    def _check_batch(
+        self, table: MapTable, keys: Sequence[bytes], values: Sequence[bytes | None]
+    ) -> None:
+        """``_check_local`` of each (key, value), as two sets of sizes when all are right."""
+        schema = table.schema
+        if {len(key) for key in keys} - {schema.key_size} or (
+            {len(value) for value in values if value is not None} - {schema.value_size}
+        ):
+            for key, value in zip(keys, values, strict=True):  # names the first wrong size
+                self._check_local(table, key, value)
 
     def _admit_form(self, rec: Record, sender: str) -> None:
         """R1 for a record given as a Record (not off the wire): the types and the stamp's form;
