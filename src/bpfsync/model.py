@@ -8,9 +8,10 @@ buffer). Nothing here knows how a change was detected or where it will be sent.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from itertools import repeat
 from typing import NamedTuple, cast
 
 
@@ -46,11 +47,20 @@ class Change(NamedTuple):
         return Op.DELETE if self.value is None else Op.UPDATE
 
 
-# new_change((map, key, value, seen)): a Change without the Python-level __new__, for the
-# watchers' hot loops (map(new_change, zip(...)) stays in C)
-new_change = cast(
+# a Change from (map, key, value, seen) without the Python-level __new__
+_new_change = cast(
     Callable[[tuple[str, bytes, bytes | None, Seen]], Change], partial(tuple.__new__, Change)
 )
+
+
+def changes(
+    name: str, keys: Sequence[bytes], values: Iterable[bytes | None], seen: Seen
+) -> list[Change]:
+    """A Change of map ``name`` for each key and its value, built in C: watchers make one per
+    write they see."""
+    n = len(keys)
+    rows = zip(repeat(name, n), keys, values, repeat(seen, n), strict=True)
+    return list(map(_new_change, rows))
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bpfsync.kernel.dump import MapDump
-from bpfsync.model import Change, Seen, new_change
+from bpfsync.model import Change, Seen, changes
 
 U64 = npt.NDArray[np.uint64]
 Rows = npt.NDArray[np.uint8]
@@ -412,16 +412,12 @@ def _diff_by_dict(
 def _changes(map_name: str, snap: Snapshot, rows: Index) -> list[Change]:
     keys = _row_bytes(snap.dump.key_array, rows)
     values = _row_bytes(snap.dump.value_array, rows)
-    n = len(keys)
-    rows_of = zip(repeat(map_name, n), keys, values, repeat(Seen.POLL, n), strict=True)
-    return list(map(new_change, rows_of))
+    return changes(map_name, keys, values, Seen.POLL)
 
 
 def _deletions(map_name: str, snap: Snapshot, rows: Index) -> list[Change]:
     keys = _row_bytes(snap.dump.key_array, rows)
-    n = len(keys)
-    rows_of = zip(repeat(map_name, n), keys, repeat(None, n), repeat(Seen.POLL, n), strict=True)
-    return list(map(new_change, rows_of))
+    return changes(map_name, keys, repeat(None, len(keys)), Seen.POLL)
 
 
 def _row_bytes(array: Rows, rows: Index) -> list[bytes]:

@@ -44,7 +44,6 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
-from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +57,7 @@ from bpfsync.kernel.links import Link
 from bpfsync.kernel.maps import Map
 from bpfsync.kernel.objects import BpfObject
 from bpfsync.kernel.ringbuf import DEFAULT_MAX_RECORDS, RingBuffer
-from bpfsync.model import Change, Overflow, Seen, WatchEvent, new_change
+from bpfsync.model import Change, Overflow, Seen, WatchEvent, changes
 
 # --- mirror of bpf/trace.h ---------------------------------------------------------------------
 
@@ -426,8 +425,7 @@ class TraceWatcher:
             values = [vb[i : i + vs] for i in range(0, n * vs, vs)]
             for i in np.flatnonzero(deleted).tolist():
                 values[i] = None
-        rows = zip(repeat(w.name, n), keys, values, repeat(Seen.TRACE, n), strict=True)
-        return list(map(new_change, rows))
+        return changes(w.name, keys, values, Seen.TRACE)
 
     def _overflows(self) -> list[WatchEvent]:
         """Overflow events for records dropped, or writes missed, since the last check."""
