@@ -453,13 +453,7 @@ class LwwTable(MapTable):
             self._count += len(idx)
             done[idx] = True
             out.stored += idx.tolist()
-            shown = idx[live[idx]]
-            if len(shown):
-                if rows is not None:
-                    values = rows[shown, rows.shape[1] - vsize :].tobytes()
-                else:
-                    values = b"".join([packs[i][len(packs[i]) - vsize :] for i in shown.tolist()])
-                out.filled.append((key_items[shown].tobytes(), values, len(shown)))
+            self._list_filled(out, key_items, records, idx[live[idx]])
             for i in idx[~live[idx]].tolist():
                 self._queue_tombstone(unpack(self.name, keys[i], packs[i]))
         return np.flatnonzero(~done).tolist() if done.any() else range(n)
@@ -522,17 +516,28 @@ class LwwTable(MapTable):
         out.stored += idx[stored].tolist()
         out.ignored += idx[found][~higher].tolist()
         out.outranked += zip(idx[found][lower].tolist(), old[lower].tolist(), strict=True)
-        shown = idx[fresh & live[idx]]
-        if len(shown):
-            values = np.asarray(records[shown].view(np.uint8)).reshape(len(shown), -1)
-            out.filled.append((key_items[shown].tobytes(),
-                               values[:, values.shape[1] - self._vsize :].tobytes(), len(shown)))
+        self._list_filled(out, key_items, records, idx[fresh & live[idx]])
         changed = out.changed
         for i, was in zip(idx[found][higher].tolist(), old[higher].tolist(), strict=True):
             changed[keys[i]] = (was, records[i].tobytes())
         for i in idx[stored & ~live[idx]].tolist():
             self._queue_tombstone(unpack(self.name, keys[i], records[i].tobytes()))
         return True
+
+    def _list_filled(
+        self, out: LwwOffers, key_items: np.ndarray, records: Rows, at: np.ndarray
+    ) -> None:
+        """Add the live records ``at``, stored where no register was, to ``out.filled``: their
+        keys and values (a live packed record ends with its value), joined."""
+        if not len(at):
+            return
+        vsize = self._vsize
+        if isinstance(records, np.ndarray):
+            rows = records[at].view(np.uint8).reshape(len(at), -1)
+            values = rows[:, rows.shape[1] - vsize :].tobytes()
+        else:
+            values = b"".join([records[i][len(records[i]) - vsize :] for i in at.tolist()])
+        out.filled.append((key_items[at].tobytes(), values, len(at)))
 
     def _offer_each(
         self, keys: Sequence[bytes], packs: Sequence[bytes], todo: Iterable[int],
