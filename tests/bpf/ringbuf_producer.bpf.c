@@ -76,7 +76,7 @@ int produce(struct xdp_md *ctx)
 		rec->value_len = 8;
 		rec->op = 1;
 		rec->flags = 0;
-		rec->cpu = 0;
+		rec->count = 1;
 		rec->tgid = 0;
 		*(__u64 *)rec->key = n;
 		*(__u64 *)rec->value = ~n;

@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bpfsync.errors import KernelError, NotSupportedError, PermissionDeniedError
@@ -19,12 +20,15 @@ from bpfsync.kernel.maps import Map
 from bpfsync.watch.base import Watcher
 from bpfsync.watch.trace import (
     KEY_MAX,
+    OP_DELETE,
+    OP_UPDATE,
     RECORD,
     REQUIRED_FUNCTIONS,
     VALUE_MAX,
     Hooks,
     TraceWatcher,
     check_traceable,
+    elements,
     object_path,
 )
 
@@ -39,7 +43,7 @@ LAYOUT_PROGRAM = r"""
                         sizeof(((struct trace_record *)0)->field))
 int main(void)
 {
-    F(map_id); F(key_len); F(value_len); F(op); F(flags); F(cpu); F(tgid); F(key); F(value);
+    F(map_id); F(key_len); F(value_len); F(op); F(flags); F(count); F(tgid); F(key); F(value);
     printf("size %zu 0\n", sizeof(struct trace_record));
     printf("KEY_MAX %d 0\nVALUE_MAX %d 0\n", TRACE_KEY_MAX, TRACE_VALUE_MAX);
     return 0;
@@ -65,6 +69,47 @@ def test_the_record_dtype_matches_trace_h(tmp_path: Path) -> None:
     for name, (offset, size) in c.items():
         dtype, py_offset = RECORD.fields[name][:2]
         assert (py_offset, dtype.itemsize) == (offset, size), name
+
+
+def record(op: int, keys: list[bytes], values: list[bytes]) -> np.void:
+    rec = np.zeros(1, RECORD)
+    rec["op"], rec["count"] = op, len(keys)
+    rec["key_len"], rec["value_len"] = len(keys[0]), len(values[0]) if values else 0
+    joined_keys, joined_values = b"".join(keys), b"".join(values)
+    rec["key"][0, : len(joined_keys)] = np.frombuffer(joined_keys, np.uint8)
+    rec["value"][0, : len(joined_values)] = np.frombuffer(joined_values, np.uint8)
+    rec["value"][0, len(joined_values) :] = 0xEE  # what a delete leaves: stale ring bytes
+    return rec[0]
+
+
+def rows(a: np.ndarray) -> list[bytes]:
+    return [r.tobytes() for r in a]
+
+
+def test_elements_unpack_single_and_packed_records_in_ring_order() -> None:
+    keys = [bytes([i]) * 4 for i in range(17)]
+    values = [bytes([i + 100]) * 24 for i in range(17)]  # 24 bytes: 10 to a record
+    recs = np.array([
+        record(OP_UPDATE, keys[:1], values[:1]),
+        record(OP_UPDATE, keys[1:4], values[1:4]),
+        record(OP_DELETE, keys[4:16], []),  # 12 keys: more than 10 values would fit
+        record(OP_UPDATE, keys[16:], values[16:]),
+    ], RECORD)  # fmt: skip
+    k, v, deleted = elements(recs, 4, 24)
+    assert rows(k) == keys
+    assert [r for r, d in zip(rows(v), deleted, strict=True) if not d] == values[:4] + values[16:]
+    assert deleted.tolist() == [False] * 4 + [True] * 12 + [False]
+    k, v, deleted = elements(recs, 4, 0)  # values not wanted (per-CPU maps)
+    assert rows(k) == keys and v.shape == (17, 0)
+
+
+def test_elements_of_single_records_are_views_of_them() -> None:
+    keys, values = [bytes([i]) * 3 for i in range(3)], [bytes([i]) * 5 for i in range(3)]
+    recs = np.array([record(OP_UPDATE, [a], [b]) for a, b in zip(keys, values, strict=True)],
+                    RECORD)  # fmt: skip
+    k, v, deleted = elements(recs, 3, 5)
+    assert (rows(k), rows(v), deleted.tolist()) == (keys, values, [False] * 3)
+    assert k.base is not None  # the fast path copies nothing
 
 
 @pytest.mark.parametrize("kind", list(REQUIRED_FUNCTIONS))

@@ -10,6 +10,7 @@ import ctypes
 import os
 import struct
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -107,7 +108,48 @@ def test_batches_are_reported_element_by_element(watch: Watch) -> None:
     assert got == [Change("m", k(i), v(7 * i), Seen.TRACE) for i in range(5000)]
     m.delete_batch(keys[:100].tobytes(), 100)
     assert changes(w, 100) == [Change("m", k(i), None, Seen.TRACE) for i in range(100)]
-    assert w.stats().submitted == 5100 and w.stats().dropped == 0
+    # packed: 32 updates of a 4-byte key and an 8-byte value per record, 64 deletes
+    assert w.stats().submitted == 157 + 2 and w.stats().dropped == 0
+
+
+def test_batch_records_pack_sizes_that_do_not_divide_the_record(watch: Watch) -> None:
+    """24-byte values: 10 to a record (256 // 24), the last record of a batch part-filled;
+    a single update between two batches is a record of its own, in its place."""
+    m, w = watch(value=24)
+
+    def val(i: int) -> bytes:
+        return struct.pack("<QQQ", i, ~i & 0xFFFF_FFFF_FFFF_FFFF, 3 * i)
+
+    keys = np.arange(1001, dtype=np.uint32)
+    m.update_batch(keys, b"".join(val(i) for i in range(1001)))
+    m.update(k(5000), val(5000))
+    m.update_batch(keys[:3], b"".join(val(i + 7) for i in range(3)))
+    m.delete_batch(keys[:130].tobytes(), 130)
+    want = [Change("m", k(i), val(i), Seen.TRACE) for i in range(1001)]
+    want += [Change("m", k(5000), val(5000), Seen.TRACE)]
+    want += [Change("m", k(i), val(i + 7), Seen.TRACE) for i in range(3)]
+    want += [Change("m", k(i), None, Seen.TRACE) for i in range(130)]
+    assert changes(w, len(want)) == want
+    assert w.stats().submitted == 101 + 1 + 1 + 3  # 130 deletes: 64 keys to a record
+
+
+def test_records_of_two_maps_keep_the_order_of_the_writes(make_map: MakeMap) -> None:
+    """Packed records of two maps of different sizes, read in one batch: each map's elements
+    are unpacked with its own sizes and the changes come out in the order they were made."""
+    small, big = make_map("hash", 4, 8, 1024), make_map("hash", 16, 100, 1024)
+    with TraceWatcher({"s": small, "b": big}, agent_tgid=0, hooks=Hooks.SYSCALL) as w:
+        want: list[WatchEvent] = []
+        for round_ in range(3):
+            keys = np.arange(70, dtype=np.uint32) + 100 * round_
+            small.update_batch(keys, keys.astype(np.uint64))
+            want += [Change("s", k(i), v(i), Seen.TRACE) for i in keys.tolist()]
+            bkeys = [bytes([round_, i]) * 8 for i in range(5)]
+            bvals = [bytes([i + 1]) * 100 for i in range(5)]
+            big.update_batch(b"".join(bkeys), b"".join(bvals))
+            want += [Change("b", kk, vv, Seen.TRACE) for kk, vv in zip(bkeys, bvals, strict=True)]
+        time.sleep(0.1)  # everything in the ring before the first read: one mixed batch
+        assert changes(w, len(want)) == want
+        assert w.stats().submitted == 3 * (3 + 3)  # 32 and 2 elements to a record
 
 
 def test_a_batch_beyond_the_limit_is_an_overflow(watch: Watch) -> None:
@@ -158,18 +200,19 @@ def test_bpf_programs_writes_are_not_seen_by_the_hooks_but_by_the_poll(
 
 
 def test_a_batch_larger_than_the_ring_is_recovered_by_the_rescan(make_map: MakeMap) -> None:
-    """A 500-element batch into a 124-record ring: the records that fit are reported, the
-    rest are counted as dropped, and the auto watcher's rescan reports every missing key."""
-    m = make_map("hash", 4, 8, 1024)
+    """A 6000-element batch into a 124-record ring (32 elements to a record): the records
+    that fit are reported, the rest are counted as dropped, and the auto watcher's rescan
+    reports every missing key."""
+    m = make_map("hash", 4, 8, 8192)
     with AutoWatcher({"m": m}, poll_interval=60, repair_interval=60, agent_tgid=0,
                      ring_size=16 * 4096) as auto:  # fmt: skip
         assert auto.mode == "syscall+poll"
-        keys = np.arange(500, dtype=np.uint32)
+        keys = np.arange(6000, dtype=np.uint32)
         m.update_batch(keys, keys.astype(np.uint64) + 1000)
-        events = changes(auto, 501)
+        events = changes(auto, 6001)
         overflows = [e for e in events if isinstance(e, Overflow)]
         assert overflows and overflows[0].map == "m"
         seen = {e.key: e.value for e in events if isinstance(e, Change)}
-        assert seen == {k(i): v(i + 1000) for i in range(500)}
+        assert seen == {k(i): v(i + 1000) for i in range(6000)}
         traced = [e for e in events if isinstance(e, Change) and e.seen is Seen.TRACE]
-        assert 0 < len(traced) < 500  # some fitted in the ring, the rest came from the rescan
+        assert 0 < len(traced) < 6000  # some fitted in the ring, the rest came from the rescan

@@ -215,14 +215,14 @@ static __always_inline void dropped(struct trace_watch *w)
 
 /* Fill in a reserved record's header and hand it to user space. */
 static __always_inline void submit(struct trace_record *rec, __u32 map_id, __u32 ks, __u32 vs,
-				   __u8 op, __u8 flags, __u32 tgid)
+				   __u8 op, __u8 flags, __u32 tgid, __u32 elements)
 {
 	rec->map_id = map_id;
 	rec->key_len = ks;
 	rec->value_len = vs;
 	rec->op = op;
 	rec->flags = flags;
-	rec->cpu = bpf_get_smp_processor_id();
+	rec->count = elements;
 	rec->tgid = tgid;
 	bpf_ringbuf_submit(rec, 0);
 	count(TRACE_CNT_SUBMITTED);
@@ -274,7 +274,7 @@ static __always_inline int report(struct bpf_map *map, const void *key, const vo
 			bpf_probe_read_kernel(rec->value, vs, value);
 		}
 	}
-	submit(rec, id, ks, vs, op, flags, pid_tgid >> 32);
+	submit(rec, id, ks, vs, op, flags, pid_tgid >> 32, 1);
 	return 0;
 }
 
@@ -430,17 +430,24 @@ struct user_elems {
 	__u32 key_size;
 	__u32 value_size;
 	__u32 tgid;
+	__u32 n;   /* elements in the command */
+	__u32 per; /* elements per record (see struct trace_record) */
 	__u8 op;
 	__u8 flags;
 };
 
-/* One element read from the caller's buffers; non-zero stops the loop (the ring is full or
- * the buffer unreadable: counted as dropped, so user space rescans). */
+/* Record i: up to `per` elements from the caller's buffers, in two reads; non-zero stops the
+ * loop (the ring is full or a buffer unreadable: counted as dropped, so user space rescans). */
 static long report_user(__u32 i, struct user_elems *e)
 {
+	__u64 first = (__u64)i * e->per, m, kb, vb = 0;
 	struct trace_record *rec;
-	__u64 ks, vs = 0, src;
 
+	if (first >= e->n)
+		return 1;
+	m = e->n - first;
+	if (m > e->per)
+		m = e->per;
 	rec = bpf_ringbuf_reserve(&events, sizeof(*rec), 0);
 	if (!rec) {
 		dropped(e->w);
@@ -448,21 +455,20 @@ static long report_user(__u32 i, struct user_elems *e)
 	}
 	/* each size is clamped right before its read: 6.1's verifier forgets a bound kept
 	 * across calls (spilled to the stack) */
-	src = e->keys + (__u64)i * e->key_size;
-	ks = e->key_size;
-	if (ks > TRACE_KEY_MAX)
-		ks = TRACE_KEY_MAX;
-	if (bpf_probe_read_user(rec->key, ks, (void *)src))
+	kb = m * e->key_size;
+	if (kb > TRACE_KEY_MAX)
+		kb = TRACE_KEY_MAX;
+	if (bpf_probe_read_user(rec->key, kb, (void *)(e->keys + first * e->key_size)))
 		goto unreadable;
 	if (e->values) {
-		src = e->values + (__u64)i * e->value_size;
-		vs = e->value_size;
-		if (vs > TRACE_VALUE_MAX)
-			vs = TRACE_VALUE_MAX;
-		if (bpf_probe_read_user(rec->value, vs, (void *)src))
+		vb = m * e->value_size;
+		if (vb > TRACE_VALUE_MAX)
+			vb = TRACE_VALUE_MAX;
+		if (bpf_probe_read_user(rec->value, vb, (void *)(e->values + first * e->value_size)))
 			goto unreadable;
 	}
-	submit(rec, e->map_id, ks, vs, e->op, e->flags, e->tgid);
+	submit(rec, e->map_id, e->key_size, e->values ? e->value_size : 0, e->op, e->flags, e->tgid,
+	       m);
 	return 0;
 unreadable:
 	bpf_ringbuf_discard(rec, 0);
@@ -498,6 +504,7 @@ int BPF_PROG(sys_bpf_exit, struct pt_regs *regs, long ret)
 		       TRACE_OP_UPDATE : TRACE_OP_DELETE;
 	if (e.op == TRACE_OP_UPDATE && !call.value_size)
 		e.flags = TRACE_F_VALUE_NOT_CAPTURED;
+	e.n = e.per = 1;
 	if (!is_batch_cmd(call.cmd)) {
 		if (ret)
 			return 0; /* failed ops change nothing */
@@ -509,7 +516,7 @@ int BPF_PROG(sys_bpf_exit, struct pt_regs *regs, long ret)
 	}
 	/* A batch reports how many elements it processed in batch.count, also when it stops at an
 	 * error part-way; an error before any element leaves count as the caller set it. So only a
-	 * clean run (or lookup-and-delete's normal end, -ENOENT) is read element by element; any
+	 * clean run (or lookup-and-delete's normal end, -ENOENT) is reported element by element; any
 	 * other error counts as dropped and user space rescans. */
 	if (ret && !(ret == -TRACE_ENOENT && call.cmd == BPF_MAP_LOOKUP_AND_DELETE_BATCH)) {
 		dropped(e.w);
@@ -523,6 +530,14 @@ int BPF_PROG(sys_bpf_exit, struct pt_regs *regs, long ret)
 	e.keys = BPF_CORE_READ_USER(attr, batch.keys);
 	if (call.cmd == BPF_MAP_UPDATE_BATCH && call.value_size)
 		e.values = BPF_CORE_READ_USER(attr, batch.values);
-	bpf_loop(n, report_user, &e, 0);
+	/* as many elements per record as its key and value areas hold (watched maps' keys and
+	 * values are at most TRACE_KEY_MAX and TRACE_VALUE_MAX bytes, so at least one) */
+	e.n = n;
+	e.per = call.key_size ? TRACE_KEY_MAX / call.key_size : 1;
+	if (e.values && call.value_size && TRACE_VALUE_MAX / call.value_size < e.per)
+		e.per = TRACE_VALUE_MAX / call.value_size;
+	if (!e.per)
+		e.per = 1;
+	bpf_loop((n + e.per - 1) / e.per, report_user, &e, 0);
 	return 0;
 }

@@ -20,8 +20,8 @@
 /* Most maps one tracer watches at a time. */
 #define TRACE_WATCH_MAX 1024
 
-/* Most elements of one bpf(2) batch command the syscall hooks report one by one; a larger
- * batch is counted as dropped, so user space rescans the map instead. */
+/* Most elements of one bpf(2) batch command the syscall hooks report (packed, see struct
+ * trace_record); a larger batch is counted as dropped, so user space rescans the map. */
 #define TRACE_BATCH_MAX (1 << 16)
 
 enum trace_op {
@@ -38,14 +38,17 @@ enum trace_flag {
 	TRACE_F_INTERRUPT = 2,
 };
 
-/* One successful update or delete of a watched map: 16 header bytes + key + value = 528. */
+/* Successful updates or deletes of a watched map: 16 header bytes + keys + values = 528.
+ * `count` elements, keys back to back in `key` and values back to back in `value`: 1 for a
+ * map op, up to as many as fit for a bpf(2) batch command (16 of a 4-byte key and a 16-byte
+ * value). Packed, a 20,000-element batch of small entries takes 0.7 MB of the ring, not 10.7. */
 struct trace_record {
 	__u32 map_id;
-	__u16 key_len;
-	__u16 value_len; /* 0 for deletes and when TRACE_F_VALUE_NOT_CAPTURED */
-	__u8 op;         /* enum trace_op */
+	__u16 key_len;   /* of one element */
+	__u16 value_len; /* of one element; 0 for deletes and when TRACE_F_VALUE_NOT_CAPTURED */
+	__u8 op;         /* enum trace_op, of every element */
 	__u8 flags;      /* enum trace_flag bits */
-	__u16 cpu;       /* CPU the op ran on (diagnostics) */
+	__u16 count;     /* elements in this record, >= 1 */
 	__u32 tgid;      /* process current when the op ran (in interrupt: whichever was) */
 	__u8 key[TRACE_KEY_MAX];
 	__u8 value[TRACE_VALUE_MAX];

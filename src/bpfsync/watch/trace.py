@@ -16,6 +16,10 @@ Where neither loads, ``start()`` raises the ``KernelError`` that says why; ``Aut
 polls alone. The rest of this text holds for both sets unless it says otherwise.
 
 - Only successful ops are reported (fexit sees the return value).
+- A record holds one map op, or as many elements of a bpf(2) batch command as its key and
+  value areas fit (``elements()`` unpacks them): 16 of a 4-byte key and a 16-byte value, so a
+  20,000-element batch takes 0.7 MB of the 8 MiB ring, not 10.7 MB, and two reads per record
+  instead of two per element (the writer's cost of the hooks: 0.18 -> 0.06 µs per element).
 - Keys, and values of maps that are not per-CPU, are captured up to 256 bytes (``KEY_MAX``,
   ``VALUE_MAX``); a larger map is refused with ``NotSupportedError`` naming the limit.
 - Per-CPU maps: the kernel record carries the key only (a program's write is one CPU's share,
@@ -70,7 +74,8 @@ F_VALUE_NOT_CAPTURED, F_INTERRUPT = 1, 2  # enum trace_flag
 
 RECORD = np.dtype(
     {
-        "names": ["map_id", "key_len", "value_len", "op", "flags", "cpu", "tgid", "key", "value"],
+        "names": ["map_id", "key_len", "value_len", "op", "flags", "count", "tgid", "key",
+                  "value"],
         "formats": ["<u4", "<u2", "<u2", "u1", "u1", "<u2", "<u4", ("u1", KEY_MAX),
                     ("u1", VALUE_MAX)],
         "offsets": [0, 4, 6, 8, 9, 10, 12, 16, 16 + KEY_MAX],
@@ -78,6 +83,33 @@ RECORD = np.dtype(
     }
 )  # fmt: skip
 _WATCH = struct.Struct("<Q")  # struct trace_watch
+
+
+def elements(
+    records: npt.NDArray[np.void], key_size: int, value_size: int
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
+    """The elements of one map's ``records``, in ring order: keys ``(n, key_size)``, values
+    ``(n, value_size)`` (meaningless where deleted or not captured; none for ``value_size`` 0)
+    and which were deletes. A record holds ``count`` elements back to back (trace.h): one for a
+    map op, many for a bpf(2) batch."""
+    n, counts = len(records), records["count"]
+    deleted = records["op"] == OP_DELETE
+    if not n or int(counts.max()) == 1:
+        keys = records["key"][:, :key_size]
+        values = records["value"][:, :value_size]
+        return keys, values, deleted
+    # every record is cut into as many slots as fit; the first `count` of each are elements
+    per = KEY_MAX // key_size
+    keys = records["key"][:, : per * key_size].reshape(n, per, key_size)
+    keys = keys[np.arange(per) < counts[:, None]]
+    values = np.zeros((len(keys), value_size), np.uint8)
+    carry = records["value_len"] != 0  # not deletes: those pack more keys than values fit
+    if value_size and carry.any():
+        per = VALUE_MAX // value_size
+        kept = records[carry]
+        found = kept["value"][:, : per * value_size].reshape(len(kept), per, value_size)
+        values[np.repeat(carry, counts)] = found[np.arange(per) < kept["count"][:, None]]
+    return keys, values, np.repeat(deleted, counts)
 _CONFIG = struct.Struct("<II")  # struct trace_config
 
 
@@ -343,8 +375,9 @@ class TraceWatcher:
             return self._drain()
 
     def read_records(self, timeout: float | None = 0.0) -> npt.NDArray[np.void]:
-        """The raw ring records (``RECORD``), undecoded: for diagnostics and benchmarks. Values
-        of per-CPU maps are not re-read and no ``Overflow`` check is made."""
+        """The raw ring records (``RECORD``; ``elements()`` unpacks them), undecoded: for
+        diagnostics and benchmarks. Values of per-CPU maps are not re-read and no ``Overflow``
+        check is made."""
         with self._lock:
             if self._closed or self._ring is None:
                 return np.empty(0, RECORD)
@@ -395,21 +428,27 @@ class TraceWatcher:
         if (ids == first).all():
             w = self._watched.get(first)
             return list(self._changes(w, records)) if w is not None else []
-        out: list[WatchEvent | None] = [None] * len(records)
+        # each record's changes (a batch's record holds several), put back in ring order
+        out: list[list[Change]] = [[] for _ in range(len(records))]
         for map_id in np.unique(ids).tolist():
             w = self._watched.get(map_id)
             if w is None:  # unwatched since the record was made
                 continue
             rows = np.flatnonzero(ids == map_id)
-            for i, change in zip(rows.tolist(), self._changes(w, records[rows]), strict=True):
-                out[i] = change
-        return [e for e in out if e is not None]
+            found = self._changes(w, records[rows])
+            start = 0
+            for i, end in zip(rows.tolist(), np.cumsum(records["count"][rows]).tolist(),
+                              strict=True):
+                out[i] = found[start:end]
+                start = end
+        return [c for group in out for c in group]
 
     def _changes(self, w: _Watched, recs: npt.NDArray[np.void]) -> list[Change]:
-        n, ks = len(recs), w.key_size
-        kb = recs["key"][:, :ks].tobytes()
-        keys = [kb[i : i + ks] for i in range(0, n * ks, ks)]
-        deleted = recs["op"] == OP_DELETE
+        ks = w.key_size
+        karr, varr, deleted = elements(recs, ks, 0 if w.percpu else w.value_size)
+        n = len(karr)
+        # 'V' items come out as bytes objects, sliced in C (7x a list of slices)
+        keys: list[bytes] = np.frombuffer(karr.tobytes(), f"V{ks}").tolist()
         values: list[bytes | None]
         if w.percpu:
             current: dict[bytes, bytes | None] = {}
@@ -420,9 +459,7 @@ class TraceWatcher:
                     current[key] = w.map.lookup(key)
                 values[i] = current[key]
         else:
-            vs = w.value_size
-            vb = recs["value"][:, :vs].tobytes()
-            values = [vb[i : i + vs] for i in range(0, n * vs, vs)]
+            values = np.frombuffer(varr.tobytes(), f"V{w.value_size}").tolist()
             for i in np.flatnonzero(deleted).tolist():
                 values[i] = None
         return changes(w.name, keys, values, Seen.TRACE)
