@@ -295,3 +295,75 @@ def test_a_flood_of_overflows_stays_within_the_scan_budget(
     auto.close()
     # back to back would be ~20 scans in the second; the budget allows 1 / 0.2 s
     assert 2 <= scans <= 7
+
+
+def backed_off(auto: AutoWatcher, name: str, factor: int, timeout: float = 5.0) -> bool:
+    """Read (taking scan results) until ``name``'s scans back off by ``factor``."""
+    deadline = time.monotonic() + timeout
+    while auto.backoff(name) != factor and time.monotonic() < deadline:
+        auto.read(timeout=0.02)
+    return auto.backoff(name) == factor
+
+
+def test_an_idle_traced_map_backs_off_until_a_scan_finds_a_write(make_map: MakeMap) -> None:
+    """Scans that find nothing the tracer did not report double the wait, up to 4x; the first
+    write only the scan can see (a BPF program's) brings the usual period back."""
+    m = make_map("hash", 4, 8, 16)
+    _, factory = scripted()
+    with AutoWatcher({"m": m}, repair_interval=0.02, tracer_factory=factory) as auto:
+        assert auto.backoff("m") == 1
+        assert backed_off(auto, "m", 2) and backed_off(auto, "m", 4)
+        m.update(k(1), v(1))  # not traced: only a scan can see it
+        assert read_until(auto, 1) == [Change("m", k(1), v(1), Seen.POLL)]
+        assert auto.backoff("m") == 1
+        assert backed_off(auto, "m", 4)  # idle again
+
+
+def test_a_scan_finding_only_what_the_tracer_reports_meanwhile_keeps_backing_off(
+    make_map: MakeMap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load the ring lags: a scan dumps a write the reader has not taken yet. The tracer
+    reports it after the dump, so the scan found nothing new, and the map stays backed off."""
+    m = make_map("hash", 4, 8, 16)
+    made, factory = scripted()
+    with AutoWatcher({"m": m}, repair_interval=0.02, tracer_factory=factory) as auto:
+        assert backed_off(auto, "m", 4)
+        dumped, release, diffed = threading.Event(), threading.Event(), threading.Event()
+        real_diff = auto_module.diff
+
+        def slow_diff(name, prev, cur, *args, **kw):  # type: ignore[no-untyped-def]
+            if dumped.is_set() or not any(bytes(r) == k(1) for r in cur.dump.key_array):
+                return real_diff(name, prev, cur, *args, **kw)
+            dumped.set()  # the first scan holding k1
+            release.wait(5)
+            found = real_diff(name, prev, cur, *args, **kw)
+            diffed.set()
+            return found
+
+        monkeypatch.setattr(auto_module, "diff", slow_diff)
+        m.update(k(1), v(1))  # written; its record still "in the ring"
+        assert dumped.wait(5)
+        made[0].push(Change("m", k(1), v(1), Seen.TRACE))  # the reader catches up
+        assert auto.read(timeout=1) == [Change("m", k(1), v(1), Seen.TRACE)]
+        release.set()
+        assert diffed.wait(5)
+        time.sleep(0.005)  # the scanner hands the result over
+        # taken at once: no other scan of m runs while its result waits, so a reset to 1
+        # would still show (it takes two idle scans to get back to 4)
+        assert auto.read(timeout=0) == []  # the scan's k1 was the traced one: dropped
+        assert auto.backoff("m") == 4
+
+
+def test_maps_polled_alone_or_in_place_never_back_off(make_map: MakeMap) -> None:
+    """Without a tracer the scan is the only eye; in_place maps' counters are found only by it."""
+    polled, counters = make_map("hash", 4, 8, 16), make_map("hash", 4, 8, 16)
+    _, refused = scripted(refuse=PermissionDeniedError("no tracing here", 1))
+    _, factory = scripted()
+    with AutoWatcher({"p": polled}, poll_interval=0.01, tracer_factory=refused) as alone, \
+         AutoWatcher({"c": counters}, poll_interval=0.01, repair_interval=0.01,
+                     in_place=["c"], tracer_factory=factory) as in_place:  # fmt: skip
+        deadline = time.monotonic() + 0.3  # ~30 scans each
+        while time.monotonic() < deadline:
+            alone.read(timeout=0.01)
+            in_place.read(timeout=0.01)
+        assert alone.backoff("p") == 1 and in_place.backoff("c") == 1
