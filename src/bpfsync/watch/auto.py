@@ -63,7 +63,7 @@ _SCAN_SHARE = 0.25
 # within ~4.8 s instead of ~1.2 s.
 _IDLE_BACKOFF = 4
 _IDLE_MAX_S = 5.0
-_KEY_VALUE = itemgetter(1, 2)  # a Change's (key, value)
+_KEY, _VALUE = itemgetter(1), itemgetter(2)  # a Change's key, value
 
 
 class Tracer(Protocol):
@@ -369,7 +369,8 @@ class AutoWatcher:
             changes = cast(list[Change], events)
             first = changes[0].map
             if all(c.map == first for c in changes):  # the usual batch: one map's, noted in C
-                self._overlay.setdefault(first, Notes()).add(list(map(_KEY_VALUE, changes)))
+                notes = self._overlay.setdefault(first, Notes())
+                notes.add_columns(list(map(_KEY, changes)), list(map(_VALUE, changes)))
                 return
         reported: dict[str, list[tuple[bytes, bytes | None]]] = {}
         for e in events:

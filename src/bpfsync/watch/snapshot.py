@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from itertools import repeat
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -210,18 +211,23 @@ class Notes:
         return notes
 
     def add(self, pairs: Sequence[tuple[bytes, bytes | None]]) -> None:
-        if not pairs:
+        self.add_columns([k for k, _ in pairs], [v for _, v in pairs])
+
+    def add_columns(self, keys: Sequence[bytes], values: Sequence[bytes | None]) -> None:
+        """``add`` of ``keys[i]`` -> ``values[i]``: a watcher batch's, joined in C when it
+        deletes nothing (the usual case)."""
+        n = len(keys)
+        if not n:
             return
-        values = [v for _, v in pairs]
-        size = next((len(v) for v in values if v is not None), 0)
-        blank = bytes(size)
-        self._parts.append((
-            b"".join([k for k, _ in pairs]),
-            b"".join([blank if v is None else v for v in values]),
-            bytes([v is not None for v in values]),
-            len(pairs),
-        ))
-        self.count += len(pairs)
+        if None in values:
+            size = next((len(v) for v in values if v is not None), 0)
+            blank = bytes(size)
+            joined = b"".join([blank if v is None else v for v in values])
+            present = bytes([v is not None for v in values])
+        else:
+            joined, present = b"".join(cast("Sequence[bytes]", values)), b"\x01" * n
+        self._parts.append((b"".join(keys), joined, present, n))
+        self.count += n
         self._keys = None
 
     def add_joined(self, keys: bytes, values: bytes, count: int) -> None:
