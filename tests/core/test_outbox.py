@@ -75,3 +75,23 @@ def test_this_nodes_own_records_replace_queued_ones_in_place_without_a_compariso
     box.add([rec(1, 1, "b", "c")])
     box.add([rec(1, 2, "a", "c"), rec(2, 2, "a")], newest=True)  # a per-origin map among them
     assert box.take_batch(10, 10_000) == [rec(1, 1, "b", "c"), rec(1, 2, "a", "c"), rec(2, 2, "a")]
+
+
+def test_batches_take_the_maps_in_turn_so_no_backlog_starves_another_map() -> None:
+    box = Outbox()
+    box.add([rec(i, 1, map="big") for i in range(10)], newest=True)
+    box.add([rec(1, 1, map="small")], newest=True)
+    assert box.take_batch(3, 10_000) == [rec(i, 1, map="big") for i in range(3)]
+    assert box.take_batch(3, 10_000) == [rec(1, 1, map="small"), *(rec(i, 1, map="big")
+                                                                    for i in (3, 4))]
+    assert len(box) == 5 and box.take_batch(100, 10_000) == [rec(i, 1, map="big")
+                                                              for i in range(5, 10)]
+    assert not box and box.take_batch(100, 10_000) == []
+
+
+def test_a_batch_of_several_maps_queues_each_record_in_its_own_map() -> None:
+    box = Outbox()
+    box.add([rec(1, 5, map="x"), rec(1, 5, map="y"), rec(2, 5, map="x")], newest=True)
+    box.add([rec(1, 3, map="y"), rec(1, 9, map="x")])  # older for y: kept out; newer for x
+    assert box.take_batch(10, 10_000) == [rec(1, 9, map="x"), rec(2, 5, map="x"),
+                                          rec(1, 5, map="y")]

@@ -54,14 +54,22 @@ def split(
 
 
 _REG, _PACKED = itemgetter(0), itemgetter(1)  # of a pending item
-_MAP, _KEY = itemgetter(0), itemgetter(1)  # of a register
+_KEY = itemgetter(0)  # of a per-origin register (key, origin)
+
+# a register in its map's queue: the key, or (key, origin) in a per-origin map
+Register = bytes | tuple[bytes, str]
 
 
 class Outbox:
-    """Pending records for one peer, newest per register, in first-queued order; kept packed
-    (register.py), the form they are stored and sent in."""
+    """Pending records for one peer, newest per register; kept packed (register.py), the form
+    they are stored and sent in.
 
-    __slots__ = ("_pending", "_per_origin", "max_records", "overflowed")
+    A queue per map, in first-queued order, keyed by the key itself (by (key, origin) in
+    per-origin maps): every local change passes here once per peer, and a tuple built and
+    hashed per record doubled the cost of queueing it. Batches take from the maps in turn.
+    """
+
+    __slots__ = ("_per_origin", "_queues", "max_records", "overflowed")
 
     def __init__(self, *, max_records: int = 1 << 16, per_origin_maps: Collection[str] = ()):
         if max_records <= 0:
@@ -69,38 +77,72 @@ class Outbox:
         self.max_records = max_records
         self.overflowed = False
         self._per_origin = frozenset(per_origin_maps)
-        # (map, key, origin for per-origin maps else "") -> packed record
-        self._pending: dict[tuple[str, bytes, str], bytes] = {}
+        self._queues: dict[str, dict[Register, bytes]] = {}  # map -> register -> packed
 
     def add(self, records: Iterable[Record] | Packed, *, newest: bool = False) -> None:
         """Queue records; a newer record of a queued register replaces it in place.
         ``newest``: the records outrank any queued record of their registers (this node's own,
         just stamped: the clock has seen every record it holds, C1), so none is compared."""
         records = Packed.of(records)
-        pending, per_origin = self._pending, self._per_origin
-        if newest and per_origin.isdisjoint(records.maps):  # in one call: every local change
-            regs = zip(records.maps, records.keys, repeat("", len(records)), strict=True)
-            pending.update(zip(regs, records.packed, strict=True))
-            records = Packed.empty()
-        for name, key, packed in zip(records.maps, records.keys, records.packed, strict=True):
-            reg = (name, key, node_of(packed) if name in per_origin else "")
-            old = pending.get(reg)
-            if old is None or packed > old:  # register.py: ranks as newer() does
-                pending[reg] = packed
-        if len(pending) > self.max_records:
-            pending.clear()
+        if not records:
+            return
+        queues, per_origin = self._queues, self._per_origin
+        maps = records.maps
+        first = maps[0]
+        if newest and first not in per_origin and maps.count(first) == len(maps):
+            # in one call: every local change (a watcher batch is one map's)
+            queue = queues.get(first)
+            if queue is None:
+                queue = queues[first] = {}
+            queue.update(zip(records.keys, records.packed, strict=True))
+        else:
+            for name, key, packed in zip(maps, records.keys, records.packed, strict=True):
+                queue = queues.get(name)
+                if queue is None:
+                    queue = queues[name] = {}
+                reg: Register = (key, node_of(packed)) if name in per_origin else key
+                if newest:
+                    queue[reg] = packed
+                    continue
+                old = queue.get(reg)
+                if old is None or packed > old:  # register.py: ranks as newer() does
+                    queue[reg] = packed
+        if len(self) > self.max_records:
+            queues.clear()
             self.overflowed = True
 
     def take_batch(self, max_records: int, max_bytes: int) -> Packed:
-        """Remove and return the oldest-queued records, within both limits (at least one)."""
-        pending = self._pending
-        # one pass, then delete: popping the first key repeatedly rescans deleted slots
-        head = list(islice(pending.items(), max_records))
-        regs = list(map(_REG, head))
-        queued = Packed(list(map(_MAP, regs)), list(map(_KEY, regs)), list(map(_PACKED, head)))
+        """Remove and return the oldest-queued records of each map, the maps in turn, within
+        both limits (at least one)."""
+        queues = self._queues
+        maps: list[str] = []
+        keys: list[bytes] = []
+        packs: list[bytes] = []
+        heads: list[tuple[dict[Register, bytes], list[Register]]] = []
+        for name, queue in queues.items():
+            # one pass, then delete: popping the first key repeatedly rescans deleted slots
+            head = list(islice(queue.items(), max_records - len(maps)))
+            regs = list(map(_REG, head))
+            maps += repeat(name, len(head))
+            keys += map(_KEY, regs) if name in self._per_origin else regs
+            packs += map(_PACKED, head)
+            heads.append((queue, regs))
+            if len(maps) >= max_records:
+                break
+        queued = Packed(maps, keys, packs)
         batch = next(split(queued, max_records, max_bytes), queued)
-        for reg in regs[: len(batch)]:
-            del pending[reg]
+        left = len(batch)
+        for queue, regs in heads:
+            for reg in regs[:left]:
+                del queue[reg]
+            left -= len(regs)
+            if left <= 0:
+                break
+        for name in [n for n, q in queues.items() if not q]:
+            del queues[name]
+        if len(queues) > 1:  # the next batch starts with the next map
+            first = next(iter(queues))
+            queues[first] = queues.pop(first)
         return batch
 
     def take_overflow(self) -> bool:
@@ -109,7 +151,7 @@ class Outbox:
         return flag
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return sum(map(len, self._queues.values()))
 
     def __bool__(self) -> bool:
-        return bool(self._pending)
+        return bool(self._queues)
