@@ -82,3 +82,20 @@ def test_a_batch_of_changes_alone_coalesces_within_itself_too() -> None:
     w = ScriptedWatcher([[ch(1, 1), ch(2, 2), ch(1, 3)], [ch(2, 4), ch(3, 5)]])
     (taken,), coalesced = run_bridge(w, [100])
     assert taken == [ch(1, 3), ch(2, 4), ch(3, 5)] and coalesced == 2
+
+
+def on(map: str, key: int, value: int) -> Change:
+    return Change(map, bytes([key]), bytes([value]), Seen.TRACE)
+
+
+def test_changes_of_several_maps_queue_apart_and_slices_take_the_maps_in_turn() -> None:
+    """A map with a backlog does not starve another: each slice starts with the next map. A
+    batch mixing maps (a rescan of several) coalesces per map too."""
+    w = ScriptedWatcher([[on("big", k, k) for k in range(6)], [on("small", 1, 1)],
+                         [on("big", 0, 9), on("small", 1, 2), on("other", 1, 1)]])  # fmt: skip
+    slices, coalesced = run_bridge(w, [4, 4])
+    assert coalesced == 2
+    assert slices == [
+        [on("big", 0, 9), *(on("big", k, k) for k in range(1, 4))],
+        [on("small", 1, 2), on("other", 1, 1), on("big", 4, 4), on("big", 5, 5)],
+    ]

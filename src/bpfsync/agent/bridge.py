@@ -9,6 +9,9 @@ rescan after a ring overflow), the backlog is bounded by the number of distinct 
 newest values go out first-come, instead of the agent working through every stale
 intermediate value. ``Overflow`` events (metrics only) pass through in order.
 
+A queue per map, keyed by the key itself (a tuple per change, built and hashed, doubled the
+cost of queueing it); the loop takes from the maps in turn.
+
 The loop is woken once per burst, not once per event.
 """
 
@@ -19,7 +22,7 @@ import itertools
 import logging
 import threading
 from operator import itemgetter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from bpfsync.model import Change, WatchEvent
 
@@ -27,7 +30,7 @@ if TYPE_CHECKING:
     from bpfsync.agent.watchers import BatchWatcher
 
 log = logging.getLogger(__name__)
-_register = itemgetter(0, 1)  # a Change's (map, key)
+_KEY = itemgetter(1)  # a Change's key
 
 
 class WatchBridge:
@@ -35,7 +38,7 @@ class WatchBridge:
         self._watcher = watcher
         self._loop = loop
         self._lock = threading.Lock()
-        self._pending: dict[tuple[str, bytes], Change] = {}
+        self._pending: dict[str, dict[bytes, Change]] = {}  # map -> key -> its latest change
         self._other: list[WatchEvent] = []
         self._ready = asyncio.Event()
         self._thread = threading.Thread(target=self._run, name="bpfsync-watch", daemon=True)
@@ -60,19 +63,31 @@ class WatchBridge:
             self._loop.call_soon_threadsafe(self._ready.set)
 
     def _put(self, batch: list[WatchEvent]) -> None:
-        changes = batch
+        changes = cast("list[Change]", batch)
         other: list[WatchEvent] = []
         if not all(type(ev) is Change for ev in batch):  # Overflows: rare, kept in order
-            changes = [ev for ev in batch if type(ev) is Change]
+            changes = [ev for ev in batch if isinstance(ev, Change)]
             other = [ev for ev in batch if type(ev) is not Change]
         with self._lock:
             pending = self._pending
             wake = not pending and not self._other
-            before = len(pending)
-            # merged in one call (a million changes a second): an existing key keeps its place
-            pending.update(zip(map(_register, changes), changes, strict=True))  # type: ignore[arg-type]
+            if changes:
+                first = changes[0].map
+                if all(c.map == first for c in changes):  # a watcher batch is one map's
+                    queue = pending.get(first)
+                    if queue is None:
+                        queue = pending[first] = {}
+                    before = len(queue)
+                    # merged in one call (a million changes a second): a queued key keeps its
+                    # place
+                    queue.update(zip(map(_KEY, changes), changes, strict=True))
+                    self.coalesced += len(changes) - (len(queue) - before)
+                else:
+                    for c in changes:
+                        queue = pending.setdefault(c.map, {})
+                        self.coalesced += c.key in queue
+                        queue[c.key] = c
             self._other += other
-            self.coalesced += len(changes) - (len(pending) - before)
         if wake:
             self._loop.call_soon_threadsafe(self._ready.set)
 
@@ -83,15 +98,21 @@ class WatchBridge:
         with self._lock:
             events, self._other = self._other, []
             pending = self._pending
-            if len(pending) <= limit:
-                events += pending.values()
-                pending.clear()
-            else:
+            room = limit
+            for name in list(pending):
+                queue = pending[name]
+                if len(queue) <= room:
+                    events += queue.values()
+                    room -= len(queue)
+                    del pending[name]
+                    continue
                 # one pass, then delete: popping the first key repeatedly rescans dead slots
-                taken = list(itertools.islice(pending.items(), limit))
-                for reg, _ in taken:
-                    del pending[reg]
+                taken = list(itertools.islice(queue.items(), room))
+                for key, _ in taken:
+                    del queue[key]
                 events += (ev for _, ev in taken)
+                pending[name] = pending.pop(name)  # the next slice starts with the next map
+                break
             if not pending:
                 self._ready.clear()
         if self.error is not None:
