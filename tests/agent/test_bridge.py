@@ -99,3 +99,9 @@ def test_changes_of_several_maps_queue_apart_and_slices_take_the_maps_in_turn() 
         [on("big", 0, 9), *(on("big", k, k) for k in range(1, 4))],
         [on("small", 1, 2), on("other", 1, 1), on("big", 4, 4), on("big", 5, 5)],
     ]
+
+
+def test_a_slice_that_ends_with_a_map_leaves_the_next_map_first() -> None:
+    w = ScriptedWatcher([[on("x", 1, 1), on("x", 2, 2)], [on("y", 1, 1)], [on("z", 1, 1)]])
+    slices, _ = run_bridge(w, [2, 1, 1])
+    assert slices == [[on("x", 1, 1), on("x", 2, 2)], [on("y", 1, 1)], [on("z", 1, 1)]]

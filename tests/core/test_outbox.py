@@ -95,3 +95,13 @@ def test_a_batch_of_several_maps_queues_each_record_in_its_own_map() -> None:
     box.add([rec(1, 3, map="y"), rec(1, 9, map="x")])  # older for y: kept out; newer for x
     assert box.take_batch(10, 10_000) == [rec(1, 9, map="x"), rec(2, 5, map="x"),
                                           rec(1, 5, map="y")]
+
+
+def test_a_batch_that_empties_a_map_leaves_the_next_map_first() -> None:
+    box = Outbox()
+    for name in ("x", "y", "z"):
+        box.add([rec(1, 1, map=name)], newest=True)
+    box.add([rec(2, 1, map="x")], newest=True)
+    assert box.take_batch(2, 10_000) == [rec(1, 1, map="x"), rec(2, 1, map="x")]
+    assert box.take_batch(1, 10_000) == [rec(1, 1, map="y")]
+    assert box.take_batch(1, 10_000) == [rec(1, 1, map="z")]

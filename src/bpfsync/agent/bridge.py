@@ -100,6 +100,8 @@ class WatchBridge:
             pending = self._pending
             room = limit
             for name in list(pending):
+                if not room:
+                    break
                 queue = pending[name]
                 if len(queue) <= room:
                     events += queue.values()

@@ -138,11 +138,11 @@ class Outbox:
             left -= len(regs)
             if left <= 0:
                 break
+        served = next(iter(queues), None)
         for name in [n for n, q in queues.items() if not q]:
             del queues[name]
-        if len(queues) > 1:  # the next batch starts with the next map
-            first = next(iter(queues))
-            queues[first] = queues.pop(first)
+        if served in queues:  # the next batch starts with the next map
+            queues[served] = queues.pop(served)
         return batch
 
     def take_overflow(self) -> bool:
