@@ -99,6 +99,24 @@ def _maps_status(node: Node) -> dict[str, Any]:
     return m  # type: ignore[no-any-return]
 
 
+def test_idle_scans_back_off_and_a_bpf_programs_write_still_reaches_every_node(
+    cluster: Cluster,
+) -> None:
+    """watch/auto.py: on this host a map is scanned for BPF programs' writes; with none, the
+    scans back off to 4x (shown in /status and the metrics), and the next such write is found
+    by a backed-off scan and replicated all the same."""
+    cluster.start()
+    assert cluster.wait_ready(30)
+    assert cluster.wait(lambda: all(_maps_status(n)["scan_backoff"] == 4 for n in cluster), 30)
+    a = cluster["a"]
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{a.http_port}/metrics").read().decode()
+    assert any(line.startswith("bpfsync_watch_scan_backoff{") and line.endswith(" 4.0")
+               for line in metrics.splitlines()), metrics  # fmt: skip
+    a.bpf_put(7, session(7))  # no syscall: only a's scan can see it
+    assert cluster.wait_converged(CONVERGE_S)
+    assert session(7) in cluster["c"].content().values()
+
+
 def test_a_map_at_rest_freezes_keeps_syncing_and_a_fresh_node_catches_up_frozen(
     tmp_path: Path,
 ) -> None:

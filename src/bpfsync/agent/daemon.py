@@ -423,6 +423,8 @@ class Agent:
             st = self.map_stats[name]
             registers = self.replica.registers(name)
             self.metrics.entries.labels(name).set(registers)
+            backoff = self._watcher.backoff(name) if self._watcher is not None else 1
+            self.metrics.scan_backoff.labels(name).set(backoff)
             maps.append({
                 "name": name, "path": self.synced[name].path, "registers": registers,
                 "buckets_at_rest": self.replica.buckets_at_rest(name),
@@ -430,6 +432,7 @@ class Agent:
                 "reported": st.reported, "local_changes": st.local_changes,
                 "applied": st.applied,
                 "rejected": st.rejected,
+                "scan_backoff": backoff,
             })
         self._status = {
             "node": self.node, "incarnation": self.incarnation, "ready": self.ready,

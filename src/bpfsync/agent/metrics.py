@@ -45,6 +45,11 @@ class AgentMetrics:
         self.entries = Gauge(
             "bpfsync_map_entries", "Keys per synced map, tombstones included", ["map"], registry=r
         )
+        self.scan_backoff = Gauge(
+            "bpfsync_watch_scan_backoff", "How many times its usual period the map's next scan"
+            " waits: up to 4 while scans find nothing the tracer does not report", ["map"],
+            registry=r,
+        )
         self.ready = Gauge("bpfsync_ready", "1 once the first catch-up is done", registry=r)
         self.peer_connected = Gauge(
             "bpfsync_peer_connected", "1 while a stream to the peer is up", ["peer"], registry=r,

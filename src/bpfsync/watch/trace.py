@@ -403,6 +403,10 @@ class TraceWatcher:
     def note_filled(self, name: str, keys: bytes, values: bytes, count: int) -> None:
         """Nothing to do, as for ``note_written``."""
 
+    def backoff(self, name: str) -> int:
+        """1: this watcher never scans (``AutoWatcher.backoff`` has the scans')."""
+        return 1
+
     def stats(self) -> TraceStats:
         with self._lock:
             counters = self._read_counters()
