@@ -446,5 +446,5 @@ class AutoWatcher:
         if prev is None:
             return (full(name, snap) if self.emit_initial else []), since
         with self._overlay_lock:  # reported during the dump: the tracer has the last word
-            during = since.keys()
+            during = since.copy()
         return diff(name, prev, snap, told, skip=during), since

@@ -121,7 +121,7 @@ def diff(
     prev: Snapshot,
     cur: Snapshot,
     told: Notes | Mapping[bytes, bytes | None] | None = None,
-    skip: Collection[bytes] = (),
+    skip: Collection[bytes] | Notes = (),
 ) -> list[Change]:
     """Changes that turn ``prev`` into ``cur``: new or changed entries, then deletions.
 
@@ -129,7 +129,8 @@ def diff(
     tracer, its own writes); the changes are then those that turn ``prev`` with ``told`` laid
     over it into ``cur``. Keys in ``told`` are set aside and compared in bulk, so the usual case
     (every change already known) builds no ``Change`` at all. Keys in ``skip`` are not
-    reported at all (another source reports them: the tracer, for keys written during the scan).
+    reported at all (another source reports them: the tracer, for keys written during the scan;
+    given as its ``Notes``, they are not copied into a set).
     """
     p, c = prev.dump, cur.dump
     if (p.key_size, p.value_size) != (c.key_size, c.value_size):
@@ -143,7 +144,8 @@ def diff(
         return [ch for ch in slow if ch.key not in skip] if skip else slow
     updated, gone = rows
     known = _Told(told, c.key_size, c.value_size) if told else None
-    skipped = _Told(Notes.of(dict.fromkeys(skip)), c.key_size, c.value_size) if skip else None
+    skip_notes = skip if isinstance(skip, Notes) else Notes.of(dict.fromkeys(skip))
+    skipped = _Told(skip_notes, c.key_size, c.value_size) if skip else None
     if known is not None and skipped is not None:  # told, then reported again: not ours
         known.keep(~skipped.holds(known.key_rows, cur._exact))
     for keys in (known, skipped):
@@ -229,6 +231,12 @@ class Notes:
         self._parts.append((b"".join(keys), joined, present, n))
         self.count += n
         self._keys = None
+
+    def copy(self) -> Notes:
+        """The notes so far, apart from later ones (the pieces are shared: immutable)."""
+        notes = Notes()
+        notes._parts, notes.count = list(self._parts), self.count
+        return notes
 
     def add_joined(self, keys: bytes, values: bytes, count: int) -> None:
         """``add`` of ``count`` values (none deleted), given as the keys and values joined."""
