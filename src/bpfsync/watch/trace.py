@@ -83,33 +83,6 @@ RECORD = np.dtype(
     }
 )  # fmt: skip
 _WATCH = struct.Struct("<Q")  # struct trace_watch
-
-
-def elements(
-    records: npt.NDArray[np.void], key_size: int, value_size: int
-) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
-    """The elements of one map's ``records``, in ring order: keys ``(n, key_size)``, values
-    ``(n, value_size)`` (meaningless where deleted or not captured; none for ``value_size`` 0)
-    and which were deletes. A record holds ``count`` elements back to back (trace.h): one for a
-    map op, many for a bpf(2) batch."""
-    n, counts = len(records), records["count"]
-    deleted = records["op"] == OP_DELETE
-    if not n or int(counts.max()) == 1:
-        keys = records["key"][:, :key_size]
-        values = records["value"][:, :value_size]
-        return keys, values, deleted
-    # every record is cut into as many slots as fit; the first `count` of each are elements
-    per = KEY_MAX // key_size
-    keys = records["key"][:, : per * key_size].reshape(n, per, key_size)
-    keys = keys[np.arange(per) < counts[:, None]]
-    values = np.zeros((len(keys), value_size), np.uint8)
-    carry = records["value_len"] != 0  # not deletes: those pack more keys than values fit
-    if value_size and carry.any():
-        per = VALUE_MAX // value_size
-        kept = records[carry]
-        found = kept["value"][:, : per * value_size].reshape(len(kept), per, value_size)
-        values[np.repeat(carry, counts)] = found[np.arange(per) < kept["count"][:, None]]
-    return keys, values, np.repeat(deleted, counts)
 _CONFIG = struct.Struct("<II")  # struct trace_config
 
 
@@ -138,6 +111,34 @@ class Counter(enum.IntEnum):
 
 
 _SLOT_KEYS = {slot: struct.pack("<I", slot) for slot in Counter}
+
+
+def elements(
+    records: npt.NDArray[np.void], key_size: int, value_size: int
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
+    """The elements of one map's ``records``, in ring order: keys ``(n, key_size)``, values
+    ``(n, value_size)`` (meaningless where deleted or not captured; none for ``value_size`` 0)
+    and which were deletes. A record holds ``count`` elements back to back (trace.h): one for a
+    map op, many for a bpf(2) batch."""
+    n, counts = len(records), records["count"]
+    deleted = records["op"] == OP_DELETE
+    if not n or int(counts.max()) == 1:
+        keys = records["key"][:, :key_size]
+        values = records["value"][:, :value_size]
+        return keys, values, deleted
+    # every record is cut into as many slots as fit; the first `count` of each are elements
+    per = KEY_MAX // key_size
+    keys = records["key"][:, : per * key_size].reshape(n, per, key_size)
+    keys = keys[np.arange(per) < counts[:, None]]
+    values = np.zeros((len(keys), value_size), np.uint8)
+    carry = records["value_len"] != 0  # not deletes: those pack more keys than values fit
+    if value_size and carry.any():
+        per = VALUE_MAX // value_size
+        kept = records[carry]
+        found = kept["value"][:, : per * value_size].reshape(len(kept), per, value_size)
+        values[np.repeat(carry, counts)] = found[np.arange(per) < kept["count"][:, None]]
+    return keys, values, np.repeat(deleted, counts)
+
 
 OBJECT = "trace.bpf.o"
 SYSCALL_HOOK = "__x64_sys_bpf"
