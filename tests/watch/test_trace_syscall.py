@@ -182,6 +182,16 @@ def test_per_cpu_values_are_read_back_from_the_map(watch: Watch) -> None:
     assert changes(w, 1) == [Change("m", k(5), every_cpu, Seen.TRACE)]
 
 
+def test_a_per_cpu_batch_packs_its_keys_and_the_values_are_read_back(watch: Watch) -> None:
+    """A per-CPU batch's values are not captured: 64 of its 4-byte keys go to a record."""
+    m, w = watch("percpu_hash")
+    keys = np.arange(100, dtype=np.uint32)
+    per_key = [b"".join(v(1000 * i + c) for c in range(m.value_stride // 8)) for i in range(100)]
+    m.update_batch(keys, b"".join(per_key))
+    assert changes(w, 100) == [Change("m", k(i), per_key[i], Seen.TRACE) for i in range(100)]
+    assert w.stats().submitted == 2
+
+
 def test_bpf_programs_writes_are_not_seen_by_the_hooks_but_by_the_poll(
     load_object: Callable[..., BpfObject],
 ) -> None:
