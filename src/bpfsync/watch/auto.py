@@ -133,8 +133,7 @@ class AutoWatcher:
         self._pollers = {name: MapPoller(name, m) for name, m in self.maps.items()}
         self._interval: dict[str, float] = {}
         self._backoff: dict[str, int] = {}  # maps that back off while idle: their factor now
-        self._period: dict[str, float] = {}  # a map's scan period before the factor
-        self._last_scan: dict[str, float] = {}  # when a map's last scan began
+        self._usual_due: dict[str, float] = {}  # a map's next scan, were it not backing off
         self._due: dict[str, float] = {}
         self._earliest: dict[str, float] = {}  # no scan before: the scan budget
         self._rescan: set[str] = set()
@@ -330,7 +329,10 @@ class AutoWatcher:
                 new = [c for c in changes if c.key not in since] if since else changes
                 if name in self._backoff:
                     # only now is it known whether the scan found more than the ring held yet
-                    sooner |= self._found(name) if new else self._quiet(name)
+                    if new:
+                        sooner |= self._found(name)
+                    else:
+                        self._quiet(name)
                 out += new
             self._scanned = []
             self._scanned_ready.clear()
@@ -343,16 +345,15 @@ class AutoWatcher:
         see ``_IDLE_BACKOFF``)."""
         return self._backoff.get(name, 1)
 
-    def _quiet(self, name: str) -> bool:
+    def _quiet(self, name: str) -> None:
         """A scan of ``name`` found nothing new: wait longer for the next one (under the lock)."""
         self._backoff[name] = min(2 * self._backoff[name], _IDLE_BACKOFF)
-        return False
 
     def _found(self, name: str) -> bool:
         """A scan of ``name`` found what the tracer did not report: back to the usual period
         (under the lock). True when that brings its next scan forward."""
         self._backoff[name] = 1
-        due = self._last_scan[name] + self._period[name]
+        due = self._usual_due[name]
         if due >= self._due[name]:
             return False
         self._due[name] = due
@@ -415,11 +416,10 @@ class AutoWatcher:
                     budget = (p.last_scan_seconds + p.last_diff_seconds) / _SCAN_SHARE
                     with self._overlay_lock:
                         self._earliest[name] = started + budget
-                        self._last_scan[name] = started
-                        self._period[name] = max(self._interval[name], budget)
+                        period = max(self._interval[name], budget)
+                        self._usual_due[name] = started + period
                         if not changes and name in self._backoff:
                             self._quiet(name)
-                        period = self._period[name]
                         idle = period * self._backoff.get(name, 1)
                         self._due[name] = started + min(idle, max(period, _IDLE_MAX_S))
                         if changes:  # whether they are new is up to _take_scanned
