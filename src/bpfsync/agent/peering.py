@@ -63,8 +63,8 @@ _REPAIR_BACKLOG = 8 << 20  # bytes queued on a link before repair answers wait f
 _SEND_BACKLOG = 16 << 20  # ... before new batches wait (the link resets past 64 MiB)
 _CROSSED_S = 5.0  # a peer's Pull this soon after our answer to its digest answers the same
 
-# (peer, records) -> what merging them asks of us; None when the records were not merged
-# (peer, records, whether they answer a digest or a pull) -> what to pass on
+# (peer, records, whether they are a repair: a digest's or a pull's answer) -> what merging them
+# asks of us; None when the records were not merged
 OnRecords = Callable[[str, Sequence[Record], bool], ApplyResult | None]
 
 
