@@ -221,10 +221,11 @@ def test_notes_keep_the_last_word_per_key(key_size: int, data: st.DataObject) ->
     assert len(notes) == sum(map(len, calls)) and notes.to_dict() == want
     assert all(k in notes for k in want) and b"\xff" * (key_size + 1) not in notes
     if want:
-        rows, values, present = notes.rows(key_size, 3)
+        codes, rows, values, present = notes.rows(key_size, 3)
         got = {r.tobytes(): v.tobytes() if p else None
                for r, v, p in zip(rows, values, present, strict=True)}  # fmt: skip
         assert got == want
+        assert (codes == snapshot.key_codes(rows)).all() and (np.diff(codes) > 0).all()
 
 
 def test_notes_of_another_size_are_refused() -> None:
@@ -241,7 +242,8 @@ def test_notes_with_colliding_codes_keep_every_key(monkeypatch: pytest.MonkeyPat
     notes = snapshot.Notes()
     notes.add([(b"a" * 12, b"1"), (b"b" * 12, b"2")])
     notes.add([(b"a" * 12, None)])
-    rows, values, present = notes.rows(12, 1)
+    codes, rows, values, present = notes.rows(12, 1)
+    assert codes.tolist() == [0, 0]
     got = {r.tobytes(): v.tobytes() if p else None
            for r, v, p in zip(rows, values, present, strict=True)}  # fmt: skip
     assert got == {b"a" * 12: None, b"b" * 12: b"2"}

@@ -272,8 +272,11 @@ class Notes:
                 value = values[i * vs : (i + 1) * vs] if present[i] else None
                 yield keys[i * ks : (i + 1) * ks], value
 
-    def rows(self, key_size: int, value_size: int) -> tuple[Rows, Rows, npt.NDArray[np.bool_]]:
-        """(key rows, value rows, presence): one row per key, its last note."""
+    def rows(
+        self, key_size: int, value_size: int
+    ) -> tuple[U64, Rows, Rows, npt.NDArray[np.bool_]]:
+        """(key codes, key rows, value rows, presence): one row per key, its last note, in
+        ascending order of code (``key_codes``)."""
         for keys, values, _, n in self._parts:
             if len(keys) != n * key_size or len(values) not in (0, n * value_size):
                 raise ValueError(f"notes of other sizes than {key_size}/{value_size}-byte entries")
@@ -286,42 +289,42 @@ class Notes:
         ])  # fmt: skip
         present = np.frombuffer(b"".join(p[2] for p in self._parts), np.bool_)
         codes = key_codes(key_rows)
-        order = np.argsort(codes, kind="stable")  # equal keys keep the order they were told in
+        order = np.argsort(codes)  # not stable (4x faster): the last note is found below
         ordered = codes[order]
-        last = np.ones(len(order), bool)
-        last[:-1] = ordered[1:] != ordered[:-1]
-        if key_size > 8 and not last.all():  # equal hashed codes: the same key, or a collision
-            a, b = order[:-1][~last[:-1]], order[1:][~last[:-1]]
+        first = np.ones(len(order), bool)
+        first[1:] = ordered[1:] != ordered[:-1]
+        starts = np.flatnonzero(first)
+        if key_size > 8 and len(starts) < len(order):  # equal hashed codes: the same key?
+            a, b = order[:-1][~first[1:]], order[1:][~first[1:]]
             if rows_differ(take_rows(key_rows, a), take_rows(key_rows, b)).any():
                 return self._rows_exactly(key_size, value_size)
-        keep = np.sort(order[last])
-        return take_rows(key_rows, keep), take_rows(value_rows, keep), present[keep]
-
+        last = np.maximum.reduceat(order, starts)  # the latest note of each key
+        key_rows, value_rows = take_rows(key_rows, last), take_rows(value_rows, last)
+        return ordered[starts], key_rows, value_rows, present[last]
 
     def _rows_exactly(
         self, key_size: int, value_size: int
-    ) -> tuple[Rows, Rows, npt.NDArray[np.bool_]]:
+    ) -> tuple[U64, Rows, Rows, npt.NDArray[np.bool_]]:
         last = self.to_dict()  # slow: only when two different keys share a hash code
         blank = bytes(value_size)
         key_rows = np.frombuffer(b"".join(last), np.uint8).reshape(len(last), key_size)
         values = b"".join(blank if v is None else v for v in last.values())
         value_rows = np.frombuffer(values, np.uint8).reshape(len(last), value_size)
         present = np.fromiter((v is not None for v in last.values()), bool, len(last))
-        return key_rows, value_rows, present
+        order, codes = _sort(key_rows)
+        return codes, take_rows(key_rows, order), take_rows(value_rows, order), present[order]
 
 
 class _Told:
-    """The consumer's known values as arrays: key rows sorted by code, values, presence."""
+    """The consumer's known values as arrays, one row per key in ascending order of code."""
 
     def __init__(self, told: Notes, key_size: int, value_size: int):
-        self.key_rows, self.value_rows, self.present = told.rows(key_size, value_size)
-        self.order, self.codes = _sort(self.key_rows)
+        self.codes, self.key_rows, self.value_rows, self.present = told.rows(key_size, value_size)
 
     def keep(self, rows: npt.NDArray[np.bool_]) -> None:
         """Forget the keys not in ``rows`` (a mask)."""
-        self.key_rows, self.value_rows = self.key_rows[rows], self.value_rows[rows]
-        self.present = self.present[rows]
-        self.order, self.codes = _sort(self.key_rows)
+        self.codes, self.key_rows = self.codes[rows], self.key_rows[rows]
+        self.value_rows, self.present = self.value_rows[rows], self.present[rows]
 
     def holds(self, keys: Rows, exact: bool) -> npt.NDArray[np.bool_]:
         """Which of the key rows are told keys (exactly: hashed codes are checked by bytes; a
@@ -329,12 +332,11 @@ class _Told:
         if not len(keys) or not len(self.codes):
             return np.zeros(len(keys), bool)
         codes = key_codes(keys)
-        pos = np.minimum(np.searchsorted(self.codes, codes), len(self.codes) - 1)
+        pos = _positions(self.codes, codes)
         hit = self.codes[pos] == codes
         if not exact and hit.any():
             rows = np.flatnonzero(hit)
-            same = ~rows_differ(take_rows(self.key_rows, self.order[pos[rows]]),
-                                take_rows(keys, rows))  # fmt: skip
+            same = ~rows_differ(take_rows(self.key_rows, pos[rows]), take_rows(keys, rows))
             hit[rows[~same]] = False
         held: npt.NDArray[np.bool_] = hit
         return held
@@ -344,10 +346,9 @@ class _Told:
         order, codes = cur.sorted()
         n = len(self.present)
         if len(codes):
-            want = key_codes(self.key_rows)
-            pos = np.minimum(np.searchsorted(codes, want), len(codes) - 1)
+            pos = _positions(codes, self.codes, ascending=True)
             rows = order[pos]
-            found = codes[pos] == want
+            found = codes[pos] == self.codes
             if not cur._exact:
                 found &= ~rows_differ(take_rows(cur.dump.key_array, rows), self.key_rows)
             values = take_rows(cur.dump.value_array, rows)
@@ -375,6 +376,23 @@ def _sort(keys: Rows) -> tuple[Index, U64]:
     codes = key_codes(keys)
     order = np.argsort(codes)
     return order, codes[order]
+
+
+def _positions(sorted_codes: U64, codes: U64, ascending: bool = False) -> Index:
+    """Where each of ``codes`` is or would be in ``sorted_codes`` (non-empty), clipped to its
+    last position (past the end, the last code is smaller: no match).
+
+    The codes are looked up in ascending order (sorted first unless ``ascending``): a binary
+    search for random codes misses the cache at every step in a million codes, while numpy
+    starts each search where the previous one ended (550k codes in 1M: 0.21 s, sorted 0.035).
+    """
+    if ascending:
+        pos = np.searchsorted(sorted_codes, codes)
+    else:
+        order = np.argsort(codes)
+        pos = np.empty(len(codes), np.intp)
+        pos[order] = np.searchsorted(sorted_codes, codes[order])
+    return np.minimum(pos, len(sorted_codes) - 1)
 
 
 def _match(
