@@ -447,4 +447,7 @@ class AutoWatcher:
             return (full(name, snap) if self.emit_initial else []), since
         with self._overlay_lock:  # reported during the dump: the tracer has the last word
             during = since.copy()
-        return diff(name, prev, snap, told, skip=during), since
+        start = time.perf_counter()  # under a flood of traced writes, as long as the dump
+        changes = diff(name, prev, snap, told, skip=during)
+        poller.last_diff_seconds = time.perf_counter() - start
+        return changes, since
