@@ -49,6 +49,7 @@ from bpfsync.core.replica import ApplyResult, Fill, Replica
 from bpfsync.kernel.maps import Map
 from bpfsync.model import Change, Overflow, Seen, WatchEvent
 from bpfsync.transport.base import Transport
+from bpfsync.transport.eventloop import GrpcEventLoop
 from bpfsync.transport.grpc_mesh import GrpcMesh
 from bpfsync.transport.options import MeshOptions
 from bpfsync.watch.auto import AutoWatcher
@@ -477,5 +478,7 @@ def run_agent(cfg: AgentConfig) -> int:
             loop.add_signal_handler(sig, agent.stop)
         await agent.run()
 
-    asyncio.run(main())
+    # grpcio's wake-up socket drained (transport/eventloop.py): a busy loop stalled every stream
+    with asyncio.Runner(loop_factory=GrpcEventLoop) as runner:
+        runner.run(main())
     return 0

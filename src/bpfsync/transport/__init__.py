@@ -2,6 +2,7 @@
 
     base.py        Transport (what the agent drives), its events and PeerState
     codec.py       protocol values <-> protobuf frames, validating what peers send
+    eventloop.py   GrpcEventLoop, the loop the mesh runs on, with grpcio's wake-ups drained
     grpc_mesh.py   GrpcMesh, the embedded full mesh (server.py accepts, peer.py dials)
     memory.py      an in-process network of transports, for tests of the layers above
 """
