@@ -66,6 +66,21 @@ def test_next_batch_drains_the_outbox_only_while_up_and_the_window_is_open() -> 
     assert batch is not None and batch.seq == 2 and batch.records == (rec(3),)
 
 
+def test_the_window_also_closes_on_records_in_flight_however_few_the_batches() -> None:
+    s = PeerSession("a", "b", max_unacked=100, max_unacked_records=4, outbox=Outbox())
+    s.outbox.add([rec(i) for i in range(1, 9)])
+    up(s)
+    s.take_repair()
+    assert s.next_batch(3, 10_000) is not None and s.window_open  # 3 records held
+    assert s.next_batch(3, 10_000) is not None  # 6 held: past the limit, the window closes
+    assert not s.window_open and s.next_batch(3, 10_000) is None
+    s.on_ack(Ack(1))  # 3 held
+    batch = s.next_batch(3, 10_000)
+    assert batch is not None and batch.seq == 3 and s.unacked == 2
+    with pytest.raises(ValueError, match="max_unacked"):
+        PeerSession("a", "b", max_unacked_records=0)
+
+
 def test_receiving_skips_duplicates_and_flags_gaps() -> None:
     s = PeerSession("a", "b")
     assert s.on_hello(hello()) == Ack(0)

@@ -19,9 +19,10 @@ Rules
   P1  Our batches are numbered 1, 2, 3, ... per incarnation of this process (Batch.seq). Seq 0
       marks repair batches (answers to Digest/Pull): applied, never numbered or acked.
   P2  A numbered batch is held until the peer acks its seq. At most ``max_unacked`` are held;
-      past that the oldest is dropped (``window_open`` tells the agent to wait instead). The
-      window is small on purpose: a few batches keep a peer busy, and what waits beyond them
-      waits in the outbox, where a newer change of a key replaces the older one.
+      past that the oldest is dropped (``window_open`` tells the agent to wait instead, also
+      once ``max_unacked_records`` records are held). The record limit is small on purpose: a
+      few batches keep a peer busy, and what waits beyond them waits in the outbox, where a
+      newer change of a key replaces the older one.
   P3  When our stream comes up, every held batch is sent again: the peer skips those it has.
       If we dropped batches it never acked, that gap is repaired by digest instead (P5).
   P4  Receiving: the first numbered batch from a peer incarnation sets the baseline (whatever
@@ -50,11 +51,14 @@ from bpfsync.core.outbox import Outbox
 from bpfsync.core.register import Packed
 from bpfsync.errors import IncompatiblePeerError, MalformedMessageError, UnauthenticatedPeerError
 
-# Numbered batches in flight to a peer (P2): 16 of up to 8192 records each. With 256, a 30 s
-# flood of 250k writes/s over 1M keys kept ~80 batches (~650k records) queued as frames for
-# each peer; the peers applied 4.0M records where 3.3M carried the same final state, and the
-# run was 12% slower (bench/run.py).
-MAX_UNACKED = 16
+# In flight to a peer (P2): numbered batches, however small, and records. With 256 batches
+# and no record limit, a 30 s flood of 250k writes/s over 1M keys kept ~80 full batches
+# (~650k records) queued as frames for each peer: the peers applied 4.0M records where 3.3M
+# carried the same final state. Four full batches keep a peer busy on loopback (16 B run:
+# 200k writes/s with 16, 203k with 4); small batches (a low rate over a long link) are not
+# held back by the record limit.
+MAX_UNACKED = 256
+MAX_UNACKED_RECORDS = 4 * 8192
 
 
 class PeerSession:
@@ -62,13 +66,15 @@ class PeerSession:
 
     def __init__(
         self, node: str, peer: str, *, max_unacked: int = MAX_UNACKED,
-        outbox: Outbox | None = None,
+        max_unacked_records: int = MAX_UNACKED_RECORDS, outbox: Outbox | None = None,
     ) -> None:
-        if max_unacked <= 0:
-            raise ValueError(f"max_unacked must be > 0, got {max_unacked}")
+        if max_unacked <= 0 or max_unacked_records <= 0:
+            raise ValueError(f"max_unacked and max_unacked_records must be > 0, got "
+                             f"{max_unacked} and {max_unacked_records}")
         self.node = node
         self.peer = peer
         self.max_unacked = max_unacked
+        self.max_unacked_records = max_unacked_records
         self.outbox = outbox if outbox is not None else Outbox()
         self.peer_incarnation: int | None = None
         self.up = False  # our stream to the peer is up: batches go out as they are made
@@ -145,8 +151,12 @@ class PeerSession:
 
     @property
     def window_open(self) -> bool:
-        """Whether another batch fits without dropping an unacked one (flow control)."""
-        return len(self._held) < self.max_unacked
+        """Whether another batch fits without dropping an unacked one, and the records in
+        flight leave room (flow control)."""
+        held = self._held
+        return len(held) < self.max_unacked and (
+            sum(len(b.records) for b in held) < self.max_unacked_records
+        )
 
     @property
     def unacked(self) -> int:
