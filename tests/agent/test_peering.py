@@ -188,3 +188,35 @@ def test_a_node_restarting_on_its_map_is_sent_each_record_once() -> None:
     ra, rb, sent, _ = catch_up(seeded=3000)
     assert rb.content("m") == ra.content("m") and rb.registers("m") == 3000
     assert {n: records_sent(msgs) for n, msgs in sent.items()} == {"a": 3000, "b": 3000}
+
+
+def test_room_for_local_changes_is_a_linked_peer_short_of_records() -> None:
+    """The agent stamps local changes while some linked peer has fewer than N records queued:
+    wait_for_room returns once a flush leaves one short, after its timeout while no link takes
+    any, and at once when no peer is linked (records for a peer that is down wait anyway)."""
+
+    async def body(a: Peering, ra: Replica, b: Peering, rb: Replica) -> None:
+        now = time.time_ns()
+        recs = [ra.local_change("m", struct.pack("<I", k), struct.pack("<Q", k), now)
+                for k in range(20)]  # fmt: skip
+        a.broadcast([r for r in recs if r is not None])
+        assert a.queued() == 20
+        await asyncio.wait_for(a.wait_for_room(10, 60.0), 10)  # the flush sends them
+        assert a.queued() < 10
+        for _ in range(50):
+            if rb.registers("m") == 20:
+                break
+            await asyncio.sleep(0.02)
+        assert rb.registers("m") == 20
+
+        a.transport.backlog = lambda peer: 1 << 30  # type: ignore[method-assign]
+        a.sessions["b"].outbox.add([Record("m", struct.pack("<I", k), b"\0" * 8,
+                                           Stamp(now, 1, "a")) for k in range(20)])  # fmt: skip
+        await asyncio.wait_for(a.wait_for_room(10, 0.2), 10)  # nothing leaves: the timeout
+        assert a.queued() == 20
+
+        a._linked.discard("b")
+        assert a.queued() == 0
+        await asyncio.wait_for(a.wait_for_room(10, 60.0), 10)
+
+    with_pair(body)

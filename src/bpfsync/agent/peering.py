@@ -30,6 +30,7 @@ Rules of this module (the core's rules are in core/session.py and core/replica.p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter, defaultdict, deque
@@ -95,6 +96,7 @@ class Peering:
         self._on_caught_up = on_caught_up
         self._catching_up = catching_up
         self._flush_scheduled = False
+        self._sent = asyncio.Event()  # set by each flush that sent a batch (see wait_for_room)
         self._linked: set[str] = set()  # peers whose link from us is up
         self._peer_links: dict[str, frozenset[str]] = {}  # what each peer's digests said
         self.last_batch_at = 0.0  # ... of the last batch of any kind (repair answers included)
@@ -153,6 +155,24 @@ class Peering:
                 "lag_records": len(s.outbox) if s else 0,
             })
         return rows
+
+    def queued(self) -> int:
+        """Records queued for the linked peer that has the fewest (0 when none is linked)."""
+        return min(
+            (len(s.outbox) for peer, s in self.sessions.items() if peer in self._linked),
+            default=0,
+        )
+
+    async def wait_for_room(self, records: int, timeout: float) -> None:
+        """Return once a linked peer has fewer than ``records`` queued, or after ``timeout``
+        seconds. Local changes taken meanwhile would only replace queued records of their keys,
+        stamped and queued for nothing; left in the watcher's bridge, they coalesce there."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.queued() >= records and (left := deadline - loop.time()) > 0:
+            self._sent.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sent.wait(), left)
 
     def connected(self) -> list[str]:
         return sorted(self._linked)
@@ -385,6 +405,7 @@ class Peering:
                 batch = s.next_batch(limit, nbytes)
                 if batch is None or not self._send(peer, batch):
                     break
+                self._sent.set()
             if s.take_repair():
                 self._send_digests(peer, urgent=True)
         if behind:
