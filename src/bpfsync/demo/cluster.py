@@ -34,6 +34,9 @@ KEY = struct.Struct("<I")
 VALUE = struct.Struct("<QIHBB")  # struct session {bytes, backend, port, proto, flags}
 OP = struct.Struct("<II")  # struct demo_op header {op, key}; the value follows
 DEMO_UPDATE, DEMO_DELETE = 1, 2
+RANGE = struct.Struct("<IIIIQ")  # struct demo_range {first, count, modulus, pad, base}
+RANGE_MAX = 256  # DEMO_RANGE_MAX: writes per write_range run
+_XDP_PASS = 2
 
 
 def demo_object() -> Path:
@@ -146,6 +149,7 @@ class Node(AgentProcess):
         self.map = self.obj.map(MAP_NAME)
         self.map.pin(str(self.pin))
         self.writer = self.obj.program("write_op")
+        self.range_writer = self.obj.program("write_range")
 
     @property
     def address(self) -> str:
@@ -175,8 +179,18 @@ class Node(AgentProcess):
     def bpf_put(self, key: int, value: bytes) -> None:
         """A write made by a BPF program: ``write_op`` run with BPF_PROG_TEST_RUN."""
         res = self.writer.test_run(OP.pack(DEMO_UPDATE, key) + value)
-        if res.retval != 2:  # XDP_PASS: bpf_map_update_elem succeeded
+        if res.retval != _XDP_PASS:  # bpf_map_update_elem failed
             raise RuntimeError(f"BPF update of key {key} on {self.name} failed")
+
+    def bpf_put_range(self, first: int, count: int, modulus: int, base: int) -> None:
+        """``count`` (at most RANGE_MAX) writes by a BPF program in one run of ``write_range``:
+        key (first + i) % modulus gets a session whose ``bytes`` is base + i, the rest zero."""
+        if not 0 <= count <= RANGE_MAX or modulus <= 0:
+            raise ValueError(f"count must be 0..{RANGE_MAX} and modulus > 0, got {count}, "
+                             f"{modulus}")
+        res = self.range_writer.test_run(RANGE.pack(first, count, modulus, 0, base))
+        if res.retval != _XDP_PASS:
+            raise RuntimeError(f"BPF update of keys {first}.. on {self.name} failed")
 
     def bpf_delete(self, key: int) -> None:
         self.writer.test_run(OP.pack(DEMO_DELETE, key) + bytes(VALUE.size))
