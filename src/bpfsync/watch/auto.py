@@ -51,8 +51,11 @@ log = logging.getLogger("bpfsync.watch")
 
 # Longest a read() waits on the ring before looking for finished scans.
 _RESULT_CHECK = 0.02
-# The share of time the scanner may spend on one map: a 1M-entry map takes ~0.3 s to dump and
-# diff, so it is scanned every ~1.2 s whatever the poll interval (rescans included).
+# The share of time the scanner may spend dumping one map: a 1M-entry map takes ~0.3 s to
+# dump, so it is scanned every ~1.2 s whatever the poll interval (rescans included). The diff
+# is not counted: when the ring overflows (256 B values at 250k writes/s), rescans are how the
+# agent keeps up, and the diff of a flood's notes (1-4 s in an agent whose threads share the
+# GIL) held them off for 15 s.
 _SCAN_SHARE = 0.25
 # A traced map that is not in_place is polled only for what the tracer cannot see (under bpf(2)
 # hooks, BPF programs' writes; under fexit, LRU evictions). While its scans find nothing the
@@ -411,10 +414,7 @@ class AutoWatcher:
                 for name in due:
                     started = time.monotonic()
                     changes, since = self._scan(name)
-                    # at most _SCAN_SHARE of the time dumping a map: 1M entries take ~0.3 s.
-                    # The diff is not counted: when the ring overflows (256 B values at 250k
-                    # writes/s), rescans are how the agent keeps up, and the diff of a flood's
-                    # notes (1-4 s in an agent whose threads share the GIL) held them off 15 s
+                    # at most _SCAN_SHARE of the time dumping a map (the diff is not counted)
                     p = self._pollers[name]
                     budget = p.last_scan_seconds / _SCAN_SHARE
                     with self._overlay_lock:
