@@ -11,7 +11,9 @@ if [ -z "$pkg" ]; then apt-get update -qq; pkg=$(apt-cache depends linux-image-a
 ls ./"$pkg"_*.deb >/dev/null 2>&1 || apt-get download "$pkg"
 rm -rf root && mkdir root && dpkg -x ./"$pkg"_*.deb root
 ver=$(ls root/lib/modules | head -1)
-if [ ! -d "/lib/modules/$ver" ]; then cp -a "root/lib/modules/$ver" /lib/modules/; fi
+# A fresh machine may have no /lib/modules at all: cp would then create /lib/modules itself as
+# the copy (not /lib/modules/$ver) and depmod would find nothing. Make the parent first.
+if [ ! -d "/lib/modules/$ver" ]; then mkdir -p /lib/modules && cp -a "root/lib/modules/$ver" /lib/modules/; fi
 depmod "$ver"
 ln -sfn "root/boot/vmlinuz-$ver" vmlinuz
 echo "$ver" > version
