@@ -9,8 +9,9 @@ CACHE := .cache
 CLANG ?= clang
 BPF_CFLAGS := -g -O2 -target bpf -D__TARGET_ARCH_x86 -Wall -Wno-unused-function \
 	-I$(CACHE)/include -Isrc/bpfsync/bpf
+# (file: virtme-ng runs `file` on busybox before every VM boot; a fresh Debian root has none)
 APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool iproute2 nftables nats-server make \
-	python3-venv python3-dev qemu-system-x86 busybox-static kmod procps
+	python3-venv python3-dev qemu-system-x86 busybox-static kmod procps file
 BPF_SRC := $(wildcard src/bpfsync/bpf/*.bpf.c tests/bpf/*.bpf.c examples/*/*.bpf.c)
 BPF_OBJ := $(BPF_SRC:.bpf.c=.bpf.o)
 BPF_HDR := $(wildcard src/bpfsync/bpf/*.h tests/bpf/*.h examples/*/*.h)
@@ -82,6 +83,12 @@ unit: setup
 
 demo: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m bpfsync.demo
+
+# --- a fresh machine passes: a new Debian 12 root (mmdebstrap), a clean clone of HEAD, and in it
+# `make setup vm-kernel`, a smoke `make test`, one VM boot and `make demo` (needs root, ~4 GB) --
+.PHONY: fresh-check
+fresh-check:
+	bash tests/fresh/fresh-check.sh
 
 bench: setup vm-kernel
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/run.py
