@@ -14,7 +14,8 @@
     │   ├── MalformedMessageError   undecodable or oversized message
     │   ├── UnknownMapError         a change for a map this node does not sync
     │   ├── SizeMismatchError       key/value length differs from the local map's
-    │   ├── UnauthenticatedPeerError  the sender is not on the allow-list
+    │   ├── UnauthenticatedPeerError  the sender could not prove who it is, or may not connect
+    │   │   └── NotMemberError      a node id (a peer's, or a record's origin) outside the cluster
     │   └── IncompatiblePeerError   the peer speaks another version of the protocol
     └── TransportError              the network failed; nobody's input was wrong
 
@@ -129,7 +130,12 @@ class SizeMismatchError(PeerError):
 
 
 class UnauthenticatedPeerError(PeerError):
-    """The sender is not allowed to send changes to this node."""
+    """The sender could not prove who it is, or is not allowed to connect to this node."""
+
+
+class NotMemberError(UnauthenticatedPeerError):
+    """A node id that is not a member of this node's cluster: a peer at its Hello, or the
+    origin of a record (core/membership.py)."""
 
 
 class IncompatiblePeerError(PeerError):

@@ -169,7 +169,7 @@ class Mesh:
         elif isinstance(msg, Ack):
             session.on_ack(msg)
         elif isinstance(msg, Batch):
-            if session.on_batch(msg):
+            if session.on_batch(msg, self.nodes[src].incarnation):
                 res = replica.receive(msg.records, self.now, src)
                 assert not res.rejected, res.rejected
                 node.apply(res.writes, self.now)

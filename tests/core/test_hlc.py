@@ -4,9 +4,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpfsync.core.hlc import ClockDriftError, HybridClock
+from bpfsync.core.hlc import MAX_LOGICAL, ClockDriftError, HybridClock
 from bpfsync.core.messages import Stamp
-from bpfsync.errors import PeerError
+from bpfsync.core.register import pack
+from bpfsync.errors import MalformedMessageError, PeerError
 
 T = 1_700_000_000 * 10**9
 SECOND = 10**9
@@ -97,3 +98,33 @@ def test_clock_refuses_bad_arguments() -> None:
         HybridClock("")
     with pytest.raises(ValueError):
         HybridClock("a", max_drift_ns=-1)
+
+
+def test_the_logical_part_carries_into_the_wall_instead_of_overflowing() -> None:
+    """A peer's stamp at the top of the logical range, once observed, must not leave the clock
+    unable to stamp: its next stamps borrow a nanosecond and still pack into 64-bit fields."""
+    clock = HybridClock("a")
+    top = Stamp(T, MAX_LOGICAL, "b")
+    event = clock.observe(top, T)
+    assert event == Stamp(T + 1, 0, "a") and event > top
+    later = [clock.now(T) for _ in range(3)]
+    assert later == [Stamp(T + 1, i, "a") for i in (1, 2, 3)]
+    for stamp in later:
+        pack(stamp, b"v")  # the crash this guards against was struct.error here
+    # a run of stamps that would cross the bound starts on the next nanosecond, in one piece
+    clock = HybridClock("a")
+    clock.observe(Stamp(T, MAX_LOGICAL - 2, "b"), T)  # clock at (T, MAX - 1)
+    first = clock.peek(T, 5)
+    assert first == (T + 1, 0) and clock.reserve(T, 5) == first
+    assert clock.now(T) == Stamp(T + 1, 5, "a")
+    with pytest.raises(ValueError):
+        clock.peek(T, MAX_LOGICAL + 2)
+
+
+def test_a_stamp_whose_logical_part_no_clock_issues_is_malformed() -> None:
+    clock = HybridClock("a")
+    clock.check(Stamp(T, MAX_LOGICAL, "b"), T)  # the top itself is a legal stamp
+    for logical in (MAX_LOGICAL + 1, 2**64 - 1):
+        with pytest.raises(MalformedMessageError, match="logical part"):
+            clock.observe(Stamp(T, logical, "b"), T, peer="b")
+    assert clock.last == Stamp(0, 0, "a")  # refused stamps leave the clock alone

@@ -7,14 +7,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bpfsync.core.digest import bucket_of
-from bpfsync.core.hlc import ClockDriftError
+from bpfsync.core.hlc import MAX_LOGICAL, ClockDriftError
+from bpfsync.core.membership import Membership
 from bpfsync.core.merge import LWW, FieldPolicy, FieldRule
 from bpfsync.core.messages import Digest, MapSchema, Pull, Record, Stamp
+from bpfsync.core.register import Packed
 from bpfsync.core.replica import ApplyResult, Replica, is_seed, seed_stamp
 from bpfsync.core.table import LwwTable
 from bpfsync.errors import (
     ConfigError,
     MalformedMessageError,
+    NotMemberError,
     SizeMismatchError,
     UnknownMapError,
 )
@@ -123,6 +126,36 @@ def test_bad_records_are_refused_one_by_one_and_counted_by_reason() -> None:
         "rejected.clock_drift": 1,
         "rejected.malformed": 2,
     }
+
+
+def test_a_record_at_the_top_of_the_logical_range_cannot_stop_local_stamping() -> None:
+    """The one-record crash: a stamp within the drift bound whose logical part was 2^64 - 1
+    made every clock of the cluster overflow, and the next local write failed to pack."""
+    r = replica()
+    bomb = Record(M.name, k(1), v(1), Stamp(T, 2**64 - 1, "b"))
+    res = r.receive([bomb], T, "b")
+    assert [type(e) for _, e in res.rejected] == [MalformedMessageError]
+    top = Record(M.name, k(2), v(2), Stamp(T, MAX_LOGICAL, "b"))  # legal, the highest
+    assert not r.receive(Packed.of([top]), T, "b").rejected
+    packed, changed = r.local_changes(M.name, [k(2), k(3)], [v(9), v(9)], T)
+    assert changed == [0, 1]
+    assert [rec.stamp for rec in packed] == [Stamp(T + 1, 1, "a"), Stamp(T + 1, 2, "a")]
+    assert r.content(M.name)[k(2)] == v(9)
+
+
+def test_records_of_origins_outside_the_cluster_are_refused_and_counted() -> None:
+    r = Replica("a", (M, C), TTL, digest_buckets=16,
+                members=Membership("a", ["a", "b", "c"]))
+    batch = Packed.of([remote(i, i, T, node=n) for i, n in enumerate("bcebvb")])
+    for records in (batch, list(batch)):  # off the wire, and as Records
+        res = r.receive(records, T, "b")
+        assert [rec.stamp.node for rec, _ in res.rejected] == ["e", "v"]
+        assert all(type(e) is NotMemberError and e.peer == "b" for _, e in res.rejected)
+        assert sorted(r.content(M.name)) == [k(0), k(1), k(3), k(5)]
+    assert r.stats["rejected.not_member"] == 4
+    # the fast path for a batch of members only is unchanged
+    ok = Packed.of([remote(i, i, T + 1, node="c") for i in range(100, 200)])
+    assert not r.receive(ok, T + 1, "c").rejected and len(r.content(M.name)) == 104
 
 
 def test_drift_rejected_records_are_taken_once_the_clock_catches_up() -> None:

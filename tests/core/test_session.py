@@ -4,7 +4,7 @@ import pytest
 
 from bpfsync.core.messages import Ack, Batch, Hello, MapSchema, Record, Stamp
 from bpfsync.core.outbox import Outbox
-from bpfsync.core.session import PeerSession, map_mismatches
+from bpfsync.core.session import MAX_SEQ_STEP, PeerSession, map_mismatches
 from bpfsync.errors import MalformedMessageError, UnauthenticatedPeerError
 
 M = MapSchema("m", 1, 1)
@@ -85,15 +85,15 @@ def test_receiving_skips_duplicates_and_flags_gaps() -> None:
     s = PeerSession("a", "b")
     assert s.on_hello(hello()) == Ack(0)
     s.take_repair()
-    assert s.on_batch(Batch("b", 5, ()))  # first batch of this peer incarnation: the baseline
+    assert s.on_batch(Batch("b", 5, ()), 7)  # first batch of this peer incarnation: the baseline
     assert s.ack() == Ack(5)
     assert not s.take_repair()
-    assert not s.on_batch(Batch("b", 5, ()))  # resend of a batch already applied
+    assert not s.on_batch(Batch("b", 5, ()), 7)  # resend of a batch already applied
     assert s.duplicates == 1
-    assert s.on_batch(Batch("b", 6, ()))
-    assert s.on_batch(Batch("b", 9, ()))  # gap: applied, acked, repaired
+    assert s.on_batch(Batch("b", 6, ()), 7)
+    assert s.on_batch(Batch("b", 9, ()), 7)  # gap: applied, acked, repaired
     assert s.ack() == Ack(9) and s.take_repair()
-    assert s.on_batch(Batch("b", 0, ()))  # repair batches are never numbered
+    assert s.on_batch(Batch("b", 0, ()), 7)  # repair batches are never numbered
     assert s.ack() == Ack(9)
 
 
@@ -101,18 +101,51 @@ def test_a_restarted_peer_rebuilds_itself_and_we_start_a_new_baseline() -> None:
     s = PeerSession("a", "b")
     up(s)
     s.take_repair()
-    s.on_batch(Batch("b", 1, ()))
-    s.on_batch(Batch("b", 2, ()))
+    s.on_batch(Batch("b", 1, ()), 7)
+    s.on_batch(Batch("b", 2, ()), 7)
     s.send([rec(1)])
     s.link_down()
     assert s.link_up(hello(incarnation=8)) == []  # batches for its previous life are dropped
     assert not s.take_repair()  # it starts the repair: first contact on its side
     assert s.on_hello(hello(incarnation=8)) == Ack(0)
-    assert s.on_batch(Batch("b", 1, ()))  # not a duplicate: a new incarnation numbers afresh
+    assert s.on_batch(Batch("b", 1, ()), 8)  # not a duplicate: a new incarnation numbers afresh
     batch = s.send([rec(2)])
     assert batch is not None and batch.seq == 2  # our numbering continues
     s.on_ack(Ack(2))
     assert s.unacked == 0
+
+
+def test_a_seq_far_beyond_the_last_is_refused_and_changes_nothing() -> None:
+    """The sequence hijack: one frame numbered 10^12 made every real batch after it look like
+    a resend, for as long as the session lived."""
+    s = PeerSession("a", "b")
+    up(s)
+    s.take_repair()
+    assert s.on_batch(Batch("b", 10, ()), 7)
+    with pytest.raises(MalformedMessageError, match="beyond the last"):
+        s.on_batch(Batch("b", 10 + MAX_SEQ_STEP + 1, ()), 7)
+    with pytest.raises(MalformedMessageError, match="seq"):
+        s.on_batch(Batch("b", 2**63, ()), 99)  # not even as a new incarnation's baseline
+    assert s.on_batch(Batch("b", 10 + MAX_SEQ_STEP, ()), 7)  # the widest gap allowed
+    assert s.ack() == Ack(10 + MAX_SEQ_STEP) and s.take_repair()
+
+
+def test_a_second_incarnation_claiming_the_peer_cannot_silence_the_real_one() -> None:
+    """Numbering is per incarnation of the stream's Hello: a spoofer's numbers (a plaintext
+    link lets anyone claim a node id) never make the real peer's batches look like resends,
+    and acks go to the incarnation our own stream reached."""
+    s = PeerSession("a", "b")
+    up(s, incarnation=7)
+    s.take_repair()
+    assert s.on_batch(Batch("b", 1, ()), 7)
+    s.on_hello(hello(incarnation=666))  # the spoofer's stream
+    assert s.on_batch(Batch("b", 1_000, ()), 666)
+    assert s.on_batch(Batch("b", 2, ()), 7) and s.duplicates == 0
+    assert s.ack() == Ack(2)
+    for inc in range(1000, 1010):  # a spoofer cycling incarnations only re-baselines the real
+        s.on_batch(Batch("b", 5, ()), inc)
+    assert s.on_batch(Batch("b", 3, ()), 7) and s.ack() == Ack(3)
+    assert len(s._recv) <= 4  # bounded
 
 
 def test_acks_above_what_we_sent_are_ignored_and_counted() -> None:
@@ -126,14 +159,14 @@ def test_acks_above_what_we_sent_are_ignored_and_counted() -> None:
 def test_protocol_violations_are_the_peers_fault() -> None:
     s = PeerSession("a", "b")
     with pytest.raises(MalformedMessageError, match="before Hello"):
-        s.on_batch(Batch("b", 1, ()))
+        s.on_batch(Batch("b", 1, ()), 7)
     with pytest.raises(UnauthenticatedPeerError):
         s.on_hello(hello(node="mallory"))
     s.on_hello(hello())
     with pytest.raises(MalformedMessageError, match="sender"):
-        s.on_batch(Batch("c", 1, ()))
+        s.on_batch(Batch("c", 1, ()), 7)
     with pytest.raises(MalformedMessageError, match="seq"):
-        s.on_batch(Batch("b", -1, ()))
+        s.on_batch(Batch("b", -1, ()), 7)
     with pytest.raises(ValueError):
         PeerSession("a", "b", max_unacked=0)
 

@@ -11,6 +11,13 @@ Rules (``l`` is the clock's wall part, ``c`` its logical part, ``pt`` the physic
 
 so a stamp issued after ``observe(m)`` is greater than ``m``, and ``l`` never runs behind ``pt``.
 
+Bounded logical part: ``c`` never exceeds ``MAX_LOGICAL`` (2^32 - 1). A step that would pass it
+carries into the wall part instead (``l + 1``, ``c = 0``): a stamp borrows one nanosecond rather
+than overflow the 64-bit field it travels in, and the order above still holds. A legitimate
+clock stays far below the bound (``c`` resets whenever physical time moves; even a one-hour NTP
+step back at 250k changes/s reaches ~2^30), so peers refuse records whose logical part is above
+it (register.py): one such record once made every clock of a cluster overflow.
+
 Drift bound: a remote stamp more than ``max_drift_ns`` ahead of our physical time is *rejected*
 (``ClockDriftError``), never clamped. A record's stamp is part of its identity: clamping would
 give two nodes different versions of the same write and they would never converge. Rejection
@@ -21,9 +28,10 @@ brings it in. Accepting it unchecked would drag every node's clock ahead with th
 from __future__ import annotations
 
 from bpfsync.core.messages import Stamp, new_stamp
-from bpfsync.errors import PeerError
+from bpfsync.errors import MalformedMessageError, PeerError
 
 DEFAULT_MAX_DRIFT_NS = 1_000_000_000  # NTP keeps real clusters within milliseconds
+MAX_LOGICAL = (1 << 32) - 1  # see the module docstring: stamps carry into the wall part past it
 
 
 class ClockDriftError(PeerError):
@@ -55,29 +63,41 @@ class HybridClock:
 
     def now(self, physical_ns: int) -> Stamp:
         """A new stamp for a local event, greater than every stamp issued or observed so far."""
-        if physical_ns > self._wall:
-            self._wall, self._logical = physical_ns, 0
-        else:  # physical time stood still or went back (NTP step): count on the logical part
-            self._logical += 1
-        return new_stamp((self._wall, self._logical, self.node))
+        wall, logical = self.reserve(physical_ns, 1)
+        return new_stamp((wall, logical, self.node))
 
-    def peek(self, physical_ns: int) -> tuple[int, int]:
-        """(wall, logical) of the stamp ``now(physical_ns)`` would issue; nothing issued."""
+    def peek(self, physical_ns: int, n: int = 1) -> tuple[int, int]:
+        """(wall, logical) of the first of ``n`` stamps for local events that ``now`` would
+        issue one after another, the others following on the logical part; nothing issued."""
+        if not 0 < n <= MAX_LOGICAL + 1:
+            raise ValueError(f"stamps are reserved 1 to {MAX_LOGICAL + 1} at a time, not {n}")
         if physical_ns > self._wall:
-            return physical_ns, 0
-        return self._wall, self._logical + 1
+            wall, logical = physical_ns, 0
+        else:  # physical time stood still or went back (NTP step): count on the logical part
+            wall, logical = self._wall, self._logical + 1
+        if logical + n - 1 > MAX_LOGICAL:  # carry: see the module docstring
+            wall, logical = wall + 1, 0
+        return wall, logical
+
+    def take(self, first: tuple[int, int], n: int) -> None:
+        """Mark ``n`` stamps from ``first`` (as ``peek`` gave it, for at least ``n``) issued."""
+        self._wall, self._logical = first[0], first[1] + n - 1
 
     def reserve(self, physical_ns: int, n: int) -> tuple[int, int]:
         """(wall, logical) of the first of ``n`` new stamps for local events, as ``now`` would
         issue them one after another: the others follow on the logical part."""
-        if n <= 0:
-            raise ValueError(f"reserve needs n > 0, got {n}")
-        first = self.now(physical_ns)
-        self._logical += n - 1
-        return first.wall, first.logical
+        first = self.peek(physical_ns, n)
+        self.take(first, n)
+        return first
 
     def check(self, stamp: Stamp, physical_ns: int, peer: str = "") -> None:
-        """Raise ClockDriftError if ``stamp`` is too far ahead of ``physical_ns``."""
+        """Raise ClockDriftError if ``stamp`` is too far ahead of ``physical_ns``, and
+        MalformedMessageError if its logical part is beyond ``MAX_LOGICAL``."""
+        if not 0 <= stamp.logical <= MAX_LOGICAL:
+            raise MalformedMessageError(
+                f"stamp of node {stamp.node!r} has logical part {stamp.logical}, beyond"
+                f" {MAX_LOGICAL}: no bpfsync clock issues that", peer,
+            )
         ahead = stamp.wall - physical_ns
         if ahead > self.max_drift_ns:
             raise ClockDriftError(
@@ -99,5 +119,7 @@ class HybridClock:
             logical = stamp.logical + 1
         else:
             logical = 0
+        if logical > MAX_LOGICAL:  # carry: see the module docstring
+            new_wall, logical = new_wall + 1, 0
         self._wall, self._logical = new_wall, logical
         return new_stamp((new_wall, logical, self.node))

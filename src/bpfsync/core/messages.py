@@ -25,6 +25,7 @@ applying one twice, or out of order, gives the same result.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -38,6 +39,17 @@ from typing import NamedTuple, cast
 # Pull; 2: packed records (register.py), a digest answered by a Pull, records, then Answered.
 # A Hello without one is from version 1.
 PROTOCOL = 2
+
+
+# Node ids: what a node calls itself in its config, its certificate and every record it stamps.
+# The same rule on every side (config, codec), so a peer cannot name a node no config could.
+NODE_ID_RULE = "1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def is_node_id(name: str) -> bool:
+    """Whether ``name`` follows ``NODE_ID_RULE``."""
+    return _NODE_ID.fullmatch(name) is not None
 
 
 class Stamp(NamedTuple):

@@ -111,63 +111,80 @@ def _decode_node(data: bytes) -> str:
 
 
 _BULK_CHECK = 64  # batches of this many records, all of one size, are checked by numpy
+# the upper half of the logical part must be zero: no clock issues more (hlc.MAX_LOGICAL)
+_LOGICAL_HIGH = slice(8, 12)
 
 
 def check(records: Sequence[bytes]) -> str:
     """Why one of ``records`` (packed, from a peer) is not well-formed; empty if all are. Value
     sizes are the receiving map's to check."""
-    if len(records) >= _BULK_CHECK and _all_well_formed(records):
-        return ""
+    return scan(records)[0]
+
+
+def scan(records: Sequence[bytes]) -> tuple[str, frozenset[str]]:
+    """``check(records)``, and the origins (node ids) of every record when all are well-formed:
+    what membership is checked against (replica.py R1), found here at little extra cost."""
+    if len(records) >= _BULK_CHECK:
+        origins = _all_well_formed(records)
+        if origins is not None:
+            return "", origins
     return _check_each(records)
 
 
-def _all_well_formed(records: Sequence[bytes]) -> bool:
-    """``not check(records)`` for records of one size, as array operations (a catch-up checks
-    a million: 0.15 s one by one). False also when the sizes differ: ``_check_each`` decides."""
+def _all_well_formed(records: Sequence[bytes]) -> frozenset[str] | None:
+    """The origins of ``records`` if they are all of one size and well-formed, as array
+    operations (a catch-up checks a million: 0.15 s one by one); None otherwise, also when
+    the sizes differ: ``_check_each`` decides."""
     sizes = set(map(len, records))
     size = sizes.pop()
     if sizes or size < MIN_SIZE:
-        return False
+        return None
     n = len(records)
     rows = np.frombuffer(b"".join(records), np.uint8).reshape(n, size)
+    if rows[:, _LOGICAL_HIGH].any():
+        return None
     zero = rows[:, 16 : min(size, 16 + MAX_NODE_BYTES + 1)] == 0
     end = zero.argmax(axis=1) + 16  # the first NUL after the clock, where there is one
     every = np.arange(n)
     if not zero[every, end - 16].all() or (end == 16).any() or (end + 2 > size).any():
-        return False
+        return None
     kind = rows[every, end + 1]
     if (kind > 1).any() or ((kind == 1) & (end + 2 != size)).any():
-        return False
+        return None
+    origins = set()
     for e in np.unique(end).tolist():  # node ids: one per cluster member
         ids = np.ascontiguousarray(rows[end == e, 16:e]).view(f"V{e - 16}")
         for node in np.unique(ids).tolist():
-            if node not in _decoded:
-                try:
-                    _decode_node(node)
-                except UnicodeDecodeError:
-                    return False
-    return True
+            try:
+                origins.add(_decoded.get(node) or _decode_node(node))
+            except UnicodeDecodeError:
+                return None
+    return frozenset(origins)
 
 
-def _check_each(records: Iterable[bytes]) -> str:
+def _check_each(records: Iterable[bytes]) -> tuple[str, frozenset[str]]:
     known = _decoded
+    origins = set()
     for packed in records:
         end = packed.find(0, 16)
         size = len(packed)
         if size < MIN_SIZE:
-            return f"packed record of {size} bytes (at least {MIN_SIZE})"
+            return f"packed record of {size} bytes (at least {MIN_SIZE})", frozenset()
+        if packed[_LOGICAL_HIGH] != b"\0\0\0\0":
+            return "packed record whose logical clock is beyond 2^32 - 1", frozenset()
         if not 16 < end <= 16 + MAX_NODE_BYTES or end + 2 > size:
-            return "packed record without a well-formed node id"
+            return "packed record without a well-formed node id", frozenset()
         kind = packed[end + 1]
         if kind > 1 or (kind == 1 and end + 2 != size):
-            return "packed record of an unknown kind, or a tombstone with a value"
+            return "packed record of an unknown kind, or a tombstone with a value", frozenset()
         node = packed[16:end]
         if node not in known:
             try:
                 _decode_node(node)
             except UnicodeDecodeError:
-                return "packed record whose node id is not UTF-8"
-    return ""
+                return "packed record whose node id is not UTF-8", frozenset()
+        origins.add(node)
+    return "", frozenset(known.get(node) or _decode_node(node) for node in origins)
 
 
 class Packed(Sequence[Record]):
@@ -175,12 +192,17 @@ class Packed(Sequence[Record]):
     out of a table. Indexing or iterating builds Records; the replica, the codec and ``split``
     read the columns instead."""
 
-    __slots__ = ("keys", "maps", "packed")
+    __slots__ = ("_origins", "keys", "maps", "packed")
 
-    def __init__(self, maps: list[str], keys: list[bytes], packed: list[bytes]) -> None:
+    def __init__(
+        self, maps: list[str], keys: list[bytes], packed: list[bytes],
+        origins: frozenset[str] | None = None,
+    ) -> None:
+        """``origins``: the records' node ids, when known (``scan``); trusted, not checked."""
         if not len(maps) == len(keys) == len(packed):
             raise ValueError("Packed columns have different lengths")
         self.maps, self.keys, self.packed = maps, keys, packed
+        self._origins = origins
 
     @classmethod
     def empty(cls) -> Packed:
@@ -197,19 +219,23 @@ class Packed(Sequence[Record]):
         return out
 
     def append(self, map: str, key: bytes, packed: bytes) -> None:
+        self._origins = None
         self.maps.append(map)
         self.keys.append(key)
         self.packed.append(packed)
 
     def extend(self, other: Packed) -> None:
+        self._origins = None
         self.maps += other.maps
         self.keys += other.keys
         self.packed += other.packed
 
-    def origins(self) -> set[str]:
-        """The node ids of every record's stamp."""
+    def origins(self) -> frozenset[str]:
+        """The node ids of every record's stamp (as ``scan`` found them, when it did)."""
+        if self._origins is not None:
+            return self._origins
         distinct = {p[16 : p.find(0, 16)] for p in self.packed}
-        return {_decoded.get(d) or _decode_node(d) for d in distinct}
+        return frozenset(_decoded.get(d) or _decode_node(d) for d in distinct)
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -18,10 +18,11 @@ Rules
   L2  Per-origin policies turn the kernel value into this node's own contribution
       (``own_part``; for a counter: observed minus the other origins' sum).
   R1  ``receive`` validates each record: known map (UnknownMapError), exact key and value size
-      (SizeMismatchError), well-formed stamp (MalformedMessageError), stamp within the clock
-      drift bound (ClockDriftError, hlc.py). A refused record is returned with its error and
-      counted by reason; the rest of the batch is still processed. Accepted stamps advance the
-      clock (C1).
+      (SizeMismatchError), well-formed stamp (MalformedMessageError: the form, and a logical
+      part within hlc.MAX_LOGICAL), stamp within the clock drift bound (ClockDriftError,
+      hlc.py), an origin that is a member of the cluster (NotMemberError, membership.py). A
+      refused record is returned with its error and counted by reason; the rest of the batch
+      is still processed. Accepted stamps advance the clock (C1).
   R2  Merge keeps the higher-ranked record per register. A record that changed state goes to
       ``forward``: relayed to the other peers, it converges the cluster through any live path;
       a record that changed nothing is not forwarded, so relaying ends. When our record ranks
@@ -71,7 +72,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from bpfsync.core.digest import DEFAULT_BUCKETS, bucket_of, diff
-from bpfsync.core.hlc import DEFAULT_MAX_DRIFT_NS, ClockDriftError, HybridClock
+from bpfsync.core.hlc import DEFAULT_MAX_DRIFT_NS, MAX_LOGICAL, ClockDriftError, HybridClock
+from bpfsync.core.membership import Membership
 from bpfsync.core.merge import FieldPolicy, Policy, policy_for
 from bpfsync.core.messages import Digest, MapSchema, Pull, Record, Stamp, new_record
 from bpfsync.core.register import (
@@ -87,6 +89,7 @@ from bpfsync.core.table import QUIET_CALLS, LwwTable, MapTable, SlotTable, new_t
 from bpfsync.errors import (
     ConfigError,
     MalformedMessageError,
+    NotMemberError,
     PeerError,
     SizeMismatchError,
     UnknownMapError,
@@ -101,6 +104,7 @@ REJECT_REASONS: dict[type[PeerError], str] = {
     SizeMismatchError: "size_mismatch",
     MalformedMessageError: "malformed",
     ClockDriftError: "clock_drift",
+    NotMemberError: "not_member",
 }
 
 
@@ -156,10 +160,13 @@ class Replica:
         max_drift_ns: int = DEFAULT_MAX_DRIFT_NS,
         digest_buckets: int = DEFAULT_BUCKETS,
         policies: Mapping[str, Policy] | None = None,
+        members: Membership | None = None,
     ) -> None:
+        """``members``: whose records to take in (R1); None takes any origin's."""
         if tombstone_ttl_ns <= 0:
             raise ConfigError(f"tombstone TTL must be > 0 ns, got {tombstone_ttl_ns}")
         self.node = node
+        self.members = members
         self.clock = HybridClock(node, max_drift_ns=max_drift_ns)
         self.tombstone_ttl_ns = tombstone_ttl_ns
         self.digest_buckets = digest_buckets
@@ -308,10 +315,10 @@ class Replica:
                     changed.append(i)
             return out, changed
         self._check_batch(table, keys, values)
-        start = self.clock.peek(now_ns)
+        start = self.clock.peek(now_ns, len(keys))
         changed, packs = table.offer_own(keys, values, self._deviations[map], start, self.node)
         if changed:
-            self.clock.reserve(now_ns, len(changed))  # the stamps offer_own gave, from start
+            self.clock.take(start, len(changed))  # the stamps offer_own gave, from start
         self.stats["local.echo"] += len(keys) - len(changed)
         self.stats["local.changed"] += len(changed)
         return Packed([map] * len(changed), [keys[i] for i in changed], packs), changed
@@ -374,6 +381,7 @@ class Replica:
         res = ApplyResult()
         if isinstance(records, Packed):
             maps, keys, packs = records.maps, records.keys, records.packed
+            strangers = self._strangers(records)
         else:
             maps, keys, packs = [], [], []
             for rec in records:
@@ -385,7 +393,10 @@ class Replica:
                 maps.append(rec.map)
                 keys.append(rec.key)
                 packs.append(pack(rec.stamp, rec.value))
-        if packs and self._receive_lww(res, maps, keys, packs, now_ns, sender, replies):
+            strangers = self._strangers(Packed(maps, keys, packs))
+        if packs and not strangers and self._receive_lww(
+            res, maps, keys, packs, now_ns, sender, replies
+        ):
             return res
         # kernel view before the batch, per key it changed: the writes are the differences
         touched: dict[tuple[str, bytes], tuple[MapTable, int, bytes | None]] = {}
@@ -408,6 +419,7 @@ class Replica:
                 or len(key) != table.schema.key_size
                 or (live and len(packed) - end - 2 != table.schema.value_size)
                 or packed > drift_limit
+                or (strangers and node_of(packed) in strangers)
             ):
                 rec = unpack(name, key, packed)
                 self._reject(res, rec, self._refusal(table, rec, now_ns, sender))
@@ -523,6 +535,12 @@ class Replica:
             self.clock.observe(stamp_of(top), now_ns, sender)
         return True
 
+    def _strangers(self, records: Packed) -> frozenset[str]:
+        """R1: the origins of ``records`` that are not members (usually none)."""
+        if self.members is None:
+            return frozenset()
+        return self.members.refused(records.origins())
+
     def _reject(self, res: ApplyResult, rec: Record, err: PeerError) -> None:
         res.rejected.append((rec, err))
         self.stats["rejected." + REJECT_REASONS.get(type(err), "other")] += 1
@@ -632,14 +650,19 @@ class Replica:
             or type(stamp.wall) is not int
             or type(stamp.logical) is not int
             or not 0 <= stamp.wall < _U64
-            or not 0 <= stamp.logical < _U64
+            or not 0 <= stamp.logical <= MAX_LOGICAL
         ):
             raise MalformedMessageError(f"record for {rec.map!r}: bad stamp {stamp!r}", sender)
 
     def _refusal(
         self, table: MapTable | None, rec: Record, now_ns: int, sender: str
     ) -> PeerError:
-        """R1: why a well-formed record is refused (unknown map, sizes, clock drift)."""
+        """R1: why a well-formed record is refused (unknown map, sizes, clock drift, origin)."""
+        if self.members is not None and not self.members.origin_ok(rec.stamp.node):
+            return NotMemberError(
+                f"record for map {rec.map!r} stamped by {rec.stamp.node!r}, which is not a"
+                " member of this cluster", sender,
+            )
         if table is None:
             return UnknownMapError(
                 f"record for map {rec.map!r}, which this node does not sync", sender

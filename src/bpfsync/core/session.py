@@ -10,7 +10,7 @@ stream to us starts with its Hello and carries its messages.
     our stream is up (PeerUp)                 link_up(hello)        the batches it returns
     our stream is down (PeerDown)             link_down()
     Received Hello (its stream started)       on_hello(hello)       the Ack it returns
-    Received Batch                            on_batch(batch)       if True: receive, ack()
+    Received Batch                            on_batch(batch, inc)  if True: receive, ack()
     Received Ack                              on_ack(ack)
     records to send (Replica results)         outbox.add(records)   next_batch(...) while any
     take_repair() is true                                           a Digest of every map
@@ -25,20 +25,26 @@ Rules
       newer change of a key replaces the older one.
   P3  When our stream comes up, every held batch is sent again: the peer skips those it has.
       If we dropped batches it never acked, that gap is repaired by digest instead (P5).
-  P4  Receiving: the first numbered batch from a peer incarnation sets the baseline (whatever
-      came before is covered by the first-contact repair); then seq = last + 1 is applied,
-      seq <= last is a duplicate resend and skipped, seq > last + 1 is a gap: applied anyway
-      (records are state), acked up to its seq, and repaired.
+  P4  Receiving: numbering is per peer incarnation, taken from the Hello that opened the stream
+      a batch came on, so two streams claiming one node id (a restart racing the old process's
+      last frames, or a spoofer on a plaintext link) cannot disturb each other's numbering. The
+      first numbered batch of an incarnation sets its baseline (whatever came before is covered
+      by the first-contact repair); then seq = last + 1 is applied, seq <= last is a duplicate
+      resend and skipped, last + 1 < seq <= last + MAX_SEQ_STEP is a gap: applied anyway
+      (records are state), acked up to its seq, and repaired. Beyond MAX_SEQ_STEP is P6: a
+      sender holds at most ``max_unacked`` batches, so no honest gap is that wide, and taking
+      such a seq would make every real batch after it look like a duplicate. Acks go on our
+      stream to the peer, so they report the incarnation that stream reached.
   P5  Repair (a digest exchange; it repairs both directions, so one side starting it suffices):
       on first contact with a peer (catch-up), after a resume or receive gap, and when our outbox
-      for the peer overflowed. When a peer's incarnation changes (it restarted with rebuilt
-      state), it counts as first contact on *its* side, so it starts the repair; we only drop the
-      batches held for its previous life and take the next batch as baseline. Periodic digests
-      (the agent's timer) are the backstop for a repair lost to a broken link.
+      for the peer overflowed. When the incarnation our stream reaches changes (the peer
+      restarted with rebuilt state), it counts as first contact on *its* side, so it starts the
+      repair; we only drop the batches held for its previous life. Periodic digests (the
+      agent's timer) are the backstop for a repair lost to a broken link.
   P6  The peer's fault (MalformedMessageError, UnauthenticatedPeerError: drop its connection):
       a Hello from another node id, a Batch before any Hello, a Batch naming another sender,
-      a negative seq. An Ack above our last seq is ignored and counted (a stale ack racing a
-      restart is not an attack).
+      a negative seq or one more than MAX_SEQ_STEP beyond the last of its incarnation. An Ack
+      above our last seq is ignored and counted (a stale ack racing a restart is not an attack).
 """
 
 from __future__ import annotations
@@ -59,6 +65,9 @@ from bpfsync.errors import IncompatiblePeerError, MalformedMessageError, Unauthe
 # held back by the record limit.
 MAX_UNACKED = 256
 MAX_UNACKED_RECORDS = 4 * 8192
+MAX_SEQ_STEP = 4 * MAX_UNACKED  # P4: the widest gap a received seq may jump
+_MAX_SEQ = (1 << 63) - 1
+_INCARNATIONS = 4  # per peer, the incarnations whose numbering is remembered (P4)
 
 
 class PeerSession:
@@ -83,16 +92,22 @@ class PeerSession:
         self._next_seq = 1
         self._acked = 0
         self._held: deque[Batch] = deque()
-        self._recv_last: int | None = None  # None: no baseline yet for this peer incarnation
+        # P4: per incarnation of the peer, the last seq received; absent: no baseline yet
+        self._recv: dict[int, int] = {}
+        self._heard: int | None = None  # incarnation of the latest Hello on a stream to us
         self._repair = False
 
     # --- the peer's identity -----------------------------------------------------------------
 
-    def _learn(self, hello: Hello) -> None:
+    def _check_node(self, hello: Hello) -> None:
         if hello.node != self.peer:
             raise UnauthenticatedPeerError(
                 f"session with {self.peer!r} got a Hello from {hello.node!r}", self.peer
             )
+
+    def _learn(self, hello: Hello) -> None:
+        """The incarnation our stream to the peer reached (P5)."""
+        self._check_node(hello)
         if hello.incarnation == self.peer_incarnation:
             return
         if self.peer_incarnation is None:
@@ -101,7 +116,6 @@ class PeerSession:
             self._held.clear()
             self._acked = self._next_seq - 1
         self.peer_incarnation = hello.incarnation
-        self._recv_last = None
 
     # --- our stream to the peer ----------------------------------------------------------------
 
@@ -166,12 +180,14 @@ class PeerSession:
 
     def on_hello(self, hello: Hello) -> Ack:
         """The peer's stream to us started: the Ack to send it (it releases held batches)."""
-        self._learn(hello)
+        self._check_node(hello)
+        self._heard = hello.incarnation
         return self.ack()
 
-    def on_batch(self, batch: Batch) -> bool:
-        """Whether to apply this batch (P4); after applying a numbered one, send ``ack()``."""
-        if self.peer_incarnation is None:
+    def on_batch(self, batch: Batch, incarnation: int) -> bool:
+        """Whether to apply this batch, which came on a stream opened by a Hello of
+        ``incarnation`` (P4); after applying a numbered one, send ``ack()``."""
+        if self._heard is None:
             raise MalformedMessageError("Batch before Hello", self.peer)
         if batch.sender != self.peer:
             raise MalformedMessageError(
@@ -180,21 +196,30 @@ class PeerSession:
         seq = batch.seq
         if seq == 0:
             return True
-        if seq < 0:
-            raise MalformedMessageError(f"Batch with seq {seq}", self.peer)
-        last = self._recv_last
-        if last is not None:
-            if seq <= last:
-                self.duplicates += 1
-                return False
-            if seq > last + 1:
-                self._repair = True
-        self._recv_last = seq
+        recv = self._recv
+        last = recv.get(incarnation)
+        if seq < 0 or seq > _MAX_SEQ or (last is not None and seq > last + MAX_SEQ_STEP):
+            raise MalformedMessageError(
+                f"Batch with seq {seq}" + ("" if last is None else
+                                           f", more than {MAX_SEQ_STEP} beyond the last, {last}"),
+                self.peer,
+            )
+        if last is None:
+            if len(recv) >= _INCARNATIONS:
+                del recv[next(iter(recv))]  # the oldest; were it still alive, it re-baselines
+        elif seq <= last:
+            self.duplicates += 1
+            return False
+        elif seq > last + 1:
+            self._repair = True
+        recv[incarnation] = seq
         return True
 
     def ack(self) -> Ack:
-        """Every numbered batch up to this seq is applied (or covered by a repair)."""
-        return Ack(self._recv_last or 0)
+        """Every numbered batch up to this seq, of the incarnation our stream to the peer
+        reached (before it is up: of the latest Hello to us), is applied or covered by a repair."""
+        incarnation = self.peer_incarnation if self.peer_incarnation is not None else self._heard
+        return Ack(self._recv.get(incarnation or 0, 0))
 
     # --- repair --------------------------------------------------------------------------------
 
