@@ -33,21 +33,24 @@ u32 = st.integers(0, 2**32 - 1)
 names = st.text(st.characters(codec="utf-8"), min_size=1, max_size=40)  # no lone surrogates
 few_names = st.sampled_from(["ratelimit", "backends", "m", "ünïcode"])
 
-node_ids = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1,
-                   max_size=40)  # a node id packs to 1-255 bytes without NUL (register.py)
-stamps = st.builds(Stamp, wall=u64, logical=u64, node=node_ids | st.sampled_from(["a", "b"]))
+# node ids as the config allows them (messages.NODE_ID_RULE): the codec refuses any other
+node_ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", fullmatch=True)
+logicals = st.integers(0, 2**32 - 1)  # no clock issues more (hlc.MAX_LOGICAL)
+stamps = st.builds(Stamp, wall=u64, logical=logicals, node=node_ids | st.sampled_from(["a", "b"]))
 records = st.builds(Record, map=few_names | names, key=st.binary(max_size=64),
                     value=st.none() | st.binary(max_size=64), stamp=stamps)
 schemas = st.builds(MapSchema, name=names, key_size=st.integers(0, 512),
                     value_size=st.integers(0, 1 << 16), policy=st.sampled_from(["lww", "counter"]))
 messages: st.SearchStrategy[Message] = st.one_of(
-    st.builds(Hello, node=names, incarnation=u64, maps=st.lists(schemas, max_size=5).map(tuple)),
-    st.builds(Batch, sender=names, seq=u64, records=st.lists(records, max_size=50).map(tuple)),
+    st.builds(Hello, node=node_ids, incarnation=st.integers(1, 2**63 - 1),
+              maps=st.lists(schemas, max_size=5).map(tuple)),
+    st.builds(Batch, sender=node_ids, seq=u64, records=st.lists(records, max_size=50).map(tuple)),
     st.builds(Ack, seq=u64),
-    st.builds(Digest, map=names, buckets=st.lists(u64, max_size=100).map(tuple)),
-    st.builds(Pull, map=names, buckets=st.lists(st.integers(0, (1 << 20) - 1), max_size=100)
-              .map(tuple)),
-    st.builds(Answered, map=names, differing=st.integers(0, (1 << 32) - 1)),
+    st.builds(Digest, map=names, buckets=st.lists(u64, max_size=100).map(tuple),
+              linked=st.lists(node_ids, max_size=5).map(tuple)),
+    st.builds(Pull, map=names, buckets=st.lists(st.integers(0, (1 << 20) - 1), max_size=100,
+                                                unique=True).map(tuple)),
+    st.builds(Answered, map=names, differing=st.integers(0, 1 << 20)),
 )
 
 
@@ -105,7 +108,10 @@ def test_hand_built_batch_is_valid() -> None:
 
 
 @pytest.mark.parametrize(("fields", "why"), [
-    (dict(sender=""), "Batch.sender is empty"),
+    (dict(sender=""), "Batch.sender '' is not a node id"),
+    (dict(sender="a b"), "Batch.sender 'a b' is not a node id"),
+    (dict(records=[V1, pack(Stamp(2, 0, "m\u00e9"), None)]), "origin 'm\u00e9' is not a node"),
+    (dict(records=[V1, pack(Stamp(2, 2**32, "a"), None)]), "logical clock"),
     (dict(maps=[""]), "map name is empty"),
     (dict(records=[V1]), "different lengths"),
     (dict(keys=[], map_index=[]), "different lengths"),
@@ -135,8 +141,8 @@ def test_limits_bound_what_a_peer_can_make_us_allocate() -> None:
     two = Hello("a", 1, (MapSchema("m", 4, 4), MapSchema("n", 4, 4)))
     with pytest.raises(MalformedMessageError, match="maps in Hello"):
         decode(encode(two), tight)
-    huge = pb.Frame(hello=pb.Hello(node="a", maps=[pb.MapSchema(name="m", key_size=1 << 30,
-                                                                  policy="lww")]))
+    huge = pb.Frame(hello=pb.Hello(node="a", incarnation=1, maps=[
+        pb.MapSchema(name="m", key_size=1 << 30, policy="lww")]))
     with pytest.raises(MalformedMessageError, match="key/value size"):
         decode(huge.SerializeToString())
 
@@ -144,9 +150,18 @@ def test_limits_bound_what_a_peer_can_make_us_allocate() -> None:
 @pytest.mark.parametrize(("frame", "why"), [
     (b"", "no message"),
     (b"\xff\xff\xff", "undecodable"),
-    (pb.Frame(hello=pb.Hello(node="")).SerializeToString(), "Hello.node is empty"),
-    (pb.Frame(hello=pb.Hello(node="a", maps=[pb.MapSchema(name="m")])).SerializeToString(),
-     "policy is empty"),
+    (pb.Frame(hello=pb.Hello(node="", incarnation=1)).SerializeToString(),
+     "Hello.node '' is not a node id"),
+    (pb.Frame(hello=pb.Hello(node="x" * 64, incarnation=1)).SerializeToString(), "not a node id"),
+    (pb.Frame(hello=pb.Hello(node="a", incarnation=0)).SerializeToString(), "incarnation 0"),
+    (pb.Frame(hello=pb.Hello(node="a", incarnation=1 << 63)).SerializeToString(), "incarnation"),
+    (pb.Frame(hello=pb.Hello(node="a", incarnation=1, maps=[pb.MapSchema(name="m")]))
+     .SerializeToString(), "policy is empty"),
+    (pb.Frame(digest=pb.Digest(map="m", linked=["ok", "not ok"])).SerializeToString(),
+     "Digest.linked 'not ok' is not a node id"),
+    (pb.Frame(pull=pb.Pull(map="m", buckets=[3, 1, 3])).SerializeToString(), "more than once"),
+    (pb.Frame(answered=pb.Answered(map="m", differing=1 << 21)).SerializeToString(),
+     "differed"),
     (pb.Frame(digest=pb.Digest(map="")).SerializeToString(), "Digest.map is empty"),
     (pb.Frame(pull=pb.Pull(map="")).SerializeToString(), "Pull.map is empty"),
     (pb.Frame(answered=pb.Answered(map="")).SerializeToString(), "Answered.map is empty"),

@@ -17,9 +17,11 @@ import grpc.aio
 import pytest
 from transport_harness import FAST, Node, batch, closing, eventually, hello, mesh, run
 
+from bpfsync.core.membership import Membership
 from bpfsync.core.messages import PROTOCOL, Ack
-from bpfsync.errors import TransportError
+from bpfsync.errors import MalformedMessageError, TransportError
 from bpfsync.transport import GrpcMesh, MeshOptions, PeerDown, PeerUp, encode
+from bpfsync.transport.penalty import Penalties
 from bpfsync.transport.rpc import METHOD, METHOD_NAME, SERVICE
 
 
@@ -104,20 +106,21 @@ def test_silent_stream_times_out() -> None:
 
 def test_unknown_node_is_refused_both_ways() -> None:
     async def go() -> None:
-        only_b = MeshOptions(allowed_nodes=frozenset({"b"}), backoff_base=0.02, backoff_cap=0.25)
-        a = await Node.start("a", options=only_b)
+        fast = MeshOptions(backoff_base=0.02, backoff_cap=0.25)
+        a = await Node.start("a", options=fast, members=Membership("a", ["b"]))
         c = await Node.start("c", [a.address])
         try:
             st = await eventually(lambda: c.mesh.peers()[0].last_error, "c refused by a")
-            assert "PERMISSION_DENIED" in st and "allow-list" in st
-            await eventually(lambda: a.mesh.stats["rejected_unauthenticated"] >= 1, "counted")
+            assert "PERMISSION_DENIED" in st and "not a member" in st
+            await eventually(lambda: a.mesh.stats["rejected_not_member"] >= 1, "counted")
+            assert "c" not in a.mesh._server.inbound  # no state kept for it
 
             # a dials c: c answers with its Hello, which a refuses itself
-            a2 = await Node.start("a2", [c.address], options=MeshOptions(
-                allowed_nodes=frozenset({"b"}), backoff_base=0.02, backoff_cap=0.25))
+            a2 = await Node.start("a2", [c.address], options=fast,
+                                  members=Membership("a2", ["b"]))
             try:
                 err = await eventually(lambda: a2.mesh.peers()[0].last_error, "a2 refuses c")
-                assert "'c' is not allowed" in err
+                assert "'c' is not a member" in err
                 assert not any(isinstance(e, PeerUp) for e in a2.events + c.events)
             finally:
                 await a2.close()
@@ -266,5 +269,27 @@ def test_a_peer_of_another_protocol_version_is_refused_both_ways_with_the_reason
             assert not any(isinstance(e, PeerUp) for e in a.events + old.events + c.events)
         finally:
             await closing(a, old, c)
+
+    run(go)
+
+
+def test_a_disconnected_peer_is_refused_until_its_penalty_ends() -> None:
+    """The agent's answer to a member's bad input: its streams end at once, it is refused
+    (counted) while the penalty lasts, and it comes back by itself afterwards."""
+    async def go() -> None:
+        a, b = await mesh(["a", "b"])
+        a.mesh.penalties = a.mesh._server._penalties = Penalties(base=1.0)
+        try:
+            hold = a.mesh.disconnect("b", MalformedMessageError("garbage", "b"))
+            assert hold == 1.0 and a.mesh.stats["disconnected"] == 1
+            await b.wait_event(lambda e: isinstance(e, PeerDown) and e.peer == "a", "b cut off")
+            await a.wait_event(lambda e: isinstance(e, PeerDown) and e.peer == "b", "a's link")
+            await eventually(lambda: a.mesh.stats["rejected_backed_off"] >= 1, "b refused", 5)
+            assert not a.mesh.send("b", batch("a", 1))
+            await eventually(lambda: a.mesh.send("b", batch("a", 2)), "a's link back", 10)
+            await eventually(lambda: b.mesh.send("a", batch("b", 3)), "b's link back", 10)
+            await a.wait_event(lambda e: getattr(e, "message", None) == batch("b", 3), "batch 3")
+        finally:
+            await closing(a, b)
 
     run(go)

@@ -28,13 +28,13 @@ def test_links_messages_cut_and_heal() -> None:
         assert isinstance(a, Transport)
         await a.start()
         await b.start()
-        assert await take(a, 2) == [PeerUp("b", hb), Received("b", hb)]
-        assert await take(b, 2) == [PeerUp("a", ha), Received("a", ha)]
+        assert await take(a, 2) == [PeerUp("b", hb), Received("b", hb, hb.incarnation)]
+        assert await take(b, 2) == [PeerUp("a", ha), Received("a", ha, ha.incarnation)]
 
         assert a.send("b", batch("a", 1))
         assert b.broadcast(Ack(1)) == ["a"]
-        assert await take(b, 1) == [Received("a", batch("a", 1))]
-        assert await take(a, 1) == [Received("b", Ack(1))]
+        assert await take(b, 1) == [Received("a", batch("a", 1), ha.incarnation)]
+        assert await take(a, 1) == [Received("b", Ack(1), hb.incarnation)]
         assert a.peers()[0].messages_sent == 1 and a.peers()[0].messages_received == 1
 
         net.cut("a", "b")
@@ -42,7 +42,7 @@ def test_links_messages_cut_and_heal() -> None:
         assert not a.send("b", Ack(2))
         assert not a.peers()[0].connected
         net.heal("a", "b")
-        assert await take(a, 2) == [PeerUp("b", hb), Received("b", hb)]
+        assert await take(a, 2) == [PeerUp("b", hb), Received("b", hb, hb.incarnation)]
 
         with pytest.raises(OversizedMessageError):
             a.send("b", batch("a", 2, n=500))

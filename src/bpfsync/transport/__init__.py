@@ -4,6 +4,8 @@
     codec.py       protocol values <-> protobuf frames, validating what peers send
     eventloop.py   GrpcEventLoop, the loop the mesh runs on, with grpcio's wake-ups drained
     grpc_mesh.py   GrpcMesh, the embedded full mesh (server.py accepts, peer.py dials)
+    tls.py         mutual TLS: the files, their checks, rotation
+    penalty.py     members refused for a while after bad input
     memory.py      an in-process network of transports, for tests of the layers above
 """
 
@@ -18,7 +20,8 @@ from bpfsync.transport.base import (
 )
 from bpfsync.transport.codec import Limits, decode, encode
 from bpfsync.transport.grpc_mesh import GrpcMesh
-from bpfsync.transport.options import MeshOptions, TlsFiles
+from bpfsync.transport.options import MeshOptions
+from bpfsync.transport.tls import TlsFiles
 
 __all__ = [
     "Event",

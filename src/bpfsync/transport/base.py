@@ -13,7 +13,12 @@ promises is per-link order and honesty about links:
   sent, ``PeerDown`` when a link is lost (with the reason). Each inbound link's first message is
   the peer's Hello. Connection events are never dropped; message delivery waits while too many are
   pending, which slows the sending peer rather than growing memory without bound.
-- A peer is named by its node id (from its Hello); addresses only appear in ``peers()``.
+- A peer is named by its node id (from its Hello); addresses only appear in ``peers()``. Only
+  members of the cluster (core/membership.py) get that far: a transport refuses any other node
+  at its Hello, before it keeps anything for it, so no event ever names a non-member.
+- ``disconnect`` ends a member's links and refuses it for a while (penalty.py): the agent's
+  answer to input it refused as the peer's fault. Without authentication (plaintext) it ends
+  only the streams that sent the input.
 
 Implementations: GrpcMesh (grpc_mesh.py) and MemoryNetwork/MemoryTransport (memory.py, for tests).
 """
@@ -56,10 +61,12 @@ class PeerDown:
 
 @dataclass(frozen=True, slots=True)
 class Received:
-    """``peer`` (authenticated by its Hello on this link) sent ``message``."""
+    """``peer`` (authenticated by its Hello on this link) sent ``message``. ``incarnation``
+    is the one that Hello announced: a peer's numbering of batches is per incarnation."""
 
     peer: str
     message: Message
+    incarnation: int = 0
 
 
 Event = PeerUp | PeerDown | Received
@@ -122,6 +129,14 @@ class Transport(Protocol):
 
     def peers(self) -> list[PeerState]:
         """A snapshot of every known peer."""
+        ...
+
+    def disconnect(self, peer: str, error: BpfsyncError, incarnation: int | None = None) -> float:
+        """End the links with ``peer`` and refuse it for a while, because of ``error`` (its
+        fault), that came on a stream of ``incarnation``; returns for how many seconds (0: only
+        that incarnation's streams were ended, as a transport that cannot authenticate node ids
+        must do: a penalty by id would let anyone claiming it cut off the real node). The
+        other peers are not affected."""
         ...
 
     @property

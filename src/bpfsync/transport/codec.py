@@ -2,8 +2,10 @@
 
 ``encode`` trusts its input: it comes from this node's core, and a bad value there is a local bug
 that surfaces as ValueError (from protobuf, or from the few cheap checks below). ``decode`` trusts
-nothing: bytes that do not parse, a frame with no message, an index out of range, an empty node id
-or a size beyond ``Limits`` all raise MalformedMessageError, the peer's fault. Sizes that depend on
+nothing: bytes that do not parse, a frame with no message, an index out of range, a node id that
+breaks the node-id rule (messages.NODE_ID_RULE: the Hello's, a Batch's sender and every record's
+origin, the nodes a Digest names), duplicate buckets in a Pull, or a size beyond ``Limits`` all
+raise MalformedMessageError, the peer's fault. Sizes that depend on
 this node's configuration (unknown maps, key/value lengths) are the core's to check.
 
 Batches are the hot path (thousands of records per frame). The wire form is columns of keys and
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
 from bpfsync.core.messages import (
+    NODE_ID_RULE,
     Ack,
     Answered,
     Batch,
@@ -28,8 +31,9 @@ from bpfsync.core.messages import (
     MapSchema,
     Message,
     Pull,
+    is_node_id,
 )
-from bpfsync.core.register import MAX_OVERHEAD, Packed, check
+from bpfsync.core.register import MAX_OVERHEAD, Packed, scan
 from bpfsync.errors import MalformedMessageError
 from bpfsync.transport._proto import bpfsync_pb2 as pb
 
@@ -134,17 +138,23 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, peer: str = "") -> Mess
             return Digest(
                 map=_name(d.map, limits, "Digest.map"),
                 buckets=tuple(d.buckets),
-                linked=tuple(_name(n, limits, "Digest.linked") for n in d.linked),
+                linked=tuple(_node(n, "Digest.linked") for n in d.linked),
                 urgent=d.urgent,
             )
         if kind == "pull":
             p = frame.pull
             _check_count(len(p.buckets), limits.max_buckets, "Pull buckets")
-            if p.buckets and max(p.buckets) >= limits.max_buckets:
-                raise _Bad(f"Pull bucket index {max(p.buckets)} is beyond {limits.max_buckets}")
-            return Pull(map=_name(p.map, limits, "Pull.map"), buckets=tuple(p.buckets))
+            buckets = tuple(p.buckets)
+            if buckets and max(buckets) >= limits.max_buckets:
+                raise _Bad(f"Pull bucket index {max(buckets)} is beyond {limits.max_buckets}")
+            if len(set(buckets)) != len(buckets):  # each would be answered again: amplification
+                raise _Bad("Pull names a bucket more than once")
+            return Pull(map=_name(p.map, limits, "Pull.map"), buckets=buckets)
         if kind == "answered":
             a = frame.answered
+            if a.differing > limits.max_buckets:
+                raise _Bad(f"Answered says {a.differing} buckets differed (limit "
+                           f"{limits.max_buckets})")
             return Answered(map=_name(a.map, limits, "Answered.map"), differing=a.differing)
         if kind == "hello":
             return _decode_hello(frame.hello, limits)
@@ -167,6 +177,12 @@ def _name(value: str, limits: Limits, what: str) -> str:
     return value
 
 
+def _node(value: str, what: str) -> str:
+    if not is_node_id(value):
+        raise _Bad(f"{what} {value[:80]!r} is not a node id ({NODE_ID_RULE})")
+    return value
+
+
 def _check_count(n: int, limit: int, what: str) -> None:
     if n > limit:
         raise _Bad(f"{n} {what} (limit {limit})")
@@ -186,14 +202,16 @@ def _decode_hello(h: pb.Hello, limits: Limits) -> Hello:
                 policy=_name(m.policy, limits, "map policy"),
             )
         )
+    if not 0 < h.incarnation < 1 << 63:
+        raise _Bad(f"Hello.incarnation {h.incarnation} is outside 1..2^63-1")
     return Hello(
-        node=_name(h.node, limits, "Hello.node"), incarnation=h.incarnation, maps=tuple(maps),
+        node=_node(h.node, "Hello.node"), incarnation=h.incarnation, maps=tuple(maps),
         protocol=h.protocol or 1,  # a version-1 node sends none
     )
 
 
 def _decode_batch(b: pb.Batch, limits: Limits) -> Batch:
-    sender = _name(b.sender, limits, "Batch.sender")
+    sender = _node(b.sender, "Batch.sender")
     n = len(b.keys)
     _check_count(n, limits.max_records, "records in Batch")
     if len(b.records) != n or len(b.map_index) != n:
@@ -211,7 +229,9 @@ def _decode_batch(b: pb.Batch, limits: Limits) -> Batch:
         raise _Bad(f"a key is longer than {limits.max_key_bytes} bytes")
     if max(map(len, packed)) > limits.max_value_bytes + MAX_OVERHEAD:
         raise _Bad(f"a value is longer than {limits.max_value_bytes} bytes")
-    why = check(packed)
+    why, origins = scan(packed)
     if why:
         raise _Bad(why)
-    return Batch(sender=sender, seq=b.seq, records=Packed(map_col, keys, packed))
+    for origin in origins:
+        _node(origin, "a record's origin")
+    return Batch(sender=sender, seq=b.seq, records=Packed(map_col, keys, packed, origins))

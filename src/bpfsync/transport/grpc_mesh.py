@@ -14,8 +14,16 @@ so every node must list every other (a static list, or a DNS name that resolves 
 this node's own address in that list is found by the Hello exchange and skipped).
 
 Identity: the first frame in each direction is a Hello. A peer is known by the node id in its
-Hello, checked against the allow-list (and with mTLS, optionally, against its certificate). Frame
-limits and rejections are described in server.py (accepting) and peer.py (dialing).
+Hello, checked against the membership (core/membership.py) and, with mTLS, against its
+certificate (tls.py); a peer address may name the node it must reach (``ID@HOST:PORT``). Frame
+limits and rejections are described in server.py (accepting) and peer.py (dialing). A member the
+agent disconnects for bad input is refused for a while (penalty.py).
+
+Certificate rotation: the TLS files are re-read every ``options.tls_refresh`` seconds and on
+``reload_tls()`` (the agent calls it on SIGHUP). A new set that passes its checks re-establishes
+every connection: each link dials again on a new channel, and the server is restarted on its
+port, so inbound connections handshake again too (gRPC cannot close one connection of a
+running server); peers redial within their backoff.
 """
 
 from __future__ import annotations
@@ -25,8 +33,9 @@ import logging
 import socket
 from collections.abc import AsyncIterator, Iterable, Mapping
 
+from bpfsync.core.membership import Membership
 from bpfsync.core.messages import Hello, Message
-from bpfsync.errors import BpfsyncError, TransportError
+from bpfsync.errors import BpfsyncError, NotMemberError, TransportError
 from bpfsync.transport import codec
 from bpfsync.transport.base import (
     Event,
@@ -38,7 +47,9 @@ from bpfsync.transport.base import (
 from bpfsync.transport.inbox import Inbox
 from bpfsync.transport.options import MeshOptions
 from bpfsync.transport.peer import PeerLink
+from bpfsync.transport.penalty import Penalties
 from bpfsync.transport.server import StreamServer
+from bpfsync.transport.tls import TlsMaterial, TlsStore
 
 __all__ = ["GrpcMesh"]
 
@@ -48,7 +59,10 @@ COUNTERS = (
     "streams_opened",  # streams peers dialed to this node, before any check
     "streams_accepted",  # ... that passed the Hello check
     "rejected_no_hello",  # first frame missing, late, or not a Hello
-    "rejected_unauthenticated",  # node not allowed, spoofed sender, own id from elsewhere
+    "rejected_unauthenticated",  # id not in its certificate, spoofed sender, own id from elsewhere
+    "rejected_not_member",  # a node id outside the cluster (before any state for it)
+    "rejected_backed_off",  # a member still refused after the agent disconnected it
+    "rejected_too_many_streams",  # a member already holding max_streams_per_peer streams
     "rejected_protocol",  # a Hello of another protocol version
     "frames_malformed",  # undecodable or invalid frames (the stream was ended)
     "frames_oversized",  # frames over max_message_bytes (the stream was ended)
@@ -56,16 +70,22 @@ COUNTERS = (
     "send_refused",  # send() to a peer whose link was down or whose queue was full
     "send_oversized",  # send() of a message over max_message_bytes (OversizedMessageError)
     "dns_failures",  # failed resolutions of peers_dns
+    "disconnected",  # members disconnected by the agent for bad input (``disconnect``)
+    "tls_reloads",  # certificate sets taken while running
+    "tls_reload_failures",  # changed certificate files refused by a check (the old set stays)
 )
+
+_STRANGER_REDIAL_S = 1.0  # a refused unknown id makes links that are down redial, this often
 
 
 class GrpcMesh:
     """The gRPC full mesh; implements bpfsync.transport.base.Transport.
 
     ``hello`` is this node's (node id, incarnation, maps). ``listen`` is HOST:PORT (port 0 picks
-    one: see ``port``). ``peers`` are HOST:PORT addresses dialed as given; ``peers_dns`` is a
-    HOST:PORT whose name resolves to several peers, each dialed, re-resolved every
-    ``options.dns_refresh`` seconds.
+    one: see ``port``). ``peers`` are HOST:PORT addresses dialed as given, or ID@HOST:PORT for a
+    peer that must be node ID; ``peers_dns`` is a HOST:PORT whose name resolves to several
+    peers, each dialed, re-resolved every ``options.dns_refresh`` seconds. ``members`` decides
+    who may connect (default: any node; the agent always gives its cluster's).
     """
 
     def __init__(
@@ -76,20 +96,32 @@ class GrpcMesh:
         *,
         peers_dns: str | None = None,
         options: MeshOptions | None = None,
+        members: Membership | None = None,
     ) -> None:
         self.hello = hello
         self.listen = listen
         self.options = options or MeshOptions()
+        self.members = members or Membership.open(hello.node)
         self.port = 0
-        self._static = tuple(dict.fromkeys(peers))
+        self._static: dict[str, str | None] = {}  # address -> the node id it must reach
+        for peer in peers:
+            node, at, address = peer.rpartition("@")
+            self._static[address] = node if at else None
         self._dns = peers_dns
         self._stats = dict.fromkeys(COUNTERS, 0)
-        self._inbox = Inbox(self.options.max_pending_messages)
+        self._tls = (TlsStore(self.options.tls, hello.node)
+                     if self.options.tls is not None else None)
+        self._inbox = Inbox(self.options.max_pending_messages, self.options.max_pending_bytes)
+        self.penalties = Penalties(self.options.penalty_base, self.options.penalty_cap)
         self._server = StreamServer(hello, self.options, self._inbox, self._stats,
-                                    on_accepted=self._peer_appeared)
+                                    self.members, self.penalties,
+                                    on_accepted=self._peer_appeared,
+                                    on_stranger=self._stranger)
         self._links: dict[str, PeerLink] = {}  # by address
         self._by_node: dict[str, PeerLink] = {}  # links that are up, by the node they reach
         self._dns_task: asyncio.Task[None] | None = None
+        self._tls_task: asyncio.Task[None] | None = None
+        self._stranger_at = -_STRANGER_REDIAL_S
         self._closed = False
 
     @property
@@ -102,12 +134,14 @@ class GrpcMesh:
         if self.port or self._closed:
             raise RuntimeError("a GrpcMesh starts once")
         try:
-            self.port = await self._server.start(self.listen)
+            self.port = await self._server.start(self.listen, self.tls)
         except OSError as err:
             raise TransportError(str(err)) from err
         self._reconcile(self._static)
         if self._dns is not None:
             self._dns_task = asyncio.create_task(self._dns_loop(self._dns), name="bpfsync-dns")
+        if self._tls is not None:
+            self._tls_task = asyncio.create_task(self._tls_loop(), name="bpfsync-tls")
 
     def send(self, peer: str, message: Message) -> bool:
         frame = self._encode(message)
@@ -173,13 +207,61 @@ class GrpcMesh:
     def stats(self) -> Mapping[str, int]:
         return dict(self._stats)
 
+    def disconnect(self, peer: str, error: BpfsyncError, incarnation: int | None = None) -> float:
+        self._stats["disconnected"] += 1
+        if self._tls is None and incarnation is not None:  # see Transport.disconnect
+            log.warning("ending the streams of peer %s (incarnation %d): %s", peer, incarnation,
+                        error)
+            self._server.kick(peer, f"disconnected: {error}", incarnation)
+            return 0.0
+        hold = self.penalties.punish(peer)
+        log.warning("disconnecting peer %s for %.1f s: %s", peer, hold, error)
+        self._server.kick(peer, f"disconnected for {hold:.1f} s: {error}")
+        for link in self._links.values():
+            if link.node == peer:
+                link.hold(hold, error)
+        return hold
+
+    @property
+    def tls(self) -> TlsMaterial | None:
+        """The TLS material in use (None: plaintext)."""
+        return None if self._tls is None else self._tls.current
+
+    async def reload_tls(self) -> bool:
+        """Re-read the TLS files now; with a new valid set, re-establish every connection with
+        it. Returns whether the set changed. A set that fails a check changes nothing."""
+        if self._tls is None or self._closed:
+            return False
+        before = self._tls.failures
+        changed = self._tls.refresh()
+        self._stats["tls_reload_failures"] += self._tls.failures - before
+        if not changed:
+            return False
+        self._stats["tls_reloads"] += 1
+        for link in self._links.values():
+            link.renew()
+        await self._server.stop(grace=0)
+        listen = f"{self.listen.rpartition(':')[0]}:{self.port}"
+        for attempt in range(50):  # the port was ours a moment ago; only a race can take it
+            try:
+                await self._server.start(listen, self.tls)
+                return True
+            except OSError as err:
+                if attempt == 49:
+                    raise TransportError(
+                        f"cannot listen on {listen} again with the new TLS credentials: {err}"
+                    ) from err
+                await asyncio.sleep(0.1)
+        return True
+
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._dns_task is not None:
-            self._dns_task.cancel()
-            await asyncio.gather(self._dns_task, return_exceptions=True)
+        for task in (self._dns_task, self._tls_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await asyncio.gather(*(link.stop() for link in self._links.values()))
         await self._server.stop(grace=0)
         self._inbox.close()
@@ -190,9 +272,29 @@ class GrpcMesh:
             if link.node is None or link.node == node:
                 link.redial()
 
+    def _stranger(self) -> None:
+        """A node we do not know (yet) dialed us and was refused. With learned membership it
+        may be a peer our own dial has not reached yet: dial the links that are down now (at
+        most every _STRANGER_REDIAL_S, so a flood of made-up ids costs nothing more)."""
+        now = asyncio.get_running_loop().time()
+        if self.members.mode == "learned" and now - self._stranger_at >= _STRANGER_REDIAL_S:
+            self._stranger_at = now
+            for link in self._links.values():
+                if not link.up:
+                    link.redial()
+
     # --- hooks called by PeerLink ------------------------------------------------------------
 
+    def answered(self, link: PeerLink, hello: Hello) -> None:
+        # a configured address answered as hello.node: a member by that (learned membership)
+        self.members.learn(hello.node)
+
     def link_up(self, link: PeerLink, hello: Hello) -> None:
+        if not self.members.admits(hello.node):
+            raise NotMemberError(f"{link.address}: node {hello.node!r} is not a member of this"
+                                 " cluster", hello.node)
+        if self.penalties.left(hello.node) > 0:
+            raise TransportError(f"{link.address}: node {hello.node!r} is backed off")
         other = self._by_node.get(hello.node)
         if other is not None and other is not link:
             raise TransportError(
@@ -222,9 +324,21 @@ class GrpcMesh:
         """Dial each new address; return the links (other than static ones) no longer wanted."""
         wanted = set(self._static) | set(addresses)
         for address in wanted - self._links.keys():
-            link = self._links[address] = PeerLink(address, self.hello, self.options, self)
+            link = self._links[address] = PeerLink(
+                address, self.hello, self.options, self,
+                expected=self._static.get(address), tls=lambda: self.tls,
+            )
             link.start()
         return [self._links.pop(a) for a in list(self._links) if a not in wanted]
+
+    async def _tls_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.tls_refresh)
+            try:
+                await self.reload_tls()
+            except TransportError as err:  # not listening any more: the agent must know
+                self._inbox.fail(err)
+                return
 
     async def _dns_loop(self, name: str) -> None:
         while True:

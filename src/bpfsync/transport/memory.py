@@ -16,10 +16,11 @@ Delivery is immediate and unbounded: there is no network to push back on a slow 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping
 
 from bpfsync.core.messages import Hello, Message
-from bpfsync.errors import TransportError
+from bpfsync.errors import BpfsyncError, TransportError
 from bpfsync.transport import codec
 from bpfsync.transport.base import (
     Event,
@@ -30,6 +31,7 @@ from bpfsync.transport.base import (
     Received,
 )
 from bpfsync.transport.inbox import Inbox
+from bpfsync.transport.penalty import Penalties
 
 __all__ = ["MemoryNetwork", "MemoryTransport"]
 
@@ -85,7 +87,8 @@ class MemoryTransport:
         self._inbox = Inbox()
         self._sent: dict[str, list[int]] = {}  # peer -> [messages, bytes]
         self._received: dict[str, list[int]] = {}
-        self._stats = {"send_refused": 0, "send_oversized": 0}
+        self._stats = {"send_refused": 0, "send_oversized": 0, "disconnected": 0}
+        self._penalties = Penalties()
         self._started = self._closed = False
 
     @property
@@ -116,7 +119,7 @@ class MemoryTransport:
             if not self._started or self._closed or not self._net.linked(self.node, peer):
                 self._stats["send_refused"] += 1
                 continue
-            members[peer]._deliver(self.node, frame)
+            members[peer]._deliver(self, frame)
             counts = self._sent.setdefault(peer, [0, 0])
             counts[0] += 1
             counts[1] += len(frame)
@@ -144,6 +147,14 @@ class MemoryTransport:
     def stats(self) -> Mapping[str, int]:
         return dict(self._stats)
 
+    def disconnect(self, peer: str, error: BpfsyncError, incarnation: int | None = None) -> float:
+        """Cut the link with ``peer``, and heal it when its penalty ends."""
+        hold = self._penalties.punish(peer)
+        self._stats["disconnected"] += 1
+        self._net.cut(self.node, peer)
+        asyncio.get_running_loop().call_later(hold, self._net.heal, self.node, peer)
+        return hold
+
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -153,10 +164,11 @@ class MemoryTransport:
     def _connect(self, other: MemoryTransport) -> None:
         for x, y in ((self, other), (other, self)):
             x._inbox.put_event(PeerUp(y.node, y.hello))
-            x._inbox.put_event(Received(y.node, y.hello))
+            x._inbox.put_event(Received(y.node, y.hello, y.hello.incarnation))
 
-    def _deliver(self, sender: str, frame: bytes) -> None:
-        counts = self._received.setdefault(sender, [0, 0])
+    def _deliver(self, sender: MemoryTransport, frame: bytes) -> None:
+        counts = self._received.setdefault(sender.node, [0, 0])
         counts[0] += 1
         counts[1] += len(frame)
-        self._inbox.put_event(Received(sender, codec.decode(frame, peer=sender)))
+        message = codec.decode(frame, peer=sender.node)
+        self._inbox.put_event(Received(sender.node, message, sender.hello.incarnation))

@@ -11,6 +11,12 @@ after it is a protocol error and resets the link. Backoff starts over only after
 for ``backoff_cap`` seconds, so a link that breaks right after each handshake does not redial in a
 tight loop. A peer that turns out to be this very node (a DNS name listing every node) is
 remembered and never dialed again.
+
+Identity: a peer given as ``ID@HOST:PORT`` must answer with that node id in its Hello, and with
+TLS its certificate must name that id (the dialed name is the id, not the host: see tls.py);
+the owner's ``link_up`` checks membership. A peer the agent disconnected (``hold``) is not
+dialed again before its penalty ends; after a certificate rotation (``renew``) the link dials
+again at once on a channel with the new credentials.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 import grpc
@@ -30,6 +37,7 @@ from bpfsync.transport import codec
 from bpfsync.transport.backoff import Backoff
 from bpfsync.transport.options import MeshOptions
 from bpfsync.transport.rpc import METHOD, as_error
+from bpfsync.transport.tls import TlsMaterial
 
 __all__ = ["LinkHooks", "PeerLink"]
 
@@ -41,15 +49,23 @@ class LinkHooks(Protocol):
 
     def link_up(self, link: PeerLink, hello: Hello) -> None: ...
 
+    def answered(self, link: PeerLink, hello: Hello) -> None:
+        """The peer at the link's address answered with ``hello`` (it may still refuse us)."""
+        ...
+
     def link_down(self, link: PeerLink, error: BpfsyncError | None) -> None: ...
 
 
 class PeerLink:
     def __init__(
-        self, address: str, own: Hello, options: MeshOptions, hooks: LinkHooks
+        self, address: str, own: Hello, options: MeshOptions, hooks: LinkHooks,
+        *, expected: str | None = None, tls: Callable[[], TlsMaterial | None] = lambda: None,
     ) -> None:
+        """``expected``: the node id the peer must be (from ``ID@HOST:PORT``); ``tls``: the
+        current credentials, read at each new channel."""
         self.address = address
-        self.node: str | None = None
+        self.expected = expected
+        self.node: str | None = expected
         self.incarnation: int | None = None
         self.up = False
         self.is_self = False
@@ -72,6 +88,9 @@ class PeerLink:
         self._up_at: float | None = None  # loop time the current session came up
         self._task: asyncio.Task[None] | None = None
         self._channel: grpc.aio.Channel | None = None
+        self._tls = tls
+        self._hold_until = 0.0  # loop time before which the peer is not dialed (``hold``)
+        self._renew = False  # the next dial takes a new channel (new credentials)
 
     @property
     def reconnects(self) -> int:
@@ -84,17 +103,28 @@ class PeerLink:
         self._task = asyncio.create_task(self._run(), name=f"bpfsync-link-{self.address}")
 
     def _new_channel(self) -> grpc.aio.Channel:
-        opts = self._opt.channel_options()
-        if self._opt.tls is None:
+        opts = self._opt.channel_options(self.expected)
+        tls = self._tls()
+        if tls is None:
             return grpc.aio.insecure_channel(self.address, options=opts)
-        creds = self._opt.tls.channel_credentials()
-        return grpc.aio.secure_channel(self.address, creds, options=opts)
+        return grpc.aio.secure_channel(self.address, tls.channel_credentials(), options=opts)
 
     def redial(self) -> None:
         """The peer just dialed us, so it is up: dial it now instead of when the backoff ends
         (a node that starts after its peers would otherwise wait up to ``backoff_cap``)."""
         if not self.up and self._task is not None:
             self._redial.set()
+
+    def hold(self, seconds: float, error: BpfsyncError) -> None:
+        """End the session now, and dial the peer again only after ``seconds``."""
+        self._hold_until = asyncio.get_running_loop().time() + seconds
+        self._end_session(error)
+
+    def renew(self) -> None:
+        """The credentials changed: end the session and dial again at once on a new channel."""
+        self._renew = True
+        self._end_session(TransportError(f"{self.address}: new TLS credentials"))
+        self._redial.set()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -133,6 +163,10 @@ class PeerLink:
         backoff = Backoff(self._opt.backoff_base, self._opt.backoff_cap)
         while True:
             self._up_at = None
+            held = self._hold_until - loop.time()
+            if held > 0:  # disconnected as a penalty: no dial, whoever dials us, until it ends
+                await asyncio.sleep(held)
+                self._redial.clear()
             try:
                 error = await self._session()
             except Exception as exc:  # a bug here must not end the link for good
@@ -150,8 +184,10 @@ class PeerLink:
                 async with asyncio.timeout(backoff.next()):
                     await self._redial.wait()
             except TimeoutError:
-                continue
+                if not self._renew:
+                    continue
             self._redial.clear()
+            self._renew = False
             self.redials += 1
             backoff.reset()
             # gRPC's channel keeps a reconnect backoff of its own: start from a fresh one
@@ -169,6 +205,7 @@ class PeerLink:
                     await call.write(self._hello_frame)
                     first = await call.read()
                 hello = await self._check_hello(call, first)
+                self._hooks.answered(self, hello)
                 self._hooks.link_up(self, hello)
             except (grpc.RpcError, TimeoutError, asyncio.InvalidStateError) as exc:
                 return as_error(exc, f"{self.address}: handshake")
@@ -200,9 +237,11 @@ class PeerLink:
             raise UnauthenticatedPeerError(
                 f"peer announces this node's own id {msg.node!r}", self.address
             )
-        allowed = self._opt.allowed_nodes
-        if allowed is not None and msg.node not in allowed:
-            raise UnauthenticatedPeerError(f"node {msg.node!r} is not allowed", self.address)
+        if self.expected is not None and msg.node != self.expected:
+            raise UnauthenticatedPeerError(
+                f"peer announces node id {msg.node!r}, configured as {self.expected!r}",
+                self.address,
+            )
         if msg.protocol != self._own.protocol:
             raise incompatible(msg, self._own.protocol, self.address)
         return msg
