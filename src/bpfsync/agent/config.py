@@ -6,6 +6,7 @@ traceback from deep inside the agent.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -14,9 +15,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bpfsync.core.messages import NODE_ID_RULE, is_node_id
 from bpfsync.errors import ConfigError
 
-_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _MAP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -25,6 +26,29 @@ def _check_hostport(value: str, what: str) -> str:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{what} must be HOST:PORT with a port in 1-65535, got {value!r}")
     return value
+
+
+def _check_node_id(value: str, what: str) -> str:
+    if not is_node_id(value):
+        raise ValueError(f"{what} must be {NODE_ID_RULE}, got {value!r}")
+    return value
+
+
+def split_peer(peer: str) -> tuple[str | None, str]:
+    """``ID@HOST:PORT`` or ``HOST:PORT`` as (node id or None, address)."""
+    node, at, address = peer.rpartition("@")
+    return (node if at else None), address
+
+
+def is_loopback(hostport: str) -> bool:
+    """Whether a HOST:PORT listens on loopback only (127.0.0.0/8, ::1 or localhost)."""
+    host = hostport.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class _Strict(BaseModel):
@@ -129,12 +153,44 @@ class SyncConfig(_Strict):
     # memory; its next write thaws it (~0.1 ms)
     freeze_after_s: Annotated[float, Field(ge=0, le=86400)] = 30.0
     max_message_bytes: Annotated[int, Field(ge=4096, le=1 << 30)] = 16 << 20
+    # a record stamped further ahead of this node's clock is refused (and repaired once the
+    # clocks agree, core/hlc.py): NTP keeps real clusters within milliseconds
+    max_clock_drift_ms: Annotated[float, Field(ge=1, le=3_600_000)] = 1000.0
+    # a member whose input was refused as its fault (malformed, unauthenticated) is refused
+    # for base * 2**offences seconds, up to cap (with TLS; without, only its stream ends)
+    penalty_base_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    penalty_cap_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
+
+    @model_validator(mode="after")
+    def _penalties(self) -> SyncConfig:
+        if self.penalty_cap_s < self.penalty_base_s:
+            raise ValueError("penalty_cap_s must be at least penalty_base_s")
+        return self
+
+
+class TlsConfig(_Strict):
+    """Mutual TLS between the nodes (docs/security.md): PEM files, re-read when they change."""
+
+    ca: Path = Field(description="the cluster CA's certificate(s): peers must be signed by it")
+    cert: Path = Field(description="this node's certificate (chain), naming its node id")
+    key: Path = Field(description="this node's private key, unencrypted PEM")
+    server_name: str | None = Field(
+        default=None, description="the name every peer's certificate holds, when certificates "
+        "do not name the peers' addresses (peers given as ID@HOST:PORT are checked by id)")
 
 
 class AgentConfig(_Strict):
     node_id: str
     listen: str = "127.0.0.1:7001"
-    peers: tuple[str, ...] = ()
+    peers: tuple[str, ...] = Field(
+        default=(), description="HOST:PORT of every other node, or ID@HOST:PORT to bind the "
+        "address to a node id (its certificate must then name that id)")
+    allowed_nodes: tuple[str, ...] | None = Field(
+        default=None, description="the cluster's node ids; with ids given in peers, their "
+        "union. Unset: with tls, whoever the CA signs; without, the nodes at the peer addresses")
+    tls: TlsConfig | None = None
+    insecure: bool = Field(
+        default=False, description="run without TLS on an address other hosts can reach")
     peers_dns: str | None = Field(default=None, description="HOST:PORT resolving to every peer")
     http_listen: str | None = Field(default=None, description="HOST:PORT for /metrics, /status")
     maps: tuple[MapConfig, ...]
@@ -144,8 +200,13 @@ class AgentConfig(_Strict):
     @field_validator("node_id")
     @classmethod
     def _node_id(cls, v: str) -> str:
-        if not _NODE_ID.match(v):
-            raise ValueError("node_id must be 1-63 letters, digits, . _ - (starting alphanumeric)")
+        return _check_node_id(v, "node_id")
+
+    @field_validator("allowed_nodes")
+    @classmethod
+    def _allowed(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for node in v or ():
+            _check_node_id(node, "each allowed node")
         return v
 
     @field_validator("listen", "http_listen", "peers_dns")
@@ -156,9 +217,13 @@ class AgentConfig(_Strict):
     @field_validator("peers")
     @classmethod
     def _peers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        addresses = []
         for p in v:
-            _check_hostport(p, "each peer")
-        if len(set(v)) != len(v):
+            node, address = split_peer(p)
+            if node is not None:
+                _check_node_id(node, f"the node id in peer {p!r}")
+            addresses.append(_check_hostport(address, "each peer"))
+        if len(set(addresses)) != len(addresses):
             raise ValueError("a peer is listed twice")
         return v
 
@@ -170,9 +235,30 @@ class AgentConfig(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"maps: maps share the sync name {sorted(dup)}; set `name:` on one")
-        if self.listen in self.peers:
+        peers = [split_peer(p) for p in self.peers]
+        if self.listen in [address for _, address in peers]:
             raise ValueError("peers: this node's own listen address is in its peer list")
+        if self.node_id in [node for node, _ in peers]:
+            raise ValueError(f"peers: a peer is given this node's own id {self.node_id!r}")
+        if self.tls is not None and self.insecure:
+            raise ValueError("insecure: true turns TLS off, but tls is set: give one of them")
+        if self.tls is None and not self.insecure and not is_loopback(self.listen):
+            raise ValueError(
+                f"listen: {self.listen} is reachable from other hosts and TLS is off, so anyone "
+                "who can reach it could change your maps. Give tls: {ca, cert, key} (flags "
+                "--tls-ca, --tls-cert, --tls-key; `bpfsync certs` makes them, see "
+                "docs/security.md), or insecure: true (--insecure) to run without "
+                "authentication"
+            )
         return self
+
+    @property
+    def members(self) -> frozenset[str] | None:
+        """The configured member list (core/membership.py M1), or None when there is none."""
+        ids = {node for node, _ in map(split_peer, self.peers) if node is not None}
+        if self.allowed_nodes is None and not ids:
+            return None
+        return frozenset(ids | set(self.allowed_nodes or ()) | {self.node_id})
 
 
 def _explain(err: ValidationError, source: str) -> ConfigError:

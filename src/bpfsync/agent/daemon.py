@@ -36,13 +36,14 @@ from typing import Any
 
 from bpfsync.agent.applier import Applier, Pairs
 from bpfsync.agent.bridge import WatchBridge
-from bpfsync.agent.config import AgentConfig
+from bpfsync.agent.config import AgentConfig, TlsConfig
 from bpfsync.agent.http import StatusServer
 from bpfsync.agent.metrics import AgentMetrics
 from bpfsync.agent.peering import Peering
 from bpfsync.agent.runtime import tune_process
 from bpfsync.agent.synced import SyncedMap, open_synced
 from bpfsync.agent.watchers import BatchWatcher, open_watcher
+from bpfsync.core.membership import Membership
 from bpfsync.core.messages import Hello, Record
 from bpfsync.core.register import Packed
 from bpfsync.core.replica import ApplyResult, Fill, Replica
@@ -52,6 +53,7 @@ from bpfsync.transport.base import Transport
 from bpfsync.transport.eventloop import GrpcEventLoop
 from bpfsync.transport.grpc_mesh import GrpcMesh
 from bpfsync.transport.options import MeshOptions
+from bpfsync.transport.tls import TlsFiles, load_tls
 from bpfsync.watch.auto import AutoWatcher
 
 log = logging.getLogger("bpfsync.agent")
@@ -117,6 +119,8 @@ class Agent:
         self.incarnation = _now()
         self.synced: dict[str, SyncedMap] = {}
         self.map_stats: dict[str, MapStats] = defaultdict(MapStats)
+        if cfg.tls is not None:  # a wrong file is a start-up error, before any map is opened
+            load_tls(self._tls_files(cfg.tls), self.node)
         try:
             for mc in cfg.maps:
                 sm = open_synced(mc)
@@ -128,10 +132,14 @@ class Agent:
         self.maps: dict[str, Map] = {name: sm.map for name, sm in self.synced.items()}
         schemas = [sm.schema for sm in self.synced.values()]
         self.schemas = schemas
+        # who may connect and whose records count (core/membership.py)
+        self.members = Membership(self.node, cfg.members, ca=cfg.tls is not None)
         self.replica = Replica(
             self.node, schemas, int(cfg.sync.tombstone_ttl_s * 1e9),
             digest_buckets=cfg.sync.digest_buckets,
             policies={name: sm.policy for name, sm in self.synced.items()},
+            max_drift_ns=int(cfg.sync.max_clock_drift_ms * 1e6),
+            members=self.members,
         )
         self.applier = Applier(self.synced, self.replica)
         self._in_place = any(sm.in_place_counters for sm in self.synced.values())
@@ -153,9 +161,24 @@ class Agent:
     # --- set-up --------------------------------------------------------------------------------
 
     def _grpc(self, hello: Hello) -> Transport:
-        opts = MeshOptions(max_message_bytes=self.cfg.sync.max_message_bytes)
+        tls = self.cfg.tls
+        sync = self.cfg.sync
+        opts = MeshOptions(
+            max_message_bytes=sync.max_message_bytes,
+            tls=None if tls is None else self._tls_files(tls),
+            penalty_base=sync.penalty_base_s, penalty_cap=sync.penalty_cap_s,
+        )
         return GrpcMesh(hello, self.cfg.listen, self.cfg.peers, peers_dns=self.cfg.peers_dns,
-                        options=opts)
+                        options=opts, members=self.members)
+
+    @staticmethod
+    def _tls_files(tls: TlsConfig) -> TlsFiles:
+        return TlsFiles(tls.cert, tls.key, tls.ca, tls.server_name)
+
+    def reload_tls(self) -> None:
+        """SIGHUP: re-read the TLS files now (the mesh also does every few seconds)."""
+        if isinstance(self.transport, GrpcMesh) and self._loop is not None:
+            self._loop.create_task(self.transport.reload_tls(), name="tls-reload")
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -189,11 +212,18 @@ class Agent:
             self._http = StatusServer(host, int(port), self.metrics.registry, self.status,
                                       self._slots_threadsafe)
             self._http.start()
+        self.metrics.watch_transport(lambda: self.transport.stats if self.transport else {})
         self._refresh_status()
         # until ready, kernel writes go to a thread of their own (applier.py), so a catch-up
         # merges its next batch while the kernel takes the last
         self.applier.start_background()
         await self.transport.start()
+        if self.cfg.tls is None:
+            log.warning(
+                "TLS is off: peers are not authenticated, and whoever reaches %s can claim a"
+                " member's id (see docs/security.md)", self.cfg.listen,
+                extra={"insecure": self.cfg.insecure, "members": self.members.mode},
+            )
         self._bridge.start()
         log.info("agent started", extra={"node": self.node, "listen": self.cfg.listen,
                                           "maps": sorted(self.maps)})
@@ -446,10 +476,22 @@ class Agent:
             })
         self._status = {
             "node": self.node, "incarnation": self.incarnation, "ready": self.ready,
-            "pid": os.getpid(), "peers": peers, "maps": maps,
+            "pid": os.getpid(), "peers": peers, "maps": maps, "security": self._security(),
             "watch": self._watcher.mode if self._watcher is not None else "starting",
             "replica": dict(self.replica.stats),
             "transport": dict(self.transport.stats) if self.transport else {},
+        }
+
+    def _security(self) -> dict[str, Any]:
+        tls = self.transport.tls if isinstance(self.transport, GrpcMesh) else None
+        if tls is not None:
+            self.metrics.tls_expiry.set(tls.not_after)
+        return {
+            "tls": None if tls is None else {
+                "fingerprint": tls.fingerprint, "names": list(tls.names),
+                "not_after": tls.not_after,
+            },
+            "membership": self.members.mode, "members": self.members.known(),
         }
 
     def _slots_threadsafe(self, name: str) -> dict[str, Any]:
@@ -485,6 +527,7 @@ def run_agent(cfg: AgentConfig) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, agent.stop)
+        loop.add_signal_handler(signal.SIGHUP, agent.reload_tls)
         await agent.run()
 
     # grpcio's wake-up socket drained (transport/eventloop.py): a busy loop stalled every stream

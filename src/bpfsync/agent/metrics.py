@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 
 class AgentMetrics:
@@ -54,7 +58,30 @@ class AgentMetrics:
         self.peer_connected = Gauge(
             "bpfsync_peer_connected", "1 while a stream to the peer is up", ["peer"], registry=r,
         )
+        self.tls_expiry = Gauge(
+            "bpfsync_tls_cert_expiry_timestamp_seconds",
+            "When this node's TLS certificate expires (unset without TLS)", registry=r,
+        )
         self.apply_seconds = Histogram(
             "bpfsync_apply_seconds", "Time to write one inbound batch to the kernel", registry=r,
             buckets=(1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0),
         )
+
+    def watch_transport(self, stats: Callable[[], Mapping[str, int]]) -> None:
+        """Export the transport's counters (rejected streams by reason, malformed frames,
+        disconnects, ...) as ``bpfsync_transport_events_total{event=...}``."""
+        self.registry.register(_TransportEvents(stats))
+
+
+class _TransportEvents(Collector):
+    def __init__(self, stats: Callable[[], Mapping[str, int]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "bpfsync_transport_events", "Transport events: streams refused by reason, frames"
+            " refused, peers disconnected, TLS reloads", labels=["event"],
+        )
+        for event, n in sorted(self._stats().items()):
+            family.add_metric([event], n)
+        yield family

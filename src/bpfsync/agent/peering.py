@@ -25,6 +25,14 @@ Rules of this module (the core's rules are in core/session.py and core/replica.p
 - Batches and repair answers are paced on the link's backlog: a 1M-entry answer is ~70 MB, and
   a peer slower than our writers would otherwise see its send queue overflow and its link reset
   (then everything unacked is sent again). Meanwhile records wait, coalesced, in the outbox.
+- Peer input is bounded and answered once: a peer holds at most one answer per map (and one
+  Pull answer) in the queue of repairs we owe it; a Digest or Pull beyond that is refused and
+  counted (``repair_busy``): one small frame must not make us send a whole map again and again.
+  An Answered counts toward catch-up only from a peer we sent an urgent digest of that map.
+- Input refused as the peer's fault (malformed, unauthenticated) disconnects the peer for a
+  while (transport ``disconnect``); so does input that meets a bug here, which is logged with
+  its traceback: one member's frames must never stop the agent. A config mismatch (a map the
+  peer does not sync) is only logged and counted.
 """
 
 from __future__ import annotations
@@ -53,7 +61,12 @@ from bpfsync.core.outbox import Outbox, split
 from bpfsync.core.register import Packed
 from bpfsync.core.replica import ApplyResult, Replica
 from bpfsync.core.session import PeerSession, map_mismatches
-from bpfsync.errors import BpfsyncError, PeerError
+from bpfsync.errors import (
+    BpfsyncError,
+    MalformedMessageError,
+    PeerError,
+    UnauthenticatedPeerError,
+)
 from bpfsync.transport.base import PeerDown, PeerUp, Received, Transport
 
 log = logging.getLogger("bpfsync.agent")
@@ -110,6 +123,9 @@ class Peering:
         self._repair_turn: Counter[tuple[str, str]] = Counter()
         # (peer, map) -> (when, bucket count, buckets): what our last answer to its digest sent
         self._answered: dict[tuple[str, str], tuple[float, int, frozenset[int]]] = {}
+        self._asked: dict[str, set[str]] = {}  # peer -> maps of our urgent digests it owes
+        # repairs owed to one peer at most: an answer (Pull, records, Answered) per map, a Pull's
+        self._max_repairs = 3 * len(self.schemas) + 1
 
     # --- what the agent calls ------------------------------------------------------------------
 
@@ -118,7 +134,7 @@ class Peering:
         async for ev in self.transport.events():
             try:
                 if isinstance(ev, Received):
-                    self._received(ev.peer, ev.message)
+                    self._received(ev.peer, ev.message, ev.incarnation)
                 elif isinstance(ev, PeerUp):
                     self._peer_up(ev.peer, ev.hello)
                 elif isinstance(ev, PeerDown):
@@ -126,12 +142,26 @@ class Peering:
             except PeerError as err:
                 self.metrics.rejected.labels(type(err).__name__).inc()
                 log.warning("refused input from peer %s: %s", ev.peer, err)
+                if isinstance(err, MalformedMessageError | UnauthenticatedPeerError):
+                    self.transport.disconnect(ev.peer, err, _incarnation(ev))
+            except BpfsyncError:
+                raise  # this node's own failure (kernel, config): not the peer's input
+            except Exception as exc:  # see the module docstring
+                self.metrics.rejected.labels("internal_error").inc()
+                log.exception("input from peer %s met a bug; disconnecting it", ev.peer)
+                self.transport.disconnect(ev.peer, MalformedMessageError(
+                    f"input that this node failed to handle ({type(exc).__name__})", ev.peer),
+                    _incarnation(ev))
 
     def broadcast(self, records: list[Record] | Packed) -> None:
-        """Local changes: to every peer."""
+        """Local changes: to every peer our link has reached at least once. One it never
+        reached (a member that only dials us, one still down since we started) gets everything
+        by the first-contact repair when our link comes up: queueing for it meanwhile would
+        hold a record per key of every map for nothing."""
         if records:
             for s in self.sessions.values():
-                s.outbox.add(records, newest=True)
+                if s.peer_incarnation is not None:
+                    s.outbox.add(records, newest=True)
             self._flush_soon()
 
     def digest_round(self) -> None:
@@ -218,6 +248,7 @@ class Peering:
     def _peer_down(self, peer: str, error: BpfsyncError | None) -> None:
         self._session(peer).link_down()
         self._repairs.pop(peer, None)
+        self._asked.pop(peer, None)
         for key in [key for key in self._answered if key[0] == peer]:
             del self._answered[key]
         self.metrics.peer_connected.labels(peer).set(0)
@@ -232,11 +263,11 @@ class Peering:
             if other != but:
                 self._send_digests(other)
 
-    def _received(self, peer: str, msg: object) -> None:
+    def _received(self, peer: str, msg: object, incarnation: int) -> None:
         s = self._session(peer)
         if isinstance(msg, Batch):
             self.last_batch_at = time.monotonic()
-            if s.on_batch(msg):
+            if s.on_batch(msg, incarnation):
                 res = self._on_records(peer, msg.records, msg.seq == 0)
                 if res is not None:
                     self._pass_on(peer, res)
@@ -247,11 +278,21 @@ class Peering:
             self._flush_soon()  # the window may have opened
         elif isinstance(msg, Digest):
             self._peer_links[peer] = frozenset(msg.linked)
-            self._answer_digest(peer, s, msg)
+            if self.replica.members is not None:
+                self.replica.members.vouch(msg.linked)
+            if not self._repairs_full(peer, msg):
+                self._answer_digest(peer, s, msg)
         elif isinstance(msg, Pull):
-            self._send_repair(peer, s, [self.replica.answer_pull(self._unsent(peer, msg), peer)])
+            if not self._repairs_full(peer, msg):
+                self._send_repair(
+                    peer, s, [self.replica.answer_pull(self._unsent(peer, msg), peer)])
         elif isinstance(msg, Answered):
-            self._on_caught_up(msg.map, peer, msg.differing)
+            asked = self._asked.get(peer)
+            if asked is None or msg.map not in asked:  # not ours to count (module docstring)
+                self.metrics.rejected.labels("unsolicited_answered").inc()
+            else:
+                asked.discard(msg.map)
+                self._on_caught_up(msg.map, peer, msg.differing)
         elif isinstance(msg, Hello):
             self._send(peer, s.on_hello(msg))
         if s.take_repair():
@@ -262,7 +303,8 @@ class Peering:
         where we hold something newer."""
         relayed = False
         others = [(o, s, links) for o, s in self.sessions.items()
-                  if o != sender and (links := self._peer_links.get(o)) is not None]
+                  if o != sender and s.peer_incarnation is not None
+                  and (links := self._peer_links.get(o)) is not None]
         origins = res.forward.origins() if res.forward and others else set()
         if origins:
             for other, s, links in others:
@@ -273,8 +315,9 @@ class Peering:
                 if relay:
                     s.outbox.add(relay)
                     relayed = True
-        if res.reply:
-            self._session(sender).outbox.add(res.reply)
+        back = self._session(sender)
+        if res.reply and back.peer_incarnation is not None:  # see broadcast
+            back.outbox.add(res.reply)
         if relayed or res.reply:
             self._flush_soon()
 
@@ -284,7 +327,17 @@ class Peering:
         linked = tuple(sorted(self._linked))
         for schema in self.schemas:
             d = self.replica.digest(schema.name)
-            self._send(peer, Digest(d.map, d.buckets, linked, urgent))
+            if self._send(peer, Digest(d.map, d.buckets, linked, urgent)) and urgent:
+                self._asked.setdefault(peer, set()).add(d.map)
+
+    def _repairs_full(self, peer: str, msg: Digest | Pull) -> bool:
+        """Whether the peer already has every answer it may have queued (module docstring)."""
+        if len(self._repairs.get(peer, ())) < self._max_repairs:
+            return False
+        self.metrics.rejected.labels("repair_busy").inc()
+        log.debug("peer %s: %s of %s refused, %d repairs still queued for it", peer,
+                  type(msg).__name__, msg.map, len(self._repairs[peer]))
+        return True
 
     def _stable_differences(self, peer: str, digest: Digest) -> set[int]:
         """Buckets that differ now and had the same hashes, on both sides, at the peer's
@@ -410,3 +463,7 @@ class Peering:
                 self._send_digests(peer, urgent=True)
         if behind:
             asyncio.get_running_loop().call_later(0.002, self._flush_soon)
+
+
+def _incarnation(ev: PeerUp | PeerDown | Received) -> int | None:
+    return ev.incarnation if isinstance(ev, Received) else None

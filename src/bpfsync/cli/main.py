@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -122,14 +123,36 @@ def run(
         typer.Option(help="seconds between scans of maps whose BPF programs' writes are not "
                      "traced (default 0.25)"),
     ] = None,
+    tls_ca: Annotated[
+        Path | None, typer.Option(help="the cluster CA's certificate (PEM): peers must be "
+                                  "signed by it. With --tls-cert and --tls-key: mutual TLS")
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="this node's certificate (PEM), naming its node id")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="this node's private key (PEM)")] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="run without TLS although --listen is reachable from other "
+                           "hosts: anyone who reaches it can change your maps")
+    ] = False,
+    allow_node: Annotated[
+        list[str] | None,
+        typer.Option(help="a node id of the cluster; repeat. Only members may connect, and "
+                     "only their records count (peers given as ID@HOST:PORT are members too)"),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
 ) -> None:
-    """Run the sync agent until SIGTERM or SIGINT.
+    """Run the sync agent until SIGTERM or SIGINT; SIGHUP re-reads the TLS files.
 
     From a file: bpfsync run --config /etc/bpfsync.yaml
 
-    From flags: bpfsync run --node-id a --listen 127.0.0.1:7001 --peer 127.0.0.1:7002
-    --peer 127.0.0.1:7003 --map /sys/fs/bpf/demo/m
+    From flags, on loopback: bpfsync run --node-id a --listen 127.0.0.1:7001
+    --peer 127.0.0.1:7002 --peer 127.0.0.1:7003 --map /sys/fs/bpf/demo/m
+
+    Across hosts, with mutual TLS (certificates from `bpfsync certs`):
+    bpfsync run --node-id a --listen 10.0.0.1:7001 --peer b@10.0.0.2:7001
+    --peer c@10.0.0.3:7001 --map /sys/fs/bpf/demo/m --tls-ca ca.pem --tls-cert a.pem
+    --tls-key a.key
 
     Flags given together with --config override the file's fields.
     """
@@ -156,12 +179,87 @@ def run(
             data["watch"] = {**data.get("watch", {}), "poll_interval": poll_interval}
         if syscall_hooks is not None:
             data["watch"] = {**data.get("watch", {}), "syscall_hooks": syscall_hooks}
+        tls_flags = {"ca": tls_ca, "cert": tls_cert, "key": tls_key}
+        if any(tls_flags.values()):
+            missing = [f"--tls-{k}" for k, v in tls_flags.items() if v is None]
+            if missing:
+                raise typer.BadParameter(
+                    f"mutual TLS needs --tls-ca, --tls-cert and --tls-key; missing {missing}")
+            data["tls"] = {**data.get("tls", {}), **{k: str(v) for k, v in tls_flags.items()}}
+        if insecure:
+            data["insecure"] = True
+        if allow_node:
+            data["allowed_nodes"] = tuple(allow_node)
         if "node_id" not in data:
             raise typer.BadParameter("give --node-id or a --config file with node_id")
         cfg = parse_config(data, str(config) if config else "command line")
         sys.exit(run_agent(cfg))
     except BpfsyncError as e:
         raise _fail(e) from e
+
+
+certs = typer.Typer(
+    help="Make the certificates for mutual TLS: one CA per cluster, one certificate per node.\n\n"
+    "  bpfsync certs ca --out /etc/bpfsync/ca\n\n"
+    "  bpfsync certs node a --ca-dir /etc/bpfsync/ca --ip 10.0.0.1 --out /etc/bpfsync/tls\n\n"
+    "Then run each node with --tls-ca ca.pem --tls-cert NODE.pem --tls-key NODE.key. Keep "
+    "ca.key off the nodes. See docs/security.md.",
+    no_args_is_help=True,
+)
+app.add_typer(certs, name="certs")
+
+
+@certs.command("ca")
+def certs_ca(
+    out: Annotated[Path, typer.Option(help="directory for ca.pem and ca.key")],
+    name: Annotated[str, typer.Option(help="the CA's common name")] = "bpfsync cluster CA",
+    days: Annotated[int, typer.Option(min=1, help="validity in days")] = 3650,
+    force: Annotated[bool, typer.Option(help="replace existing files")] = False,
+) -> None:
+    """Make a new cluster CA (ECDSA P-256): ca.pem for every node, ca.key for you."""
+    from bpfsync.transport.certs import make_ca
+
+    try:
+        issued = make_ca(out, name, days, force)
+    except BpfsyncError as e:
+        raise _fail(e) from e
+    print(f"{issued.cert}\n{issued.key}  (keep it off the nodes)")
+
+
+@certs.command("node")
+def certs_node(
+    node_id: Annotated[str, typer.Argument(metavar="NODE_ID", help="the node's --node-id")],
+    ca_dir: Annotated[
+        Path | None, typer.Option(help="directory holding ca.pem and ca.key (certs ca --out)")
+    ] = None,
+    ca: Annotated[Path | None, typer.Option(help="the CA's certificate (instead of --ca-dir)")
+                  ] = None,
+    ca_key: Annotated[Path | None, typer.Option(help="the CA's key (instead of --ca-dir)")
+                      ] = None,
+    out: Annotated[Path, typer.Option(help="directory for NODE_ID.pem and NODE_ID.key")
+                   ] = Path("."),
+    ip: Annotated[
+        list[str] | None,
+        typer.Option(help="an address peers dial this node at; repeat (not needed for peers "
+                     "given as NODE_ID@HOST:PORT, which are checked by id)"),
+    ] = None,
+    dns: Annotated[list[str] | None, typer.Option(help="a DNS name peers dial; repeat")] = None,
+    days: Annotated[int, typer.Option(min=1, help="validity in days")] = 365,
+    force: Annotated[bool, typer.Option(help="replace existing files")] = False,
+) -> None:
+    """Issue a node's certificate, naming its id (CN and DNS name) and its addresses."""
+    from bpfsync.transport.certs import issue_node
+
+    if ca_dir is not None:
+        ca, ca_key = ca or ca_dir / "ca.pem", ca_key or ca_dir / "ca.key"
+    if ca is None or ca_key is None:
+        raise _fail(BpfsyncError("give --ca-dir, or both --ca and --ca-key"))
+    try:
+        issued = issue_node(node_id, ca, ca_key, out, ips=tuple(ip or ()), dns=tuple(dns or ()),
+                            days=days, force=force)
+    except BpfsyncError as e:
+        raise _fail(e) from e
+    print(f"{issued.cert}\n{issued.key}")
 
 
 @app.command()
@@ -184,6 +282,16 @@ def status(
     out = Console()
     ready = "[green]ready[/]" if state.get("ready") else "[yellow]catching up[/]"
     out.print(f"node [bold]{state.get('node')}[/] — {ready} — watching by {state.get('watch')}")
+    sec = state.get("security") or {}
+    tls = sec.get("tls")
+    members = ", ".join(sec.get("members") or []) or "-"
+    if tls:
+        until = time.strftime("%Y-%m-%d", time.gmtime(tls.get("not_after", 0)))
+        out.print(f"mutual TLS, certificate {str(tls.get('fingerprint'))[:16]} valid until "
+                  f"{until}; members ({sec.get('membership')}): {members}", highlight=False)
+    elif sec:
+        out.print(f"[yellow]TLS off[/]; members ({sec.get('membership')}): {members}",
+                  highlight=False)
     peers = Table("peer", "node", "connected", "sent", "received", "reconnects", "last error")
     for p in state.get("peers", []):
         peers.add_row(

@@ -17,6 +17,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bpfsync.kernel.objects import BpfObject
+from bpfsync.transport.certs import Issued, issue_node, make_ca
 
 BPFFS = Path("/sys/fs/bpf")
 MAP_NAME = "sessions"
@@ -141,6 +143,7 @@ class Node(AgentProcess):
         self.pin = self.dir / MAP_NAME
         self.port = port
         self.peers: list[str] = []
+        self.tls: tuple[Path, Issued] | None = None  # the CA's certificate, and this node's
         self.dir.mkdir(parents=True, exist_ok=True)
         self.obj = BpfObject.open(demo_object())
         if entries is not None:
@@ -162,6 +165,9 @@ class Node(AgentProcess):
                "--http", f"127.0.0.1:{self.http_port}"]
         for p in self.peers:
             cmd += ["--peer", p]
+        if self.tls is not None:
+            ca, mine = self.tls
+            cmd += ["--tls-ca", str(ca), "--tls-cert", str(mine.cert), "--tls-key", str(mine.key)]
         return cmd + list(extra)
 
     def start(self, extra: Sequence[str] = ()) -> None:
@@ -217,19 +223,40 @@ def wait_for(cond: Callable[[], bool], timeout: float, every: float = 0.1) -> bo
     return cond()
 
 class Cluster:
-    """N nodes in a full mesh; a context manager that always cleans up pins and processes."""
+    """N nodes in a full mesh; a context manager that always cleans up pins and processes.
 
-    def __init__(self, names: Sequence[str] = ("a", "b", "c"), tag: str | None = None) -> None:
+    ``tls``: the nodes run with mutual TLS, certificates issued by a CA made for the cluster
+    (``issue`` makes more), and know their peers by id (``ID@HOST:PORT``). ``factory`` makes
+    each node from (name, root, port, http port), e.g. with a larger map.
+    """
+
+    def __init__(
+        self, names: Sequence[str] = ("a", "b", "c"), tag: str | None = None, tls: bool = False,
+        factory: Callable[[str, Path, int, int], Node] = Node,
+    ) -> None:
         self.root = BPFFS / f"bpfsync-{tag or 'cluster'}-{uuid.uuid4().hex[:8]}"
         self.nodes: dict[str, Node] = {}
+        self.pki: Path | None = None
         try:
             for n in names:
-                self.nodes[n] = Node(n, self.root, free_port(), free_port())
+                self.nodes[n] = factory(n, self.root, free_port(), free_port())
+            if tls:
+                self.pki = Path(tempfile.mkdtemp(prefix="bpfsync-pki-"))
+                make_ca(self.pki, days=2)
+                for node in self.nodes.values():
+                    node.tls = (self.pki / "ca.pem", self.issue(node.name))
         except BaseException:
             self.close()
             raise
         for node in self.nodes.values():
-            node.peers = [o.address for o in self.nodes.values() if o is not node]
+            node.peers = [f"{o.name}@{o.address}" if tls else o.address
+                          for o in self.nodes.values() if o is not node]
+
+    def issue(self, node: str, out: Path | None = None) -> Issued:
+        """A certificate for ``node`` from the cluster's CA (in ``out``, default the CA's)."""
+        assert self.pki is not None, "a cluster made without tls has no CA"
+        return issue_node(node, self.pki / "ca.pem", self.pki / "ca.key", out or self.pki,
+                          ips=("127.0.0.1",), days=2, force=True)
 
     def __getitem__(self, name: str) -> Node:
         return self.nodes[name]
@@ -247,6 +274,20 @@ class Cluster:
     def wait_ready(self, timeout: float = 30.0, nodes: Sequence[Node] | None = None) -> bool:
         return self.wait(lambda: all(n.is_ready() for n in (nodes or list(self))), timeout)
 
+    def linked(self) -> bool:
+        """Every node's links to every other node are up (both directions)."""
+        for node in self:
+            st = node.status()
+            if st is None:
+                return False
+            up = {p["node"] for p in st["peers"] if p["connected"] and p["inbound"]}
+            if up != {n.name for n in self if n is not node}:
+                return False
+        return True
+
+    def wait_linked(self, timeout: float = 30.0) -> bool:
+        return self.wait(self.linked, timeout)
+
     def converged(self) -> bool:
         contents = [n.content() for n in self]
         return all(c == contents[0] for c in contents[1:])
@@ -257,6 +298,8 @@ class Cluster:
     def close(self) -> None:
         for node in self.nodes.values():
             node.close()
+        if self.pki is not None:
+            shutil.rmtree(self.pki, ignore_errors=True)
         shutil.rmtree(self.root, ignore_errors=True)
         with contextlib.suppress(OSError):
             os.rmdir(self.root)
