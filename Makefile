@@ -19,7 +19,7 @@ PROTO_DIR := src/bpfsync/transport/_proto
 PROTO := $(PROTO_DIR)/bpfsync.proto
 PROTO_OUT := $(PROTO_DIR)/bpfsync_pb2.py
 
-.PHONY: all setup deps venv bpf proto vm-kernel test check unit demo bench clean
+.PHONY: all setup deps venv bpf proto vm-kernel test check unit demo bench fuzz clean
 
 all: setup
 
@@ -83,6 +83,12 @@ unit: setup
 
 demo: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m bpfsync.demo
+
+# the full fuzz run: >= 100,000 generated frames from an authenticated member against real agents
+# (make test runs a quick slice of the same test)
+fuzz: setup
+	BPFSYNC_FUZZ_EXAMPLES=5000 BPFSYNC_FUZZ_MIN_FRAMES=100000 PATH=$(CURDIR)/$(VENV)/bin:$$PATH \
+		$(PY) -m pytest -p no:cacheprovider -s tests/agent/test_fuzz.py $(PYTEST_ARGS)
 
 # --- a fresh machine passes: a new Debian 12 root (mmdebstrap), a clean clone of HEAD, and in it
 # `make setup vm-kernel`, a smoke `make test`, one VM boot and `make demo` (needs root, ~4 GB) --

@@ -12,11 +12,13 @@ Phases (each bounded; every pin and process is cleaned up by the Cluster context
             (each write has a unique value); time until b and c hold exactly a's content
   thr-bpf   same, writes made by the write_range BPF program via BPF_PROG_TEST_RUN (256 a run:
             one run a write, a Python loop offered only 75-120k writes/s)
+  thr-tls   thr-user again with mutual TLS between the agents (certificates from the cluster's
+            own CA, peers given as ID@HOST:PORT), right after thr-user for a fair comparison
   thr-256   same as thr-user with 256-byte values (a bpftool-created hash map, no BTF)
   latency   ~10k writes/s on a (monotonic ns in the value); this process sees b's agent write
             them through its own bpf(2) syscall hooks; agents in watch mode auto (the default:
             bpf(2) hooks on this host) at 10k/s and at 80% of the rate thr-user sustained, and
-            poll-only at 0.25 s for comparison
+            poll-only at 0.25 s for comparison; and at 10k/s with mutual TLS
   catch-up  a holds N entries and is ready; b starts empty: time to ready and identical, bytes read
             sent by the two agents (ss -ti bytes_sent), RSS of both then, and again once every
             bucket of both maps is frozen (core/table.py: quiet buckets take a third of the memory)
@@ -36,7 +38,6 @@ import re
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +50,11 @@ import syscall_hooks
 
 from bpfsync.core.digest import DEFAULT_BUCKETS
 from bpfsync.demo.cluster import (
-    BPFFS,
     MAP_NAME,
     RANGE_MAX,
     AgentProcess,
     Cluster,
     Node,
-    free_port,
 )
 from bpfsync.kernel.maps import Map
 from bpfsync.watch.poll import MapPoller
@@ -98,17 +97,8 @@ class PlainNode(Node):
 
 
 class BenchCluster(Cluster):
-    def __init__(self, factory: Any, names: tuple[str, ...], tag: str) -> None:
-        self.root = BPFFS / f"bpfsync-{tag}-{uuid.uuid4().hex[:8]}"
-        self.nodes = {}
-        try:
-            for n in names:
-                self.nodes[n] = factory(n, self.root, free_port(), free_port())
-        except BaseException:
-            self.close()
-            raise
-        for node in self.nodes.values():
-            node.peers = [o.address for o in self.nodes.values() if o is not node]
+    def __init__(self, factory: Any, names: tuple[str, ...], tag: str, tls: bool = False) -> None:
+        super().__init__(names, tag, tls, factory)
 
     def start_with(self, poll: float, nodes: list[Node] | None = None,
                    catchup_s: float = 1.0, mode: str = "auto") -> None:
@@ -553,6 +543,14 @@ def main() -> None:
             R["thr_bpf"] = throughput(c, args.rate, secs, args.keyspace, 16, True, wait_max,
                                       1 << 40)
             log(f"  { {k: v for k, v in R['thr_bpf'].items() if k != 'profiles'} }")
+        if "tls" not in skip:
+            with BenchCluster(factory, ("a", "b", "c"), "bench-tls", tls=True) as c:
+                c.start_with(0.25)
+                assert c.wait_ready(30), "agents not ready"
+                log("throughput, user-space batch writes, mutual TLS")
+                R["thr_user_tls"] = throughput(c, args.rate, secs, args.keyspace, 16, False,
+                                               wait_max, 0)
+                log(f"  { {k: v for k, v in R['thr_user_tls'].items() if k != 'profiles'} }")
     if "thr256" not in skip:
         ks = min(args.keyspace, 1 << 18)
         factory = lambda n, r, p, h: PlainNode(n, r, p, h, ks, 256)  # noqa: E731
@@ -578,6 +576,15 @@ def main() -> None:
                 log(f"  {R[key]}")
                 for n in c:
                     n.stop()
+        if "tls" not in skip:
+            with BenchCluster(lambda n, r, p, h: BigNode(n, r, p, h, 65536), ("a", "b", "c"),
+                              "bench-lat-tls", tls=True) as c:
+                c.start_with(0.25)
+                assert c.wait_ready(30), "agents not ready"
+                log("latency at 10,000/s, watch mode auto, mutual TLS")
+                R["lat_auto_tls"] = {**latency(c, 0.25, 10_000.0, lat_secs), "rate": 10_000.0,
+                                     "mode": "auto", "tls": True}
+                log(f"  {R['lat_auto_tls']}")
     if "catchup" not in skip:
         log(f"catch-up of {args.catchup_entries} entries")
         R["catchup"] = catchup(args.catchup_entries, 60.0 if q else 120.0)
@@ -634,19 +641,29 @@ def report(R: dict[str, Any], argv: list[str]) -> None:
     rows.append(("seed: latency p50/p99/p99.9",
                  f"{seed['p50_ms']:.2f}/{seed['p99_ms']:.2f}/{seed['p999_ms']:.2f} ms", "1x", ""))
     thr_rows("thr_user", "16B user-space")
+    thr_rows("thr_user_tls", "16B user-space, mutual TLS")
+    plain, tls = R.get("thr_user"), R.get("thr_user_tls")
+    if plain and tls and plain["converged"] and tls["converged"]:
+        rows.append(("mutual TLS: 16B writes/s against plaintext",
+                     f"{100 * tls['writes_per_s'] / plain['writes_per_s']:.0f}%", "", ">=90%"))
     thr_rows("thr_user_low", "16B user-space, lower offered rate")
     thr_rows("thr_bpf", "16B BPF write_range")
     thr_rows("thr_256", "256B user-space")
     if "thr_256" not in R:
         rows.append(("256B", "not measured", "", ""))
-    for key in ("lat_auto", "lat_auto_80", "lat_poll"):
+    for key in ("lat_auto", "lat_auto_tls", "lat_auto_80", "lat_poll"):
         lt = R.get(key)
         if lt:
             how = "auto (bpf(2) hooks + poll)" if lt["mode"] == "auto" else f"poll {lt['poll']}s"
+            how += ", mutual TLS" if lt.get("tls") else ""
             rows.append((f"latency a->b @{lt['rate']:,.0f}/s, {how}: p50/p99/p99.9",
                          f"{lt['p50']:.1f}/{lt['p99']:.1f}/{lt['p999']:.1f} ms "
                          f"({lt['observed']:,} of {lt['written']:,} seen)",
                          f"p99 {lt['p99'] / seed['p99_ms']:.1f}x seed", "p99 <=10 ms"))
+    plain, tls = R.get("lat_auto"), R.get("lat_auto_tls")
+    if plain and tls:
+        rows.append(("mutual TLS: latency p99 @10k/s against plaintext",
+                     f"{tls['p99'] - plain['p99']:+.1f} ms", "", "<=+1 ms"))
     bu = R.get("burst")
     if bu:
         if bu["seconds"] is None:
