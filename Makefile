@@ -19,7 +19,7 @@ PROTO_DIR := src/bpfsync/transport/_proto
 PROTO := $(PROTO_DIR)/bpfsync.proto
 PROTO_OUT := $(PROTO_DIR)/bpfsync_pb2.py
 
-.PHONY: all setup deps venv bpf proto vm-kernel test check unit demo bench fuzz clean
+.PHONY: all setup deps venv bpf proto vm-kernel test check unit demo bench fuzz docs clean
 
 all: setup
 
@@ -83,6 +83,10 @@ unit: setup
 
 demo: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m bpfsync.demo
+
+# docs/config.md from the config models' descriptions (a test fails when it is stale)
+docs: venv
+	$(PY) -m bpfsync.cli.reference --output docs/config.md
 
 # the full fuzz run: >= 100,000 generated frames from an authenticated member against real agents
 # (make test runs a quick slice of the same test)

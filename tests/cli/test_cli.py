@@ -6,7 +6,9 @@ import json
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import pytest
 from bpfsync.demo.cluster import KEY, VALUE, Cluster, Node, session
 
 BPFSYNC = [sys.executable, "-m", "bpfsync.cli.main"]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -24,6 +27,19 @@ def node() -> Iterator[Node]:
 
 def _hex_words(data: bytes) -> list[str]:
     return [f"0x{b:02x}" for b in data]
+
+
+def test_version_is_pyproject_s_through_the_package_metadata() -> None:
+    import bpfsync
+
+    written = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert metadata.version("bpfsync") == written, (
+        "the installed metadata is older than pyproject.toml: reinstall (make venv)")
+    assert bpfsync.__version__ == written
+    # pyproject.toml is the only place the version is written
+    assert f'"{written}"' not in (ROOT / "src" / "bpfsync" / "__init__.py").read_text()
+    res = subprocess.run([*BPFSYNC, "--version"], capture_output=True, text=True, check=True)
+    assert res.stdout == f"bpfsync {written}\n"
 
 
 def test_watch_json_shows_bpftool_writes(node: Node) -> None:

@@ -62,19 +62,43 @@ FieldOp = Literal["lww", "counter", "max", "min", "epoch"]
 class MapConfig(_Strict):
     """One synced map: the same pin path (or name) on every node, and how it merges."""
 
-    path: str = Field(description="pin path under /sys/fs/bpf, or name:NAME of a loaded map")
-    name: str | None = Field(default=None, description="name peers know the map by")
+    path: str = Field(description=(
+        "The map: its pin path on bpffs (/sys/fs/bpf/app/map), or name:NAME for a loaded map "
+        "the kernel knows by that name (15 characters are compared; two maps of one name are "
+        "an error). Not id:N: map ids differ on every node and change when the program is "
+        "reloaded."))
+    name: str | None = Field(default=None, description=(
+        "The name peers know this map by, the same on every node (a record names its map by "
+        "it). Unset: the pin's file name, or NAME of name:NAME. Set it when two synced maps "
+        "share a file name, or when a map's file name differs between nodes."))
     policy: WholePolicy | dict[str, FieldOp] = Field(
         default="lww",
-        description="lww | counter | max | min for the whole value, or {field: op} by BTF name",
+        description=(
+            "How a key's values from several nodes merge, the same on every node (peers compare "
+            "policies at Hello and report a difference). A word for the whole value: lww (last "
+            "writer wins, by hybrid logical clock), or counter (sum of every node's count), max "
+            "or min, which read the value as one unsigned integer of 1, 2, 4 or 8 bytes. Or "
+            "{field: op} by the value's BTF field names (nested fields dotted, e.g. "
+            "stats.packets), op one of lww, counter, max, min, epoch: counter/max/min need "
+            "unsigned integer fields; one epoch field at most, a window number whose increase "
+            "resets the counters; fields not named follow lww."),
     )
     counters: Literal["in-place", "exact"] = Field(
         default="in-place",
-        description="in-place: the agent folds peers' counts into the map; exact: into companion",
+        description=(
+            "Where the other nodes' counts go, for a policy with counters. in-place: the agent "
+            "adds them into the map itself, right after re-reading the key, so unmodified "
+            "programs work, but an increment landing between that read and the write is lost "
+            "(bpfsync_counter_raced counts the races caught). exact: the map holds only this "
+            "node's counts and the agent never writes it; the peers' merged value goes into "
+            "companion, which the program adds with bpfsync_counter_total() (bpfsync.h). Use "
+            "exact for hot counters; per-CPU maps need it, as their per-CPU slots cannot be "
+            "written back without racing the CPUs."),
     )
-    companion: str | None = Field(
-        default=None, description="exact counters: pin path of the map that gets peers' sum"
-    )
+    companion: str | None = Field(default=None, description=(
+        "With counters: exact, and only then: the absolute pin path of the map that receives "
+        "the other nodes' merged counts. A plain (not per-CPU) map with the same key and value "
+        "sizes as the synced map."))
 
     @field_validator("path")
     @classmethod
@@ -133,33 +157,86 @@ class MapConfig(_Strict):
 
 
 class WatchConfig(_Strict):
-    mode: Literal["auto", "trace", "poll"] = "auto"
-    poll_interval: Annotated[float, Field(gt=0, le=3600)] = 0.25
-    auto_poll_interval: Annotated[float, Field(gt=0, le=3600)] = 2.0
-    # where fexit is refused, mode auto hooks bpf(2) instead: user-space writes are seen within
-    # microseconds, for ~55 ns more on every syscall of every process (bench/syscall_hooks.py);
-    # false polls instead
-    syscall_hooks: bool = True
+    """How the agent sees writes to the synced maps (docs/architecture.md, section 1)."""
+
+    mode: Literal["auto", "trace", "poll"] = Field(default="auto", description=(
+        "auto: fexit on the kernel's map-update and -delete functions where the kernel allows "
+        "it, else hooks on bpf(2) (see syscall_hooks), plus a scan underneath for what tracing "
+        "cannot see (in-place increments, LRU evictions, a dropped ring record); maps that "
+        "cannot be traced (type, key or value over 256 bytes) are scanned alone. trace: fexit "
+        "only, and the agent refuses to start where the kernel does not allow it; no scans, so "
+        "writes through lookup pointers go unseen. poll: scans only."))
+    poll_interval: Annotated[float, Field(gt=0, le=3600, description=(
+        "Seconds between two scans of a map whose BPF programs' writes are not traced (bpf(2) "
+        "hooks, poll mode, untraceable maps) or that the data plane writes in place (counter, "
+        "max and min policies): the longest such a write waits to be seen. A scan dumps the "
+        "whole map, and each map's dumps take at most a quarter of the time, so a large map is "
+        "scanned less often than this."))] = 0.25
+    auto_poll_interval: Annotated[float, Field(gt=0, le=3600, description=(
+        "In mode auto, seconds between the repair scans of a map fexit traces, which look only "
+        "for what tracing misses (LRU evictions, lost ring records); while they find nothing "
+        "they come up to 4 times less often, but at least every 5 s (or every "
+        "auto_poll_interval, where that is longer)."))] = 2.0
+    syscall_hooks: bool = Field(default=True, description=(
+        "Where the kernel refuses fexit, mode auto traces bpf(2) instead: every user-space "
+        "write is then seen within microseconds, and BPF programs' writes by the scans every "
+        "poll_interval. The hooks sit on the system-call entry and exit, so every system call "
+        "of every process on the node pays a few tens of nanoseconds. false: scan instead."))
 
 
 class SyncConfig(_Strict):
-    batch_window_ms: Annotated[float, Field(ge=0, le=1000)] = 1.0
-    max_batch_records: Annotated[int, Field(ge=1, le=1_000_000)] = 8192
-    tombstone_ttl_s: Annotated[float, Field(gt=0)] = 3600.0
-    anti_entropy_interval_s: Annotated[float, Field(gt=0)] = 2.0
-    catchup_timeout_s: Annotated[float, Field(gt=0)] = 10.0
-    digest_buckets: Annotated[int, Field(ge=1, le=65536)] = 1024
-    # a bucket of registers unwritten this long is frozen (core/table.py): a third of the
-    # memory; its next write thaws it (~0.1 ms)
-    freeze_after_s: Annotated[float, Field(ge=0, le=86400)] = 30.0
-    max_message_bytes: Annotated[int, Field(ge=4096, le=1 << 30)] = 16 << 20
-    # a record stamped further ahead of this node's clock is refused (and repaired once the
-    # clocks agree, core/hlc.py): NTP keeps real clusters within milliseconds
-    max_clock_drift_ms: Annotated[float, Field(ge=1, le=3_600_000)] = 1000.0
-    # a member whose input was refused as its fault (malformed, unauthenticated) is refused
-    # for base * 2**offences seconds, up to cap (with TLS; without, only its stream ends)
-    penalty_base_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
-    penalty_cap_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
+    """How changes are merged, batched, sent and repaired between the nodes (docs/architecture.md,
+    sections 3-6)."""
+
+    batch_window_ms: Annotated[float, Field(ge=0, le=1000, description=(
+        "Milliseconds a batch stays open before it is sent to a peer: a key written several "
+        "times meanwhile is sent once, with its last value. Longer windows coalesce more and "
+        "delay every change by as much; 0 sends at the next turn of the event loop."))] = 1.0
+    max_batch_records: Annotated[int, Field(ge=1, le=1_000_000, description=(
+        "Records in one batch at most, and in one part of a repair answer; batches are also "
+        "cut to stay well under max_message_bytes. The bound stays below the 2^20 records a "
+        "peer accepts in one batch."))] = 8192
+    tombstone_ttl_s: Annotated[float, Field(gt=0, description=(
+        "Seconds a deleted key's tombstone is kept, so that a late, older update cannot bring "
+        "the key back; a record older than a forgotten tombstone is refused and answered with a "
+        "delete. Must exceed the longest partition or agent downtime you expect: a write "
+        "undelivered for longer is refused rather than resurrect a deleted key."))] = 3600.0
+    anti_entropy_interval_s: Annotated[float, Field(gt=0, description=(
+        "Seconds between two digest rounds: each node sends every peer the hashes of its "
+        "maps' buckets and repairs the buckets that stay different, so anything a batch "
+        "missed converges within a few rounds. Tombstones past tombstone_ttl_s are purged at "
+        "the same pace."))] = 2.0
+    catchup_timeout_s: Annotated[float, Field(gt=0, description=(
+        "Seconds a starting node waits for a peer to answer its catch-up digest: a node that "
+        "reaches no peer in that time reports ready alone (the first node of a cluster must "
+        "come up), and one whose linked peers send nothing for three times as long stops "
+        "waiting for them."))] = 10.0
+    digest_buckets: Annotated[int, Field(ge=1, le=65536, description=(
+        "Buckets per map in a digest: a repair sends the keys of the buckets that differ, so "
+        "more buckets make smaller repairs and larger digests. Keep it the same on every node "
+        "(a power of two): a digest whose bucket count does not divide this node's is refused "
+        "as malformed."))] = 1024
+    freeze_after_s: Annotated[float, Field(ge=0, le=86400, description=(
+        "Seconds without a write after which a bucket of last-writer-wins registers is frozen "
+        "into one packed object (core/table.py), a third of the memory of a dict, for slower "
+        "lookups; its next write thaws it. 0: as soon as the agent has time."))] = 30.0
+    max_message_bytes: Annotated[int, Field(ge=4096, le=1 << 30, description=(
+        "The largest frame this node sends or accepts (16 MiB by default), the same on every "
+        "node: a peer's larger frame ends its stream. Bounds the memory one frame can make a "
+        "node allocate; a record must fit in it."))] = 16 << 20
+    max_clock_drift_ms: Annotated[float, Field(ge=1, le=3_600_000, description=(
+        "Milliseconds a record's stamp may be ahead of this node's clock: one stamped further "
+        "ahead is refused, never clamped (clamping would give two nodes different versions of "
+        "one write), and arrives by repair once the clocks agree (core/hlc.py). NTP keeps real "
+        "clusters within milliseconds."))] = 1000.0
+    penalty_base_s: Annotated[float, Field(gt=0, le=3600, description=(
+        "With TLS, a member whose input was refused as its own fault (malformed, "
+        "unauthenticated) is disconnected and refused for penalty_base_s * 2^offences seconds, "
+        "so a broken or hostile node cannot keep the others busy; without TLS only its stream "
+        "ends, as nothing proves which node it was."))] = 1.0
+    penalty_cap_s: Annotated[float, Field(gt=0, le=86400, description=(
+        "The longest a member is refused after bad input, however many offences; at least "
+        "penalty_base_s."))] = 60.0
 
     @model_validator(mode="after")
     def _penalties(self) -> SyncConfig:
@@ -171,31 +248,70 @@ class SyncConfig(_Strict):
 class TlsConfig(_Strict):
     """Mutual TLS between the nodes (docs/security.md): PEM files, re-read when they change."""
 
-    ca: Path = Field(description="the cluster CA's certificate(s): peers must be signed by it")
-    cert: Path = Field(description="this node's certificate (chain), naming its node id")
-    key: Path = Field(description="this node's private key, unencrypted PEM")
+    ca: Path = Field(description=(
+        "The cluster CA's certificate(s), PEM: peers must present a certificate it signed. "
+        "Several CA certificates in the file are all trusted, which is how a CA is rotated."))
+    cert: Path = Field(description=(
+        "This node's certificate (chain), PEM, signed by the CA, naming this node's id as its "
+        "common name or a DNS name (peers bind a node id to its certificate), valid now and "
+        "for both TLS client and server use; `bpfsync certs node` makes one."))
+    key: Path = Field(description=(
+        "This node's private key, unencrypted PEM: the key of cert. The three files are "
+        "re-read every few seconds and on SIGHUP; a new set is taken only if it passes every "
+        "check, so they can be replaced in any order."))
     server_name: str | None = Field(
-        default=None, description="the name every peer's certificate holds, when certificates "
-        "do not name the peers' addresses (peers given as ID@HOST:PORT are checked by id)")
+        default=None, description=(
+            "The name every peer's certificate holds, for clusters whose certificates do not "
+            "name the peers' addresses: peers given as HOST:PORT are then checked against it "
+            "instead of HOST. Peers given as ID@HOST:PORT are checked against their id."))
 
 
 class AgentConfig(_Strict):
-    node_id: str
-    listen: str = "127.0.0.1:7001"
+    """One node's configuration: who it is, whom it talks to, and which maps it keeps in sync."""
+
+    node_id: str = Field(description=(
+        f"This node's id, unique in the cluster: {NODE_ID_RULE}. Records are stamped with it, "
+        "ties between equal clocks are broken by it, and with TLS the node's certificate must "
+        "name it."))
+    listen: str = Field(default="127.0.0.1:7001", description=(
+        "HOST:PORT where peers connect (gRPC). An address other hosts can reach needs tls, or "
+        "insecure: true, as anyone who reaches a plaintext port can change your maps."))
     peers: tuple[str, ...] = Field(
-        default=(), description="HOST:PORT of every other node, or ID@HOST:PORT to bind the "
-        "address to a node id (its certificate must then name that id)")
+        default=(), description=(
+            "Every other node of the cluster (a full mesh: each node lists all the others), as "
+            "HOST:PORT, or ID@HOST:PORT to bind the address to a node id: the peer must then "
+            "announce that id and, with TLS, its certificate must name it. Ids given here are "
+            "members (see allowed_nodes)."))
     allowed_nodes: tuple[str, ...] | None = Field(
-        default=None, description="the cluster's node ids; with ids given in peers, their "
-        "union. Unset: with tls, whoever the CA signs; without, the nodes at the peer addresses")
-    tls: TlsConfig | None = None
+        default=None, description=(
+            "The cluster's node ids (this node's is added): only these may connect, and only "
+            "their records count; with ids given in peers, the union of both. Unset and no ids "
+            "in peers: with tls, every node the CA signs a certificate for; without, the nodes "
+            "that answer at the peer addresses (docs/security.md)."))
+    tls: TlsConfig | None = Field(default=None, description=(
+        "Mutual TLS between the nodes (PEM files; `bpfsync certs` makes them). Unset: "
+        "plaintext, which authenticates nothing, so the agent then listens on loopback only, "
+        "unless insecure: true."))
     insecure: bool = Field(
-        default=False, description="run without TLS on an address other hosts can reach")
-    peers_dns: str | None = Field(default=None, description="HOST:PORT resolving to every peer")
-    http_listen: str | None = Field(default=None, description="HOST:PORT for /metrics, /status")
-    maps: tuple[MapConfig, ...]
-    watch: WatchConfig = WatchConfig()
-    sync: SyncConfig = SyncConfig()
+        default=False, description=(
+            "Run without TLS on a listen address other hosts can reach. Whoever reaches the "
+            "port can then write any key under any member's id; for trusted networks and tests "
+            "only. Cannot be combined with tls."))
+    peers_dns: str | None = Field(default=None, description=(
+        "HOST:PORT whose name resolves to the cluster's nodes (a Kubernetes headless service, "
+        "say): every address it resolves to is dialed, in addition to peers, and the name is "
+        "re-resolved periodically, so nodes can come and go without a config change. This "
+        "node's own address among them is recognised and skipped."))
+    http_listen: str | None = Field(default=None, description=(
+        "HOST:PORT for the HTTP endpoints /metrics (Prometheus), /healthz, /readyz and "
+        "/status (what `bpfsync status` reads). Unset: no HTTP server. They are read-only but "
+        "unauthenticated: keep them on loopback or a management network."))
+    maps: tuple[MapConfig, ...] = Field(description=(
+        "The maps to keep in sync, at least one: the same maps (by sync name) on every node."))
+    watch: WatchConfig = Field(default=WatchConfig(), description=(
+        "How writes to the maps are seen."))
+    sync: SyncConfig = Field(default=SyncConfig(), description=(
+        "How changes are merged, batched, sent and repaired."))
 
     @field_validator("node_id")
     @classmethod

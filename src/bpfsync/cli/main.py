@@ -1,4 +1,5 @@
-"""The `bpfsync` command line: watch a map, run the agent, ask a running agent for its status."""
+"""The `bpfsync` command line: watch a map, run the agent or check its config, ask a running agent
+for its status."""
 
 from __future__ import annotations
 
@@ -28,10 +29,49 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 
+# The config field (its YAML path in docs/config.md) that each flag of `run` sets; the reference
+# generator (cli/reference.py) prints them, and a test holds this table to run's options
+# (--no-insecure, which typer adds, sets nothing: it does not undo a file's insecure: true).
+RUN_FLAGS: dict[str, str] = {
+    "node_id": "--node-id",
+    "listen": "--listen",
+    "peers": "--peer",
+    "peers_dns": "--peers-dns",
+    "maps[].path": "--map",
+    "http_listen": "--http",
+    "watch.mode": "--watch",
+    "watch.syscall_hooks": "--syscall-hooks/--no-syscall-hooks",
+    "watch.poll_interval": "--poll-interval",
+    "tls.ca": "--tls-ca",
+    "tls.cert": "--tls-cert",
+    "tls.key": "--tls-key",
+    "insecure": "--insecure",
+    "allowed_nodes": "--allow-node",
+}
+
 
 def _fail(e: BaseException) -> typer.Exit:
     err.print(f"[bold red]error:[/] {e}", highlight=False)
     return typer.Exit(2)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from bpfsync import __version__
+
+        print(f"bpfsync {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                           help="print the version and exit")
+    ] = False,
+) -> None:
+    # no docstring: the app's help above is the one `bpfsync --help` shows
+    pass
 
 
 @app.command()
@@ -93,7 +133,7 @@ def dump(
 @app.command()
 def run(
     config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="YAML config file (see README)")
+        Path | None, typer.Option("--config", "-c", help="YAML config file (docs/config.md)")
     ] = None,
     node_id: Annotated[str | None, typer.Option(help="this node's unique id")] = None,
     listen: Annotated[str | None, typer.Option(help="HOST:PORT to accept peers on")] = None,
@@ -196,6 +236,32 @@ def run(
         sys.exit(run_agent(cfg))
     except BpfsyncError as e:
         raise _fail(e) from e
+
+
+@app.command()
+def check(
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="YAML config file (docs/config.md)")
+    ],
+) -> None:
+    """Check a config file against this machine without starting the agent.
+
+    Validates the file, then opens each map and reads the TLS files as the agent would.
+
+    Maps: present, of a type bpfsync syncs, sizes and BTF fields fitting the policy, companions.
+
+    TLS: key, certificate, CA, validity, node id. No listener, watcher or write is started.
+
+    Prints every problem, each as the agent reports it, and exits 1 if there is any.
+
+    Example: bpfsync check --config /etc/bpfsync.yaml
+    """
+    from bpfsync.cli.check import check_file
+
+    report = check_file(config)
+    print(report.render())
+    if report.problems:
+        raise typer.Exit(1)
 
 
 certs = typer.Typer(
