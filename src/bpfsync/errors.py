@@ -7,17 +7,19 @@
     │   ├── PermissionDeniedError   EPERM/EACCES: capabilities, lockdown, LSM
     │   ├── NotFoundError           no such map, program, pin path or BTF type
     │   │   └── KeyNotFoundError    a lookup or delete on a key that is not in the map
-    │   ├── InvalidError            the kernel rejected the arguments (EINVAL, E2BIG, EEXIST, ...)
-    │   │   └── VerifierError       a program was rejected at load; carries the verifier log
-    │   └── MapFullError            E2BIG on update: the map has no room for a new key
+    │   └── InvalidError            the kernel rejected the arguments (EINVAL, E2BIG, EEXIST, ...)
+    │       ├── VerifierError       a program was rejected at load; carries the verifier log
+    │       └── MapFullError        E2BIG on update: the map has no room for a new key
     ├── PeerError                   a peer sent something we refuse; the peer is at fault
-    │   ├── MalformedMessageError   undecodable or oversized message
+    │   ├── MalformedMessageError   undecodable, oversized or out-of-bounds message
     │   ├── UnknownMapError         a change for a map this node does not sync
     │   ├── SizeMismatchError       key/value length differs from the local map's
+    │   ├── ClockDriftError         a stamp further ahead of our clock than the drift bound
     │   ├── UnauthenticatedPeerError  the sender could not prove who it is, or may not connect
     │   │   └── NotMemberError      a node id (a peer's, or a record's origin) outside the cluster
     │   └── IncompatiblePeerError   the peer speaks another version of the protocol
-    └── TransportError              the network failed; nobody's input was wrong
+    ├── TransportError              the network failed; nobody's input was wrong
+    └── OversizedMessageError       this node tried to send a frame over the limit (a bug)
 
 Adapters at each boundary map the lower layer's exceptions (OSError from bpf(2), grpc.RpcError,
 pydantic.ValidationError) to these, keeping the original as ``__cause__``.
@@ -142,5 +144,17 @@ class IncompatiblePeerError(PeerError):
     """The peer speaks another version of the peer protocol: run one version on every node."""
 
 
+class ClockDriftError(PeerError):
+    """A record's stamp is further in the future than the allowed clock drift.
+
+    The origin node's clock is wrong (the sender may only be relaying): fix NTP on that node.
+    """
+
+
 class TransportError(BpfsyncError):
     """The network failed (connection refused, stream broken, deadline exceeded)."""
+
+
+class OversizedMessageError(BpfsyncError, ValueError):
+    """This node tried to send a message larger than the frame limit: split it (a local bug,
+    hence also a ValueError)."""

@@ -28,17 +28,12 @@ brings it in. Accepting it unchecked would drag every node's clock ahead with th
 from __future__ import annotations
 
 from bpfsync.core.messages import Stamp, new_stamp
-from bpfsync.errors import MalformedMessageError, PeerError
+from bpfsync.errors import ClockDriftError, MalformedMessageError
+
+__all__ = ["DEFAULT_MAX_DRIFT_NS", "MAX_LOGICAL", "ClockDriftError", "HybridClock"]
 
 DEFAULT_MAX_DRIFT_NS = 1_000_000_000  # NTP keeps real clusters within milliseconds
 MAX_LOGICAL = (1 << 32) - 1  # see the module docstring: stamps carry into the wall part past it
-
-
-class ClockDriftError(PeerError):
-    """A record's stamp is further in the future than the allowed clock drift.
-
-    The origin node's clock is wrong (the sender may only be relaying): fix NTP on that node.
-    """
 
 
 class HybridClock:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from bpfsync.core.messages import Hello, Message
-from bpfsync.errors import BpfsyncError
+from bpfsync.errors import BpfsyncError, OversizedMessageError
 
 __all__ = [
     "Event",
@@ -89,10 +89,6 @@ class PeerState:
     reconnects: int = 0  # outbound links established after the first
     queued_bytes: int = 0  # encoded messages waiting to be written
     dropped: int = 0  # messages queued for it but lost (link went down, queue full)
-
-
-class OversizedMessageError(BpfsyncError, ValueError):
-    """This node tried to send a message larger than the frame limit: split it (a local bug)."""
 
 
 @runtime_checkable
