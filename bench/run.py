@@ -81,6 +81,7 @@ class PlainNode(Node):
         self.name, self.dir, self.port = name, root / name, port
         self.pin = self.dir / MAP_NAME
         self.peers = []
+        self.tls = None
         self.dir.mkdir(parents=True, exist_ok=True)
         subprocess.run(["bpftool", "map", "create", str(self.pin), "type", "hash", "key", "4",
                         "value", str(value_size), "entries", str(entries), "name", MAP_NAME],

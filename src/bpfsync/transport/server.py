@@ -23,7 +23,8 @@ kept for the node it claims to be:
 
     counted as (a) rejected_unauthenticated, (b) rejected_not_member, (c) rejected_backed_off,
     (d) rejected_too_many_streams. With learned membership (plaintext, no member list), (b) and
-    (c) come after our Hello: two nodes that do not know each other yet would otherwise refuse
+    (c) come after our Hello, and an unknown id first waits a moment for our own dial to learn
+    it (``_learn_first``): two nodes that do not know each other yet would otherwise refuse
     each other's dials for ever, while our Hello lets the dialer learn us (membership.py M3).
 
 Each rejection is counted in ``stats`` and logged (at most once per reason every
@@ -66,6 +67,8 @@ __all__ = ["InboundPeer", "StreamServer"]
 log = logging.getLogger(__name__)
 
 _LOG_EVERY_S = 10.0  # refused streams: one log line per reason this often, at most
+_LEARN_WAIT_S = 2.0  # learned membership: how long an unknown id waits for our dial to learn it
+_MAX_LEARNING = 16  # ... and how many may wait at once
 
 
 @dataclass(slots=True)
@@ -111,6 +114,7 @@ class StreamServer:
         self._penalties = penalties
         self._server: grpc.aio.Server | None = None
         self._kicked: dict[asyncio.Task[None], str] = {}  # handler task -> why it was ended
+        self._learning = 0  # streams waiting in _learn_first
         self._logged: dict[str, tuple[float, int]] = {}  # reason -> (last logged, suppressed)
 
     async def start(self, listen: str, tls: TlsMaterial | None) -> int:
@@ -209,8 +213,7 @@ class StreamServer:
         self._authorize(msg, context)
         await context.write(self._hello_frame)
         if self._members.mode == "learned":
-            # after our Hello: a node this one does not know yet learns who answers at our
-            # address from it, so its server admits our own dial (membership.py M3)
+            await self._learn_first(msg.node)
             self._admit(msg.node)
         if msg.protocol != self._own.protocol:
             raise _Reject(grpc.StatusCode.FAILED_PRECONDITION,
@@ -245,6 +248,25 @@ class StreamServer:
                     "rejected_unauthenticated")
         if self._members.mode != "learned":
             self._admit(node)
+
+    async def _learn_first(self, node: str) -> None:
+        """Learned membership (M3): a node we do not know yet may be a peer our own dial has
+        not reached. Our Hello went first, so its dial of us learns who we are and its server
+        admits ours; we redial now and wait a moment for our dial to learn it, rather than
+        refuse it and have it redial (a link that comes up and goes down, and on a fresh node
+        a catch-up sent twice). Few wait at a time: made-up ids are refused at once beyond."""
+        if self._members.admits(node) or self._learning >= _MAX_LEARNING:
+            return
+        self._learning += 1
+        self._on_stranger()
+        try:
+            async with asyncio.timeout(_LEARN_WAIT_S):
+                while not self._members.admits(node):
+                    await asyncio.sleep(0.01)
+        except TimeoutError:
+            pass
+        finally:
+            self._learning -= 1
 
     def _admit(self, node: str) -> None:
         """Membership and penalties, at the Hello (see the module docstring)."""
