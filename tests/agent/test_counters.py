@@ -8,12 +8,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from bpfsync.demo.cluster import AgentProcess, free_port
+from bpfsync.demo.cluster import AgentProcess, free_port, wait_for
 from bpfsync.kernel.info import MapType
 from bpfsync.kernel.maps import Map
 
@@ -25,15 +25,6 @@ def _create(path: Path) -> Map:
     m = Map.create(MapType.HASH, U32, 8, 1024, name=path.name)  # no BTF: whole-value policy
     m.pin(str(path))
     return m
-
-
-def _wait(cond: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return cond()
 
 
 class Trio:
@@ -107,7 +98,7 @@ def trio(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Trio]:
 @pytest.mark.parametrize("trio", ["exact"], indirect=True)
 def test_exact_counters_fill_the_companion_with_the_other_nodes_sum(trio: Trio) -> None:
     trio.start()
-    assert _wait(trio.ready, 30)
+    assert wait_for(trio.ready, 30)
     adds = {"a": 5, "b": 3, "c": 11}
     for n, by in adds.items():
         trio.bump(n, 7, by)
@@ -118,7 +109,7 @@ def test_exact_counters_fill_the_companion_with_the_other_nodes_sum(trio: Trio) 
             for n in trio.names
         )
 
-    assert _wait(settled, 30), {n: trio.count(trio.companions[n], 7) for n in trio.names}
+    assert wait_for(settled, 30), {n: trio.count(trio.companions[n], 7) for n in trio.names}
     # the data plane's own maps were never written by the agents
     assert {n: trio.count(trio.maps[n], 7) for n in trio.names} == adds
 
@@ -126,7 +117,7 @@ def test_exact_counters_fill_the_companion_with_the_other_nodes_sum(trio: Trio) 
 @pytest.mark.parametrize("trio", ["in-place"], indirect=True)
 def test_in_place_counters_hold_the_cluster_total(trio: Trio) -> None:
     trio.start()
-    assert _wait(trio.ready, 30)
+    assert wait_for(trio.ready, 30)
     for rnd in range(3):
         for i, n in enumerate(trio.names):
             trio.bump(n, 9, i + 1 + rnd)
@@ -136,17 +127,17 @@ def test_in_place_counters_hold_the_cluster_total(trio: Trio) -> None:
     def settled() -> bool:
         return all(trio.count(trio.maps[n], 9) == total for n in trio.names)
 
-    assert _wait(settled, 30), {n: trio.count(trio.maps[n], 9) for n in trio.names}
+    assert wait_for(settled, 30), {n: trio.count(trio.maps[n], 9) for n in trio.names}
 
 
 @pytest.mark.parametrize("trio", ["in-place"], indirect=True)
 def test_dump_shows_every_nodes_slot(trio: Trio) -> None:
     trio.start()
-    assert _wait(trio.ready, 30)
+    assert wait_for(trio.ready, 30)
     key = int.from_bytes(bytes([198, 18, 0, 7]), "little")  # an IPv4 address as a __u32 key
     for i, n in enumerate(trio.names):
         trio.bump(n, key, 10 * (i + 1))
-    assert _wait(lambda: all(trio.count(trio.maps[n], key) == 60 for n in trio.names), 30)
+    assert wait_for(lambda: all(trio.count(trio.maps[n], key) == 60 for n in trio.names), 30)
     res = subprocess.run(
         [sys.executable, "-m", "bpfsync.cli.main", "dump", str(trio.root / "a" / "hits"),
          "--json", "--addr", "key", "--agent", f"127.0.0.1:{trio.http['a']}"],

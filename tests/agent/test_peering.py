@@ -10,6 +10,8 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 
+from aio import eventually
+
 from bpfsync.agent import peering as peering_mod
 from bpfsync.agent.config import SyncConfig
 from bpfsync.agent.metrics import AgentMetrics
@@ -116,10 +118,7 @@ def test_behind_while_records_wait_for_a_linked_peer_only() -> None:
                 for k in range(3)]  # fmt: skip
         a.broadcast([r for r in recs if r is not None])
         assert a.behind()  # queued for b
-        for _ in range(50):
-            await asyncio.sleep(0.02)
-            if not a.behind():
-                break
+        await eventually(lambda: not a.behind(), "b acknowledging", timeout=1.0, every=0.02)
         assert not a.behind() and rb.registers("m") == 3  # sent and acknowledged
         a._linked.discard("b")  # b is down: what waits for it waits for its return
         a.sessions["b"].outbox.add([Record("m", b"\0\0\0\x09", b"\0" * 8, Stamp(1, 1, "a"))])
@@ -151,10 +150,8 @@ def catch_up(seeded: int) -> tuple[Replica, Replica, dict[str, list[object]], li
         await b.transport.start()
         tasks = [asyncio.create_task(a.run()), asyncio.create_task(b.run())]
         try:
-            for _ in range(100):
-                await asyncio.sleep(0.02)
-                if caught_up and rb.digest("m") == ra.digest("m"):
-                    break
+            await eventually(lambda: caught_up and rb.digest("m") == ra.digest("m"),
+                             "b caught up from a", timeout=2.0, every=0.02)
         finally:
             await a.transport.close()
             await b.transport.close()
@@ -203,10 +200,8 @@ def test_room_for_local_changes_is_a_linked_peer_short_of_records() -> None:
         assert a.queued() == 20
         await asyncio.wait_for(a.wait_for_room(10, 60.0), 10)  # the flush sends them
         assert a.queued() < 10
-        for _ in range(50):
-            if rb.registers("m") == 20:
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lambda: rb.registers("m") == 20, "b holding the 20 records",
+                         timeout=1.0, every=0.02)
         assert rb.registers("m") == 20
 
         a.transport.backlog = lambda peer: 1 << 30  # type: ignore[method-assign]

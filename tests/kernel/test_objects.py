@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import struct
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from bpfsync.demo.cluster import wait_for
 from bpfsync.errors import KernelError, NotFoundError, VerifierError
 from bpfsync.kernel.maps import Map
 from bpfsync.kernel.objects import BpfObject
@@ -118,14 +118,13 @@ def test_generic_attach_pin_and_destroy(
         assert count() == 8
 
         os.unlink(pin)  # last reference gone: detached (the kernel may finish that async)
-        deadline = time.monotonic() + 2
-        while True:
+
+        def detached() -> bool:
             before = count()
             os.getpid()
-            if count() == before or time.monotonic() > deadline:
-                break
-            time.sleep(0.02)
-        assert count() == before
+            return count() == before
+
+        assert wait_for(detached, 2, every=0.02)
         with pytest.raises(ValueError, match="destroyed"):
             link.pin(pin)
     finally:

@@ -6,7 +6,8 @@ import asyncio
 
 import grpc.aio
 import pytest
-from transport_harness import FAST, Node, batch, closing, eventually, free_port, mesh, run
+from aio import eventually, run
+from transport_harness import FAST, Node, batch, closing, free_port, mesh
 
 from bpfsync.core.messages import Ack, Digest, Hello, Message, Pull
 from bpfsync.errors import TransportError

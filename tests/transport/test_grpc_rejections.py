@@ -15,7 +15,8 @@ from contextlib import asynccontextmanager
 import grpc
 import grpc.aio
 import pytest
-from transport_harness import FAST, Node, batch, closing, eventually, hello, mesh, run
+from aio import eventually, run
+from transport_harness import FAST, Node, batch, closing, hello, mesh
 
 from bpfsync.core.membership import Membership
 from bpfsync.core.messages import PROTOCOL, Ack

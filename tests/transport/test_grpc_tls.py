@@ -12,7 +12,8 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
-from transport_harness import FAST, Node, batch, closing, eventually, free_port, hello, run
+from aio import eventually, run
+from transport_harness import FAST, Node, batch, closing, free_port, hello
 
 from bpfsync.errors import ConfigError
 from bpfsync.transport import GrpcMesh, MeshOptions, PeerUp, TlsFiles, encode

@@ -6,7 +6,7 @@ import asyncio
 import random
 
 import pytest
-from transport_harness import run
+from aio import run
 
 import bpfsync.transport
 from bpfsync.core.messages import Ack, Hello

@@ -1,46 +1,26 @@
 """Helpers for transport tests: real meshes on 127.0.0.1, events collected, conditions awaited.
 
-pytest-asyncio is not a dependency: each test is a coroutine run by ``run`` under a deadline. Waits
-are on conditions with a timeout (generous: the tests must pass on a loaded 2-core machine), never
-on fixed sleeps.
+Each test is a coroutine run by ``aio.run`` under a deadline; waits are ``aio.eventually``, on
+conditions with a timeout (``aio.WAIT``), never on fixed sleeps.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from aio import WAIT, eventually
 
 from bpfsync.core.messages import Batch, Hello, MapSchema, Record, Stamp
 from bpfsync.demo.cluster import free_port
 from bpfsync.transport import Event, GrpcMesh, MeshOptions, PeerDown, PeerUp, Received
 
-T = TypeVar("T")
-WAIT = 20.0  # seconds for any one condition
-
 _incarnations = itertools.count(int(time.time()))
 
 FAST = MeshOptions(backoff_base=0.02, backoff_cap=0.25, handshake_timeout=5.0)
-
-
-def run(test: Callable[[], Coroutine[Any, Any, None]], timeout: float = 120.0) -> None:
-    async def main() -> None:
-        await asyncio.wait_for(test(), timeout)
-
-    asyncio.run(main())
-
-
-async def eventually(check: Callable[[], T | None], what: str, timeout: float = WAIT) -> T:
-    """Poll ``check`` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
-    return result
 
 
 def hello(node: str) -> Hello:
@@ -62,7 +42,6 @@ class Node:
     def __init__(self, mesh: GrpcMesh) -> None:
         self.mesh = mesh
         self.events: list[Event] = []
-        self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -82,24 +61,17 @@ class Node:
     async def _collect(self) -> None:
         async for event in self.mesh.events():
             self.events.append(event)
-            self._changed.set()
 
     async def wait_event(self, match: Callable[[Event], bool], what: str,
                          timeout: float = WAIT, start: int = 0) -> Event:
-        deadline = time.monotonic() + timeout
-        seen = start
-        while True:
-            for ev in self.events[seen:]:
-                if match(ev):
-                    return ev
-            seen = len(self.events)
-            self._changed.clear()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"{self.mesh.node}: timed out waiting for {what}; "
-                                     f"events: {self.events[-10:]}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), left)
+        """The first event from index ``start`` on that ``match``es."""
+        def found() -> Event | None:
+            return next((ev for ev in self.events[start:] if match(ev)), None)
+
+        try:
+            return await eventually(found, f"{what} at {self.mesh.node}", timeout)
+        except AssertionError as err:
+            raise AssertionError(f"{err}; events: {self.events[-10:]}") from None
 
     async def up(self, peer: str, start: int = 0) -> PeerUp:
         ev = await self.wait_event(lambda e: isinstance(e, PeerUp) and e.peer == peer,

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 
 import pytest
 
+from bpfsync.demo.cluster import wait_for
 from bpfsync.errors import PermissionDeniedError
 from bpfsync.kernel.dump import DEFAULT_CHUNK, MapDump
 from bpfsync.kernel.features import tracing_supported
@@ -32,9 +33,13 @@ MakeMap = Callable[..., Map]
 def read_until(auto: AutoWatcher, n: int, timeout: float = 5.0) -> list[WatchEvent]:
     """Read until ``n`` events came (scan results arrive from the scanner thread, later)."""
     out: list[WatchEvent] = []
-    deadline = time.monotonic() + timeout
-    while len(out) < n and time.monotonic() < deadline:
-        out += auto.read(timeout=0.1)
+
+    def enough() -> bool:
+        if len(out) < n:
+            out.extend(auto.read(timeout=0.1))
+        return len(out) >= n
+
+    wait_for(enough, timeout, every=0)  # the read itself waits
     return out
 
 
@@ -299,10 +304,14 @@ def test_a_flood_of_overflows_stays_within_the_scan_budget(
 
 def backed_off(auto: AutoWatcher, name: str, factor: int, timeout: float = 5.0) -> bool:
     """Read (taking scan results) until ``name``'s scans back off by ``factor``."""
-    deadline = time.monotonic() + timeout
-    while auto.backoff(name) != factor and time.monotonic() < deadline:
+
+    def there() -> bool:
+        if auto.backoff(name) == factor:
+            return True
         auto.read(timeout=0.02)
-    return auto.backoff(name) == factor
+        return False
+
+    return wait_for(there, timeout, every=0)  # the read itself waits
 
 
 def test_an_idle_traced_map_backs_off_until_a_scan_finds_a_write(make_map: MakeMap) -> None:

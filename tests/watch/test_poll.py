@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from bpfsync.demo.cluster import wait_for
 from bpfsync.kernel.btf import map_layouts
 from bpfsync.kernel.maps import Map
 from bpfsync.kernel.objects import BpfObject
@@ -22,14 +23,6 @@ from bpfsync.watch.poll import MapPoller, PollWatcher
 
 if TYPE_CHECKING:
     from conftest import VethNetns  # tests/watch/conftest.py (tests are not a package)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
 
 
 def packets_of(m: Map, ip: str) -> int:
@@ -54,14 +47,14 @@ def test_in_place_counters_from_real_packets(
         _, value_layout = map_layouts(counts.info)
         # first packet (and ARP) creates the key through bpf_map_update_elem
         veth_netns.send_udp(1)
-        wait_for(lambda: packets_of(counts, veth_netns.peer_ip) == 1)
+        assert wait_for(lambda: packets_of(counts, veth_netns.peer_ip) == 1, 5, every=0.01)
         watcher = PollWatcher({"src_counts": counts}, interval=0.05)
         assert watcher.poll_once() == []  # baseline
         before = counts.lookup(socket.inet_aton(veth_netns.peer_ip))
         assert before is not None
 
         veth_netns.send_udp(40)
-        wait_for(lambda: packets_of(counts, veth_netns.peer_ip) == 41)
+        assert wait_for(lambda: packets_of(counts, veth_netns.peer_ip) == 41, 5, every=0.01)
         changes = watcher.poll_once()
         assert watcher.poll_once() == []  # nothing moved since
 
@@ -192,7 +185,7 @@ def test_events_loop_until_close(make_map: Callable[..., Map]) -> None:
     try:
         time.sleep(0.1)  # let the baseline scan happen
         m.update(struct.pack("<I", 2), struct.pack("<Q", 5))
-        wait_for(lambda: len(seen) == 1)
+        assert wait_for(lambda: len(seen) == 1, 5, every=0.01)
     finally:
         watcher.close()
         thread.join(timeout=5)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 
+from bpfsync.demo.cluster import wait_for
 from bpfsync.errors import KernelError
 from bpfsync.kernel import _libbpf
 from bpfsync.kernel.maps import Map, UpdateFlags
@@ -38,10 +39,12 @@ def v(n: int) -> bytes:
 
 def changes(w: TraceWatcher | AutoWatcher, want: int, timeout: float = 5.0) -> list[WatchEvent]:
     out: list[WatchEvent] = []
-    for _ in range(50):
-        out += w.read(timeout / 50)
-        if len(out) >= want:
-            break
+
+    def enough() -> bool:
+        out.extend(w.read(timeout / 50))
+        return len(out) >= want
+
+    wait_for(enough, timeout, every=0)  # the read itself waits
     return out
 
 

@@ -10,14 +10,17 @@ is refused here too. Links can be cut and healed to test what the core does on r
     await a.start(); await b.start()     # a and b see PeerUp for each other
     net.cut("a", "b")                     # both see PeerDown; send() returns False
     net.heal("a", "b")                    # both see PeerUp again (and each other's Hello)
+    net.hold("a", "b")                    # what a sends b waits on the (still up) link ...
+    net.release("a", "b")                 # ... and arrives now, in order
 
 Delivery is immediate and unbounded: there is no network to push back on a slow consumer.
+Held frames are dropped when their link is cut or either end leaves, like a real link's queue.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 
 from bpfsync.core.messages import Hello, Message
 from bpfsync.errors import BpfsyncError, TransportError
@@ -41,17 +44,41 @@ class MemoryNetwork:
         self.max_message_bytes = max_message_bytes
         self._members: dict[str, MemoryTransport] = {}
         self._cut: set[frozenset[str]] = set()
+        self._suspended: set[frozenset[str]] = set()  # cut by a disconnect's penalty (below)
+        self._held: dict[tuple[str, str], list[bytes]] = {}  # (from, to) -> frames not delivered
 
     def transport(self, hello: Hello) -> MemoryTransport:
         return MemoryTransport(self, hello)
 
     def linked(self, a: str, b: str) -> bool:
-        return a in self._members and b in self._members and frozenset((a, b)) not in self._cut
+        pair = frozenset((a, b))
+        return (a in self._members and b in self._members and pair not in self._cut
+                and pair not in self._suspended)
+
+    def suspend(self, a: str, b: str, seconds: float) -> None:
+        """Cut ``a``-``b`` for ``seconds`` (a penalty), apart from ``cut``: when the penalty
+        ends the link comes back only if no test has cut it meanwhile."""
+        pair = frozenset((a, b))
+        if self.linked(a, b):
+            err = TransportError(f"link {a}-{b} suspended for {seconds:.1f} s")
+            self._members[a]._inbox.put_event(PeerDown(b, err))
+            self._members[b]._inbox.put_event(PeerDown(a, err))
+        self._suspended.add(pair)
+
+        def resume() -> None:
+            self._suspended.discard(pair)
+            if self.linked(a, b):
+                self._members[a]._connect(self._members[b])
+
+        asyncio.get_running_loop().call_later(seconds, resume)
 
     def cut(self, a: str, b: str) -> None:
-        """Break the links between ``a`` and ``b`` (both directions)."""
-        if self.linked(a, b):
-            self._cut.add(frozenset((a, b)))
+        """Break the links between ``a`` and ``b`` (both directions) until ``heal``, also while
+        either is off the network: a node that joins later does not reach the other."""
+        was_linked = self.linked(a, b)
+        self._cut.add(frozenset((a, b)))
+        self._drop_held(lambda pair: set(pair) == {a, b})
+        if was_linked:
             err = TransportError(f"link {a}-{b} cut")
             self._members[a]._inbox.put_event(PeerDown(b, err))
             self._members[b]._inbox.put_event(PeerDown(a, err))
@@ -60,6 +87,24 @@ class MemoryNetwork:
         self._cut.discard(frozenset((a, b)))
         if self.linked(a, b):
             self._members[a]._connect(self._members[b])
+
+    def hold(self, a: str, b: str) -> None:
+        """Keep what ``a`` sends ``b`` from arriving until ``release`` (one direction; the
+        link stays up): a slow link, to order one peer's messages after another's."""
+        self._held.setdefault((a, b), [])
+
+    def release(self, a: str, b: str) -> None:
+        """Deliver, in order, what ``hold(a, b)`` kept, and stop holding."""
+        frames = self._held.pop((a, b), [])
+        if frames and self.linked(a, b):
+            sender, receiver = self._members[a], self._members[b]
+            for frame in frames:
+                receiver._deliver(sender, frame)
+
+    def _drop_held(self, which: Callable[[tuple[str, str]], bool]) -> None:
+        for pair, frames in self._held.items():
+            if which(pair):
+                frames.clear()
 
     def _join(self, t: MemoryTransport) -> None:
         if t.node in self._members:
@@ -73,6 +118,7 @@ class MemoryNetwork:
         if self._members.get(t.node) is not t:
             return
         del self._members[t.node]
+        self._drop_held(lambda pair: t.node in pair)
         for other in self._members.values():
             if frozenset((t.node, other.node)) not in self._cut:
                 other._inbox.put_event(PeerDown(t.node, TransportError(f"{t.node} closed")))
@@ -104,8 +150,10 @@ class MemoryTransport:
         return bool(self.broadcast(message, [peer]))
 
     def backlog(self, peer: str) -> int | None:
-        # delivery is immediate: nothing ever waits, but a cut link has no backlog at all
-        return 0 if self._net.linked(self.node, peer) else None
+        # delivery is immediate: only a held link has frames waiting; a cut one has no backlog
+        if not self._net.linked(self.node, peer):
+            return None
+        return sum(map(len, self._net._held.get((self.node, peer), ())))
 
     def broadcast(self, message: Message, to: Iterable[str] | None = None) -> list[str]:
         frame = codec.encode(message)
@@ -119,7 +167,11 @@ class MemoryTransport:
             if not self._started or self._closed or not self._net.linked(self.node, peer):
                 self._stats["send_refused"] += 1
                 continue
-            members[peer]._deliver(self, frame)
+            held = self._net._held.get((self.node, peer))
+            if held is None:
+                members[peer]._deliver(self, frame)
+            else:
+                held.append(frame)
             counts = self._sent.setdefault(peer, [0, 0])
             counts[0] += 1
             counts[1] += len(frame)
@@ -148,11 +200,10 @@ class MemoryTransport:
         return dict(self._stats)
 
     def disconnect(self, peer: str, error: BpfsyncError, incarnation: int | None = None) -> float:
-        """Cut the link with ``peer``, and heal it when its penalty ends."""
+        """Suspend the link with ``peer`` until its penalty ends."""
         hold = self._penalties.punish(peer)
         self._stats["disconnected"] += 1
-        self._net.cut(self.node, peer)
-        asyncio.get_running_loop().call_later(hold, self._net.heal, self.node, peer)
+        self._net.suspend(self.node, peer, hold)
         return hold
 
     async def close(self) -> None:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import time
 import traceback
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from bpfsync.demo.cluster import wait_for
 from bpfsync.errors import InvalidError, MapFullError
 from bpfsync.kernel.info import UpdateFlags
 from bpfsync.kernel.maps import Map
@@ -237,9 +237,13 @@ def test_ring_overflow_is_reported_and_repaired_by_the_auto_watcher(writer: BpfO
         assert auto.mode == "trace+poll"
         writer.program("burst").test_run(bytes(64), repeat=1000)  # 1000 new keys, 122 fit
         events: list[WatchEvent] = []
-        deadline = time.monotonic() + 60  # the rescan's results come from the scanner thread
-        while len(changes(events)) < 1000 and time.monotonic() < deadline:
-            events += auto.read(timeout=1)
+
+        def all_in() -> bool:
+            if len(changes(events)) < 1000:
+                events.extend(auto.read(timeout=1))
+            return len(changes(events)) >= 1000
+
+        wait_for(all_in, 60, every=0)  # the rescan's results come from the scanner thread
         events += auto.read(timeout=1)  # nothing more may come
     finally:
         auto.close()
