@@ -25,7 +25,6 @@ from bpfsync.errors import (
 from bpfsync.model import Change, Op, Overflow, Seen, WatchEvent
 
 
-
 def __getattr__(name: str) -> str:
     """``__version__``, read when asked: pyproject.toml is the one place the version is
     written, and the installed metadata carries it. Not at import: importlib.metadata loads
@@ -54,8 +53,8 @@ __all__ = [
     "NotMemberError",
     "NotSupportedError",
     "Op",
-    "OversizedMessageError",
     "Overflow",
+    "OversizedMessageError",
     "PeerError",
     "PermissionDeniedError",
     "Seen",
