@@ -21,7 +21,7 @@ Phases (each bounded; every pin and process is cleaned up by the Cluster context
             poll-only at 0.25 s for comparison; and at 10k/s with mutual TLS
   catch-up  a holds N entries and is ready; b starts empty: time to ready and identical, bytes read
             sent by the two agents (ss -ti bytes_sent), RSS of both then, and again once every
-            bucket of both maps is frozen (core/table.py: quiet buckets take a third of the memory)
+            bucket of both maps is frozen (core/frozen.py: quiet buckets take a third of the memory)
   detect    MapPoller scan+diff of a 1M-entry u32 -> 16 B hash (bench/poll_scan.py's helpers),
             and what the bpf(2) hooks cost every other process (bench/syscall_hooks.py)
   profile   py-spy record of a and b during thr-user (if py-spy is installed)
@@ -420,7 +420,7 @@ def catchup(entries: int, wait_max: float) -> dict[str, Any]:
             st = n.status()
             return int(st["maps"][0].get("buckets_at_rest", 0)) if st else 0
 
-        # quiet buckets freeze (core/table.py): wait for both maps to settle, then measure again
+        # quiet buckets freeze (core/frozen.py): wait for both maps to settle, then measure again
         t_rest = time.perf_counter()
         rested = c.wait(lambda: at_rest(a) == at_rest(b) == DEFAULT_BUCKETS, 90, every=0.5)
         rest = {"settled": rested, "after_s": time.perf_counter() - t_rest,

@@ -120,7 +120,7 @@ def test_idle_scans_back_off_and_a_bpf_programs_write_still_reaches_every_node(
 def test_a_map_at_rest_freezes_keeps_syncing_and_a_fresh_node_catches_up_frozen(
     tmp_path: Path,
 ) -> None:
-    """core/table.py: quiet buckets freeze; writes thaw them and still replicate; a node that
+    """core/frozen.py: quiet buckets freeze; writes thaw them and still replicate; a node that
     catches up on whole buckets holds them frozen from the start."""
     with Cluster(tag="rest") as cl:
         a, b, c = cl["a"], cl["b"], cl["c"]

@@ -13,7 +13,7 @@ import pytest
 
 from bpfsync.agent.config import MapConfig
 from bpfsync.agent.synced import fold_percpu, open_synced
-from bpfsync.core.merge import FieldRule
+from bpfsync.core.policy import FieldRule
 from bpfsync.demo.cluster import MAP_NAME, demo_object
 from bpfsync.errors import ConfigError
 from bpfsync.kernel.info import MapType

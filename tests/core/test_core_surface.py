@@ -48,7 +48,7 @@ def test_the_core_imports_no_io() -> None:
     import subprocess
     import sys
 
-    # numpy (frozen buckets' key search, table.py) is computation, but loads ctypes for its
+    # numpy (frozen buckets' key search, frozen.py) is computation, but loads ctypes for its
     # own use: what counts is what the core itself adds to what numpy loads
     code = (
         "import sys, numpy; before = set(sys.modules); import bpfsync.core;"

@@ -5,9 +5,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bpfsync.core.digest import MASK, bucket_of, diff, fold, record_hash
-from bpfsync.core.merge import LWW, policy_for
+from bpfsync.core.lww_table import LwwTable
 from bpfsync.core.messages import Digest, MapSchema, Record, Stamp
-from bpfsync.core.table import LwwTable, MapTable, SlotTable
+from bpfsync.core.policy import LWW, policy_for
+from bpfsync.core.table import MapTable, SlotTable
 
 SCHEMA = MapSchema("m", 2, 4)
 COUNTER = MapSchema("c", 2, 4, "counter")

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bpfsync.core.merge import newer
 from bpfsync.core.messages import Record, Stamp
 from bpfsync.core.outbox import split
+from bpfsync.core.policy import newer
 from bpfsync.core.register import Packed, check, pack, stamp_of, unpack, value_of
 
 node_ids = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1,

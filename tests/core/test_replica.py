@@ -8,12 +8,12 @@ from hypothesis import strategies as st
 
 from bpfsync.core.digest import bucket_of
 from bpfsync.core.hlc import MAX_LOGICAL, ClockDriftError
+from bpfsync.core.lww_table import LwwTable
 from bpfsync.core.membership import Membership
-from bpfsync.core.merge import LWW, FieldPolicy, FieldRule
 from bpfsync.core.messages import Digest, MapSchema, Pull, Record, Stamp
+from bpfsync.core.policy import LWW, FieldPolicy, FieldRule
 from bpfsync.core.register import Packed
 from bpfsync.core.replica import ApplyResult, Replica, is_seed, seed_stamp
-from bpfsync.core.table import LwwTable
 from bpfsync.errors import (
     ConfigError,
     MalformedMessageError,
@@ -519,7 +519,7 @@ def test_the_bulk_path_merges_as_the_general_one(
     for batch in batches:
         if data.draw(st.booleans()):  # a value of the wrong size, now and then
             batch = [*batch, Record("blocklist", k(3), b"\x01", Stamp(T, 0, "b"))]
-        if data.draw(st.booleans()):  # buckets at rest (table.py) merge as live ones do
+        if data.draw(st.booleans()):  # buckets at rest (frozen.py) merge as live ones do
             bulk.settle(64, quiet=0)
         got, want = bulk.receive(batch, T, "b"), general.receive(batch, T, "b")
         assert got.writes == want.writes

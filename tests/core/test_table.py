@@ -1,4 +1,4 @@
-"""Frozen buckets (table.py): a settled table must answer every question as the dict-backed one
+"""Frozen buckets (frozen.py): a settled table must answer every question as the dict-backed one
 does, and a write must thaw only the bucket it lands in."""
 
 from __future__ import annotations
@@ -7,10 +7,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpfsync.core.merge import LWW
+from bpfsync.core.frozen import FrozenRegs
+from bpfsync.core.lww_table import LwwTable
 from bpfsync.core.messages import MapSchema, Record, Stamp
+from bpfsync.core.policy import LWW
 from bpfsync.core.register import pack
-from bpfsync.core.table import QUIET_CALLS, FrozenRegs, LwwTable
+from bpfsync.core.table import QUIET_CALLS
 
 SCHEMA = MapSchema("m", 3, 2)
 

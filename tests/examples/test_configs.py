@@ -9,7 +9,7 @@ import pytest
 from netlab import EXAMPLES
 
 from bpfsync.agent.config import load_config
-from bpfsync.core.merge import FieldPolicy
+from bpfsync.core.policy import FieldPolicy
 from bpfsync.kernel.btf import map_layouts
 from bpfsync.kernel.objects import BpfObject
 

@@ -218,7 +218,7 @@ class SyncConfig(_Strict):
         "as malformed."))] = 1024
     freeze_after_s: Annotated[float, Field(ge=0, le=86400, description=(
         "Seconds without a write after which a bucket of last-writer-wins registers is frozen "
-        "into one packed object (core/table.py), a third of the memory of a dict, for slower "
+        "into one packed object (core/frozen.py), a third of the memory of a dict, for slower "
         "lookups; its next write thaws it. 0: as soon as the agent has time."))] = 30.0
     max_message_bytes: Annotated[int, Field(ge=4096, le=1 << 30, description=(
         "The largest frame this node sends or accepts (16 MiB by default), the same on every "

@@ -62,15 +62,15 @@ _STALE_WINDOW = 5.0  # seconds after an apply during which odd watcher reports a
 _SLOTS_LIMIT = 100_000  # keys /slots returns at most
 _LOCAL_SLICE = 8192  # watcher events handled between two turns of the event loop
 # Local changes are stamped while a linked peer has fewer than this many batches queued, or
-# after waiting this long. Under a flood (250k writes/s over 1M keys) every key waited in the
-# bridge and again in the outboxes: a stamped 5.1M changes to send 3.1M per peer. Now the rest
-# coalesces in the bridge: 32-33 CPU-s -> 28 in the 30 s run, 188-195k -> 199-204k writes/s.
+# after waiting this long. A change stamped while the outboxes are full would only replace a
+# queued record of its key, stamped and queued for nothing; left in the bridge, changes of
+# one key coalesce there, where it costs least, and overload is paid once per key.
 _AHEAD_BATCHES = 2
 _AHEAD_WAIT_S = 0.05
 _TICK = 0.25  # seconds between two turns of the timers
-# quiet buckets freeze (core/table.py, sync.freeze_after_s) 16 a tick: 2-7 ms of the loop's time
-# per tick, 3% of a core at most when buckets keep thawing; a 1M-entry map at rest (1024
-# buckets) settles in ~16 s more
+# quiet buckets freeze (core/lww_table.py, sync.freeze_after_s) this many a tick: few enough that a
+# tick's freezing stays a few milliseconds of the loop, also when buckets keep thawing, and
+# enough that a map of 1024 buckets at rest settles within a minute
 _SETTLE_BUCKETS = 16
 
 
@@ -442,8 +442,8 @@ class Agent:
                     3 * sync.catchup_timeout_s
                 ):  # linked, but silent: not even a repair batch for that long
                     self._become_ready(f"peers {up} did not answer the catch-up digest")
-            # housekeeping waits while peers wait for us: freezing a's million registers in the
-            # tail of an overload cost 5% of its replication rate (bench/run.py)
+            # housekeeping waits while peers wait for us: freezing buckets in the tail of an
+            # overload would take time from sending what they wait for
             if self.peering is None or not self.peering.behind():
                 self.replica.settle(_SETTLE_BUCKETS, quiet=math.ceil(sync.freeze_after_s / _TICK))
             if mono >= next_digest:

@@ -22,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from bpfsync.agent.config import MapConfig
-from bpfsync.core.merge import (
+from bpfsync.core.messages import MapSchema
+from bpfsync.core.policy import (
     Companion,
     FieldPolicy,
     FieldRule,
@@ -30,7 +31,6 @@ from bpfsync.core.merge import (
     combine_fields,
     policy_for,
 )
-from bpfsync.core.messages import MapSchema
 from bpfsync.errors import ConfigError, NotFoundError
 from bpfsync.kernel.btf import map_layouts, map_layouts_or_raw
 from bpfsync.kernel.maps import Map

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bpfsync.agent.config import AgentConfig, MapConfig, is_loopback, load_config
 from bpfsync.agent.synced import open_synced
-from bpfsync.core.merge import FieldPolicy
+from bpfsync.core.policy import FieldPolicy
 from bpfsync.errors import BpfsyncError, ConfigError, KernelError, NotSupportedError
 from bpfsync.kernel.btf import map_layouts
 from bpfsync.kernel.features import tracing_supported

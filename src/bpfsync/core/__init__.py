@@ -6,17 +6,19 @@ the messages. Where things happen:
     messages.py   the protocol's values (Stamp, Record, Hello, Batch, Ack, Digest, Pull,
                   Answered)
     hlc.py        hybrid logical clock: the stamps that order writes
-    merge.py      policies: how records of one key become the kernel value (lww, counter, ...)
-    table.py      one map's replicated state, bucketed for digests
+    policy.py     policies: how records of one key become the kernel value (lww, counter, ...)
+    table.py      one map's replicated state, bucketed for digests (per-origin: SlotTable)
+    lww_table.py  ... of an lww map: packed registers, bulk fills, this node's own writes
+    frozen.py     an lww bucket at rest as one bytes object, and its numpy row helpers
     digest.py     anti-entropy hashing: buckets, record hashes, diff
     replica.py    the state machine and its rules: local changes, received records, seeding
     outbox.py     per-peer coalescing of records waiting to be sent
     session.py    per-peer batch numbering, acks, resend and repair triggers
+    membership.py who may connect, and whose records count
 """
 
 from bpfsync.core.digest import DEFAULT_BUCKETS, diff
 from bpfsync.core.hlc import DEFAULT_MAX_DRIFT_NS, ClockDriftError, HybridClock
-from bpfsync.core.merge import LWW, Companion, FieldPolicy, FieldRule, Policy, policy_for
 from bpfsync.core.messages import (
     Ack,
     Answered,
@@ -30,6 +32,7 @@ from bpfsync.core.messages import (
     Stamp,
 )
 from bpfsync.core.outbox import Outbox, split
+from bpfsync.core.policy import LWW, Companion, FieldPolicy, FieldRule, Policy, policy_for
 from bpfsync.core.replica import ApplyResult, Replica, Write, is_seed, seed_stamp
 from bpfsync.core.session import PeerSession, map_mismatches
 

@@ -16,7 +16,8 @@ carries into the wall part instead (``l + 1``, ``c = 0``): a stamp borrows one n
 than overflow the 64-bit field it travels in, and the order above still holds. A legitimate
 clock stays far below the bound (``c`` resets whenever physical time moves; even a one-hour NTP
 step back at 250k changes/s reaches ~2^30), so peers refuse records whose logical part is above
-it (register.py): one such record once made every clock of a cluster overflow.
+it (register.py): otherwise one such record, observed, would make every clock of a cluster
+overflow its 64-bit field.
 
 Drift bound: a remote stamp more than ``max_drift_ns`` ahead of our physical time is *rejected*
 (``ClockDriftError``), never clamped. A record's stamp is part of its identity: clamping would

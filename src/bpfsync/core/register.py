@@ -10,7 +10,7 @@
 Why this form: a million-key map costs an agent ~80 bytes per register this way against ~230
 as a Record with its Stamp, value and integers; batches travel, merge and hash without building
 a Python object per record; and ranking is one bytes comparison in C. For two records of one
-key, ``newer(a, b)`` (merge.py) holds exactly when ``pack(a) > pack(b)``: big-endian clocks
+key, ``newer(a, b)`` (policy.py) holds exactly when ``pack(a) > pack(b)``: big-endian clocks
 compare as numbers, the NUL ends the shorter of two node ids first (so ids compare as strings;
 UTF-8 keeps code point order), and on equal stamps a tombstone's kind byte beats a value's,
 then the larger value wins.

@@ -4,7 +4,7 @@ Feed it what the kernel watcher saw (``local_change``), what peers sent (``recei
 time (``now_ns``); it returns records to send and kernel writes to make. It does no I/O.
 
 State, per map
-    registers    merge.py: one Record per key (lww) or per key and origin (counter, max, min)
+    registers    policy.py: one Record per key (lww) or per key and origin (counter, max, min)
     kernel view  what this node believes its kernel map holds: the value the registers imply,
                  except for the keys in ``_deviations`` (a failed write, a data-plane value the
                  policy does not take as is, a counter seeded from the kernel)
@@ -73,9 +73,10 @@ from typing import NamedTuple
 
 from bpfsync.core.digest import DEFAULT_BUCKETS, bucket_of, diff
 from bpfsync.core.hlc import DEFAULT_MAX_DRIFT_NS, MAX_LOGICAL, ClockDriftError, HybridClock
+from bpfsync.core.lww_table import LwwTable
 from bpfsync.core.membership import Membership
-from bpfsync.core.merge import FieldPolicy, Policy, policy_for
 from bpfsync.core.messages import Digest, MapSchema, Pull, Record, Stamp, new_record
+from bpfsync.core.policy import FieldPolicy, Policy, policy_for
 from bpfsync.core.register import (
     MAX_NODE_BYTES,
     Packed,
@@ -85,7 +86,7 @@ from bpfsync.core.register import (
     unpack,
     value_of,
 )
-from bpfsync.core.table import QUIET_CALLS, LwwTable, MapTable, SlotTable, new_table
+from bpfsync.core.table import QUIET_CALLS, MapTable, SlotTable
 from bpfsync.errors import (
     ConfigError,
     MalformedMessageError,
@@ -190,7 +191,8 @@ class Replica:
                     f"map {schema.name!r}: policy is for {policy.value_size}-byte values,"
                     f" the map's are {schema.value_size} bytes"
                 )
-            self._tables[schema.name] = new_table(schema, policy, digest_buckets)
+            table = SlotTable if policy.per_origin else LwwTable  # the shape the policy needs
+            self._tables[schema.name] = table(schema, policy, digest_buckets)
             self._deviations[schema.name] = {}
         if policies:
             raise ConfigError(f"policies given for maps that are not synced: {sorted(policies)}")
@@ -260,7 +262,7 @@ class Replica:
 
     def _seed_lww(self, table: LwwTable, items: list[tuple[bytes, bytes]], prefix: bytes) -> int:
         """``seed`` of an lww map, as one batch: a full map's buckets fill in bulk and come out
-        frozen (table.py), as a catch-up's do. Every register then holds what the kernel does."""
+        frozen (frozen.py), as a catch-up's do. Every register then holds what the kernel does."""
         keys = [key for key, _ in items]
         values = [value for _, value in items]
         self._check_batch(table, keys, values)
@@ -359,7 +361,7 @@ class Replica:
 
     def settle(self, most: int, quiet: int = QUIET_CALLS) -> int:
         """Let at most ``most`` buckets, over all maps, unwritten over the last ``quiet`` calls
-        take less memory (table.py); call it at a steady pace. Returns how many did."""
+        take less memory (frozen.py); call it at a steady pace. Returns how many did."""
         done = 0
         for table in self._tables.values():
             done += table.settle(most - done, quiet)

@@ -57,12 +57,11 @@ from bpfsync.core.outbox import Outbox
 from bpfsync.core.register import Packed
 from bpfsync.errors import IncompatiblePeerError, MalformedMessageError, UnauthenticatedPeerError
 
-# In flight to a peer (P2): numbered batches, however small, and records. With 256 batches
-# and no record limit, a 30 s flood of 250k writes/s over 1M keys kept ~80 full batches
-# (~650k records) queued as frames for each peer: the peers applied 4.0M records where 3.3M
-# carried the same final state. Four full batches keep a peer busy on loopback (16 B run:
-# 200k writes/s with 16, 203k with 4); small batches (a low rate over a long link) are not
-# held back by the record limit.
+# In flight to a peer (P2): numbered batches, however small, and records. Records in flight
+# can no longer be replaced by a newer change of their key, so under a flood every one beyond
+# what keeps the peer busy is work done twice: a few full batches are enough on a LAN. The
+# batch limit stays large so that small batches (a low rate over a long link) are not held
+# back by it; the record limit is what binds under load.
 MAX_UNACKED = 256
 MAX_UNACKED_RECORDS = 4 * 8192
 MAX_SEQ_STEP = 4 * MAX_UNACKED  # P4: the widest gap a received seq may jump

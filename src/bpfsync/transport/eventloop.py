@@ -6,8 +6,7 @@ one byte and handles every queued event. When loop turns are long (a slice of lo
 a batch merged), several events arrive per turn, and the bytes nobody needs pile up. After
 ~280 of them the socket is full and the poller thread blocks in write(2). That thread also
 drives the C core's I/O, so every stream of the process stalls until the loop, one byte per
-turn, has read the socket down. Measured under 250k writes/s on node a: its sends to both
-peers stalled for 6-7 s at a time, twice in a 30 s run.
+turn, has read the socket down: seconds, under load.
 
 ``GrpcEventLoop`` wraps that reader: each call first drops every byte but one, then lets grpcio
 read the last one and handle the queue. The poller queues an event before it writes the

@@ -98,10 +98,10 @@ class MeshOptions:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
             ("grpc.http2.max_pings_without_data", 0),
-            # gRPC's ping-abuse policy counts our peers' keepalive pings on a link where the
-            # accepting side sends nothing after its Hello (grpc_mesh.py) as strikes, and ended
-            # every idle link with GOAWAY too_many_pings after ~90 s; the peers are members,
-            # and a ping costs less than the reconnect
+            # gRPC's ping-abuse policy counts our peers' keepalive pings as strikes on a link
+            # where the accepting side sends nothing after its Hello (grpc_mesh.py), and would
+            # end every idle link with GOAWAY too_many_pings; the peers are members, and a
+            # ping costs less than a reconnect
             ("grpc.http2.max_ping_strikes", 0),
             # never let two agents bind the same port by accident
             ("grpc.so_reuseport", 0),

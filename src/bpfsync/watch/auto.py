@@ -51,19 +51,18 @@ log = logging.getLogger("bpfsync.watch")
 
 # Longest a read() waits on the ring before looking for finished scans.
 _RESULT_CHECK = 0.02
-# The share of time the scanner may spend dumping one map: a 1M-entry map takes ~0.3 s to
-# dump, so it is scanned every ~1.2 s whatever the poll interval (rescans included). The diff
-# is not counted: when the ring overflows (256 B values at 250k writes/s), rescans are how the
-# agent keeps up, and the diff of a flood's notes (1-4 s in an agent whose threads share the
-# GIL) held them off for 15 s.
+# The share of time the scanner may spend dumping one map, rescans included: a big map is then
+# scanned every four dump times whatever the poll interval, so scanning never takes more than a
+# quarter of a core from the agent. Only the dump is counted, not the diff: when the ring
+# overflows, rescans are how the agent keeps up, and the diff of a flood's notes (in an agent
+# whose threads share the GIL) would hold them off for as long as the flood lasts.
 _SCAN_SHARE = 0.25
 # A traced map that is not in_place is polled only for what the tracer cannot see (under bpf(2)
 # hooks, BPF programs' writes; under fexit, LRU evictions). While its scans find nothing the
 # tracer does not report too, each next scan waits twice as long, up to _IDLE_BACKOFF times its
 # usual period but not beyond _IDLE_MAX_S; a scan that finds something brings the period back
-# at once. A 1M-entry map traced at bpf(2) then costs ~6% of a core when nothing but user space
-# writes it, instead of 25%, and a BPF program's first write after a quiet spell is found
-# within ~4.8 s instead of ~1.2 s.
+# at once. The trade: an idle map costs a quarter of its scan budget, and a BPF program's first
+# write after a quiet spell waits up to _IDLE_BACKOFF scan periods to be found.
 _IDLE_BACKOFF = 4
 _IDLE_MAX_S = 5.0
 _KEY, _VALUE = itemgetter(1), itemgetter(2)  # a Change's key, value

@@ -19,7 +19,7 @@ polls alone. The rest of this text holds for both sets unless it says otherwise.
 - A record holds one map op, or as many elements of a bpf(2) batch command as its key and
   value areas fit (``elements()`` unpacks them): 16 of a 4-byte key and a 16-byte value, so a
   20,000-element batch takes 0.7 MB of the 8 MiB ring, not 10.7 MB, and two reads per record
-  instead of two per element (the writer's cost of the hooks: 0.18 -> 0.06 µs per element).
+  instead of two per element (which is what the hooks cost the writer).
 - Keys, and values of maps that are not per-CPU, are captured up to 256 bytes (``KEY_MAX``,
   ``VALUE_MAX``); a larger map is refused with ``NotSupportedError`` naming the limit.
 - Per-CPU maps: the kernel record carries the key only (a program's write is one CPU's share,

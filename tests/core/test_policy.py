@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpfsync.core.merge import (
+from bpfsync.core.messages import MapSchema, Record, Stamp
+from bpfsync.core.policy import (
     LWW,
     FieldPolicy,
     FieldRule,
@@ -15,7 +16,6 @@ from bpfsync.core.merge import (
     pick,
     policy_for,
 )
-from bpfsync.core.messages import MapSchema, Record, Stamp
 from bpfsync.errors import ConfigError
 from bpfsync.layout import Field, Kind, Layout
 
