@@ -58,7 +58,8 @@ from bpfsync.demo.cluster import (
 )
 from bpfsync.kernel.maps import Map
 from bpfsync.watch.poll import MapPoller
-from bpfsync.watch.trace import Hooks, TraceWatcher, elements
+from bpfsync.watch.trace import Hooks, TraceWatcher
+from bpfsync.watch.trace_abi import elements
 
 PYSPY = Path(sys.executable).parent / "py-spy"
 

@@ -29,7 +29,8 @@ import numpy as np
 from bpfsync.kernel.maps import Map
 from bpfsync.kernel.objects import BpfObject
 from bpfsync.kernel.ringbuf import RingBuffer
-from bpfsync.watch.trace import RECORD, TraceWatcher, _Watched
+from bpfsync.watch.trace import TraceWatcher, _Watched
+from bpfsync.watch.trace_abi import RECORD
 
 ROOT = Path(__file__).resolve().parents[1]
 PRODUCER = ROOT / "tests" / "bpf" / "ringbuf_producer.bpf.o"

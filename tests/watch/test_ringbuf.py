@@ -21,7 +21,7 @@ from bpfsync.errors import InvalidError
 from bpfsync.kernel.maps import Map
 from bpfsync.kernel.objects import BpfObject, Program
 from bpfsync.kernel.ringbuf import RingBuffer, slot_size
-from bpfsync.watch.trace import RECORD
+from bpfsync.watch.trace_abi import RECORD
 
 PRODUCER = Path(__file__).resolve().parents[1] / "bpf" / "ringbuf_producer.bpf.o"
 PLAIN, DISCARD, FOREIGN = 0, 1, 2

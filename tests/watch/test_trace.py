@@ -18,18 +18,16 @@ from bpfsync.kernel.features import tracing_supported
 from bpfsync.kernel.info import MapInfo, MapType
 from bpfsync.kernel.maps import Map
 from bpfsync.watch.base import Watcher
-from bpfsync.watch.trace import (
+from bpfsync.watch.trace import Hooks, TraceWatcher, object_path
+from bpfsync.watch.trace_abi import (
     KEY_MAX,
     OP_DELETE,
     OP_UPDATE,
     RECORD,
     REQUIRED_FUNCTIONS,
     VALUE_MAX,
-    Hooks,
-    TraceWatcher,
     check_traceable,
     elements,
-    object_path,
 )
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "src" / "bpfsync" / "bpf"

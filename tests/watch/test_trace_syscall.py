@@ -23,7 +23,8 @@ from bpfsync.kernel.maps import Map, UpdateFlags
 from bpfsync.kernel.objects import BpfObject
 from bpfsync.model import Change, Overflow, Seen, WatchEvent
 from bpfsync.watch.auto import AutoWatcher
-from bpfsync.watch.trace import BATCH_MAX, Hooks, TraceWatcher
+from bpfsync.watch.trace import Hooks, TraceWatcher
+from bpfsync.watch.trace_abi import BATCH_MAX
 
 MakeMap = Callable[..., Map]
 Watch = Callable[..., tuple[Map, TraceWatcher]]

@@ -2,7 +2,7 @@
 /*
  * trace.h — what trace.bpf.c sends to user space, and the maps user space fills in.
  *
- * Shared by trace.bpf.c and by bpfsync/watch/trace.py, which mirrors these layouts as numpy
+ * Shared by trace.bpf.c and by bpfsync/watch/trace_abi.py, which mirrors these layouts as numpy
  * dtypes / struct formats: change one side and the other in the same commit. Every field has a
  * fixed size and offset (little-endian, no implicit padding), so the record can be decoded in
  * bulk without a C compiler.

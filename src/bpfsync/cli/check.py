@@ -31,7 +31,7 @@ from bpfsync.kernel.features import tracing_supported
 from bpfsync.kernel.info import MapType
 from bpfsync.kernel.maps import Map
 from bpfsync.transport.tls import TlsFiles, load_tls
-from bpfsync.watch.trace import WATCH_MAX, check_traceable
+from bpfsync.watch.trace_abi import WATCH_MAX, check_traceable
 
 __all__ = ["SYNCABLE", "Finding", "Report", "check_file"]
 

@@ -3,7 +3,8 @@
 ``tracing_supported()`` loads and attaches the smallest fexit program (``bpf/probe_fexit.bpf.c``)
 on ``htab_map_update_elem`` and returns ``(ok, reason)``; the reason says what failed and why in
 words an operator can act on (no BTF, a policy refusing fentry/fexit with EPERM, ...). The answer
-is cached per process. ``function_exists(name)`` looks a FUNC up in the running kernel's BTF.
+is cached per process. ``function_exists(name)`` looks a FUNC up in the running kernel's BTF;
+``preempt_count_in_btf()`` whether the tracer can tell interrupt context from it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import platform
 from importlib import resources
 
 from bpfsync.errors import KernelError, NotSupportedError, PermissionDeniedError
-from bpfsync.kernel.btf import KIND_FUNC, vmlinux
+from bpfsync.kernel.btf import KIND_FUNC, KIND_VAR, vmlinux
 from bpfsync.kernel.objects import BpfObject
 
 VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
@@ -29,6 +30,19 @@ def function_exists(name: str) -> bool:
     if not os.path.exists(VMLINUX_BTF):
         return False
     return vmlinux().find(name, KIND_FUNC) is not None
+
+
+# Per-CPU variables that hold the preempt count (6.1/6.15+, 6.2-6.14): without one of them the
+# tracer's kernel side cannot tell interrupt context, so it could not suppress own writes safely.
+_PREEMPT_COUNT_VARS = ("__preempt_count", "pcpu_hot")
+
+
+def preempt_count_in_btf() -> bool:
+    """Whether the running kernel's BTF names a per-CPU preempt count the tracer can read."""
+    if not os.path.exists(VMLINUX_BTF):
+        return False
+    btf = vmlinux()
+    return any(btf.find(var, KIND_VAR) is not None for var in _PREEMPT_COUNT_VARS)
 
 
 def lockdown_mode() -> str:

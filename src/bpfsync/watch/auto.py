@@ -45,7 +45,8 @@ from bpfsync.kernel.maps import Map
 from bpfsync.model import Change, Overflow, WatchEvent
 from bpfsync.watch.poll import MapPoller
 from bpfsync.watch.snapshot import Notes, diff, full
-from bpfsync.watch.trace import Hooks, TraceWatcher, check_traceable
+from bpfsync.watch.trace import Hooks, TraceWatcher
+from bpfsync.watch.trace_abi import check_traceable
 
 log = logging.getLogger("bpfsync.watch")
 

@@ -54,44 +54,28 @@ import numpy as np
 import numpy.typing as npt
 
 from bpfsync.errors import NotSupportedError, PermissionDeniedError
-from bpfsync.kernel.btf import KIND_VAR, vmlinux
-from bpfsync.kernel.features import function_exists, tracing_supported
-from bpfsync.kernel.info import MapInfo, MapType, ProgramInfo
+from bpfsync.kernel.features import function_exists, preempt_count_in_btf, tracing_supported
+from bpfsync.kernel.info import ProgramInfo
 from bpfsync.kernel.links import Link
 from bpfsync.kernel.maps import Map
 from bpfsync.kernel.objects import BpfObject
 from bpfsync.kernel.ringbuf import DEFAULT_MAX_RECORDS, RingBuffer
 from bpfsync.model import Change, Overflow, Seen, WatchEvent, changes
+from bpfsync.watch.trace_abi import (
+    CONFIG,
+    COUNTER_KEYS,
+    RECORD,
+    REQUIRED_FUNCTIONS,
+    WATCH_ENTRY,
+    WATCH_MAX,
+    Counter,
+    OwnMode,
+    check_traceable,
+    elements,
+)
 
-# --- mirror of bpf/trace.h ---------------------------------------------------------------------
-
-KEY_MAX = 256  # TRACE_KEY_MAX
-VALUE_MAX = 256  # TRACE_VALUE_MAX
-WATCH_MAX = 1024  # TRACE_WATCH_MAX
-BATCH_MAX = 1 << 16  # TRACE_BATCH_MAX
-OP_UPDATE, OP_DELETE = 1, 2  # enum trace_op
-F_VALUE_NOT_CAPTURED, F_INTERRUPT = 1, 2  # enum trace_flag
-
-RECORD = np.dtype(
-    {
-        "names": ["map_id", "key_len", "value_len", "op", "flags", "count", "tgid", "key",
-                  "value"],
-        "formats": ["<u4", "<u2", "<u2", "u1", "u1", "<u2", "<u4", ("u1", KEY_MAX),
-                    ("u1", VALUE_MAX)],
-        "offsets": [0, 4, 6, 8, 9, 10, 12, 16, 16 + KEY_MAX],
-        "itemsize": 16 + KEY_MAX + VALUE_MAX,
-    }
-)  # fmt: skip
-_WATCH = struct.Struct("<Q")  # struct trace_watch
-_CONFIG = struct.Struct("<II")  # struct trace_config
-
-
-class OwnMode(enum.IntEnum):
-    """``enum trace_own_mode``: how the kernel side recognises the agent's own writes."""
-
-    OFF = 0  # report everything
-    SYSCALL = 1  # agent thread inside a map-writing bpf(2) call, not in an interrupt
-    TGID = 2  # agent process, not in an interrupt (kernel without the bpf(2) entry hook)
+__all__ = ["MISS_CHECK_SECONDS", "OBJECT", "SYSCALL_HOOK", "Hooks", "TraceStats", "TraceWatcher",
+           "object_path"]
 
 
 class Hooks(enum.Enum):
@@ -102,65 +86,10 @@ class Hooks(enum.Enum):
     AUTO = "auto"  # fexit where the kernel allows it, else syscall
 
 
-class Counter(enum.IntEnum):
-    """Slots of the per-CPU ``counters`` array (``enum trace_counter``)."""
-
-    SUBMITTED = 0
-    DROPPED = 1
-    SUPPRESSED = 2
-
-
-_SLOT_KEYS = {slot: struct.pack("<I", slot) for slot in Counter}
-
-
-def elements(
-    records: npt.NDArray[np.void], key_size: int, value_size: int
-) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
-    """The elements of one map's ``records``, in ring order: keys ``(n, key_size)``, values
-    ``(n, value_size)`` (meaningless where deleted or not captured; none for ``value_size`` 0)
-    and which were deletes. A record holds ``count`` elements back to back (trace.h): one for a
-    map op, many for a bpf(2) batch."""
-    n, counts = len(records), records["count"]
-    deleted = records["op"] == OP_DELETE
-    if not n or int(counts.max()) == 1:
-        keys = records["key"][:, :key_size]
-        values = records["value"][:, :value_size]
-        return keys, values, deleted
-    # every record is cut into as many slots as fit; the first `count` of each are elements
-    per = KEY_MAX // key_size
-    keys = records["key"][:, : per * key_size].reshape(n, per, key_size)
-    keys = keys[np.arange(per) < counts[:, None]]
-    values = np.zeros((len(keys), value_size), np.uint8)
-    carry = records["value_len"] != 0  # not deletes: those pack more keys than values fit
-    if value_size and carry.any():
-        per = VALUE_MAX // value_size
-        kept = records[carry]
-        found = kept["value"][:, : per * value_size].reshape(len(kept), per, value_size)
-        values[np.repeat(carry, counts)] = found[np.arange(per) < kept["count"][:, None]]
-    return keys, values, np.repeat(deleted, counts)
-
-
 OBJECT = "trace.bpf.o"
 SYSCALL_HOOK = "__x64_sys_bpf"
 _OWN_HOOK_PROGRAMS = ("agent_bpf_enter", "agent_bpf_exit")
 _SYSCALL_PROGRAMS = ("sys_bpf_enter", "sys_bpf_exit")
-# Per-CPU variables that hold the preempt count (6.1/6.15+, 6.2-6.14): without one of them the
-# kernel side cannot tell interrupt context, so it could not suppress own writes safely.
-_PREEMPT_COUNT_VARS = ("__preempt_count", "pcpu_hot")
-
-# Kernel functions a map type's writes go through, all required to watch that type.
-REQUIRED_FUNCTIONS: dict[MapType, tuple[str, ...]] = {
-    MapType.HASH: ("htab_map_update_elem", "htab_map_delete_elem"),
-    MapType.LRU_HASH: ("htab_lru_map_update_elem", "htab_lru_map_delete_elem"),
-    MapType.PERCPU_HASH: (
-        "htab_percpu_map_update_elem", "bpf_percpu_hash_update", "htab_map_delete_elem",
-    ),
-    MapType.LRU_PERCPU_HASH: (
-        "htab_lru_percpu_map_update_elem", "bpf_percpu_hash_update", "htab_lru_map_delete_elem",
-    ),
-    MapType.ARRAY: ("array_map_update_elem",),
-    MapType.PERCPU_ARRAY: ("array_map_update_elem", "bpf_percpu_array_update"),
-}  # fmt: skip
 
 # How often the kernel's per-program recursion-miss counters are read (one syscall per program).
 MISS_CHECK_SECONDS = 0.25
@@ -172,26 +101,6 @@ def object_path() -> Path:
     if not path.is_file():
         raise NotSupportedError(f"the tracer {path} is not built (run `make bpf`)")
     return path
-
-
-def check_traceable(name: str, info: MapInfo) -> None:
-    """Raise ``NotSupportedError`` if the trace watcher cannot watch this map (type or size)."""
-    if info.type not in REQUIRED_FUNCTIONS:
-        kinds = ", ".join(t.name.lower() for t in REQUIRED_FUNCTIONS)
-        raise NotSupportedError(
-            f"map {name!r} {info.describe()}: the trace watcher handles {kinds} maps only"
-        )
-    if info.key_size > KEY_MAX:
-        raise NotSupportedError(
-            f"map {name!r} {info.describe()} has {info.key_size}-byte keys: the trace watcher "
-            f"captures keys of at most {KEY_MAX} bytes (TRACE_KEY_MAX); poll this map instead"
-        )
-    if not info.type.percpu and info.value_size > VALUE_MAX:
-        raise NotSupportedError(
-            f"map {name!r} {info.describe()} has {info.value_size}-byte values: the trace "
-            f"watcher captures values of at most {VALUE_MAX} bytes (TRACE_VALUE_MAX); poll this "
-            "map instead"
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,7 +386,7 @@ class TraceWatcher:
             self._dropped_total = dropped
             for map_id, w in self._watched.items():
                 raw = self._watch_map.lookup(struct.pack("<I", map_id))
-                total = _WATCH.unpack(raw)[0] if raw is not None else 0
+                total = WATCH_ENTRY.unpack(raw)[0] if raw is not None else 0
                 if total != self._dropped[map_id]:
                     out.append(Overflow(w.name, total - self._dropped[map_id]))
                     self._dropped[map_id] = total
@@ -496,7 +405,7 @@ class TraceWatcher:
     def _read_counter(self, slot: Counter) -> int:
         if self._counters is None:
             return 0
-        raw = self._counters.lookup(_SLOT_KEYS[slot])
+        raw = self._counters.lookup(COUNTER_KEYS[slot])
         return int(np.frombuffer(raw, "<u8").sum()) if raw else 0
 
     # --- setup ---------------------------------------------------------------------------------
@@ -514,8 +423,7 @@ class TraceWatcher:
     def _choose_own_mode(self) -> OwnMode:
         if self.agent_tgid == 0:
             return OwnMode.OFF
-        btf = vmlinux()
-        if not any(btf.find(var, KIND_VAR) is not None for var in _PREEMPT_COUNT_VARS):
+        if not preempt_count_in_btf():
             raise NotSupportedError(
                 "this kernel's BTF has neither __preempt_count nor pcpu_hot, so the tracer "
                 "cannot tell a softirq write from the agent's own: own-write suppression is "
@@ -539,10 +447,10 @@ class TraceWatcher:
 
     def _fill_maps(self, obj: BpfObject) -> None:
         with obj.map("trace_config") as config:
-            config.update(struct.pack("<I", 0), _CONFIG.pack(self.agent_tgid, self.own_mode))
+            config.update(struct.pack("<I", 0), CONFIG.pack(self.agent_tgid, self.own_mode))
         self._watch_map = obj.map("watched")
         for map_id in self._watched:
-            self._watch_map.update(struct.pack("<I", map_id), _WATCH.pack(0))
+            self._watch_map.update(struct.pack("<I", map_id), WATCH_ENTRY.pack(0))
         self._counters = obj.map("counters")
 
     def _attach(self, obj: BpfObject) -> None:

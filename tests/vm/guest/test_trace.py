@@ -24,7 +24,8 @@ from bpfsync.kernel.maps import Map
 from bpfsync.kernel.objects import BpfObject
 from bpfsync.model import Change, Overflow, Seen, WatchEvent
 from bpfsync.watch.auto import AutoWatcher
-from bpfsync.watch.trace import F_INTERRUPT, REQUIRED_FUNCTIONS, Hooks, OwnMode, TraceWatcher
+from bpfsync.watch.trace import Hooks, TraceWatcher
+from bpfsync.watch.trace_abi import F_INTERRUPT, REQUIRED_FUNCTIONS, OwnMode
 
 RING = 16 * 4096  # 122 records: small enough for a test to overflow
 KINDS = ["hash", "lru_hash", "percpu_hash", "lru_percpu_hash", "array", "percpu_array"]
