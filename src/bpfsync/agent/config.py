@@ -384,7 +384,7 @@ def _explain(err: ValidationError, source: str) -> ConfigError:
         where = ".".join(str(p) for p in e["loc"] if "[" not in str(p)) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown field; check its spelling (see `bpfsync run --help`)"
+            msg = "unknown field; check its spelling (every field: docs/config.md)"
         elif e["type"] == "missing":
             msg = "required field is missing"
         found.setdefault(where, []).append(msg)
