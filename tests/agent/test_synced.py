@@ -89,6 +89,9 @@ def test_policies_that_do_not_fit_are_refused(pins: Callable[..., str]) -> None:
     _refused(MapConfig(path=pins("percpu_hash"), policy="counter"), "per-CPU")
     _refused(MapConfig(path=pins("hash"), policy="counter", counters="exact",
                        companion=pins("hash", value=4)), "same key and value sizes")
+    # a map whose values are kernel objects or node-local handles: refused at start, as by
+    # `bpfsync check` (one rule, synced.unsyncable)
+    _refused(MapConfig(path=pins("prog_array", value=4)), "bpfsync syncs .* maps")
 
 
 def test_policies_that_fit_are_taken(pins: Callable[..., str]) -> None:

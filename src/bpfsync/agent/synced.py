@@ -33,6 +33,7 @@ from bpfsync.core.policy import (
 )
 from bpfsync.errors import ConfigError, NotFoundError
 from bpfsync.kernel.btf import map_layouts, map_layouts_or_raw
+from bpfsync.kernel.info import MapInfo, MapType
 from bpfsync.kernel.maps import Map
 from bpfsync.layout import Layout
 
@@ -77,6 +78,26 @@ class SyncedMap:
             self.companion.close()
 
 
+# The map types whose entries user space reads, writes and deletes by key and whose contents mean
+# the same on every node. The others hold kernel objects (programs, sockets, maps, devices,
+# CPUs), node-local handles (cgroups, tasks, inodes, sockets' storage) or have no keys to sync
+# (ring buffers, queues, stacks, bloom filters): copying their values to another node is
+# meaningless or refused by its kernel.
+SYNCABLE = frozenset({
+    MapType.HASH, MapType.LRU_HASH, MapType.ARRAY, MapType.LPM_TRIE,
+    MapType.PERCPU_HASH, MapType.LRU_PERCPU_HASH, MapType.PERCPU_ARRAY,
+})  # fmt: skip
+
+
+def unsyncable(path: str, info: MapInfo) -> str | None:
+    """Why the map at ``path`` cannot be synced at all (its type), or None."""
+    if info.type in SYNCABLE:
+        return None
+    kinds = ", ".join(sorted(t.name.lower() for t in SYNCABLE))
+    return (f"maps: {path} is {info.describe()}: bpfsync syncs {kinds} maps, whose entries "
+            "user space reads and writes by key and mean the same on every node")
+
+
 def open_synced(mc: MapConfig) -> SyncedMap:
     """Open the map(s) of one config entry and check that its policy fits the map."""
     m = Map.open(mc.path)
@@ -89,6 +110,9 @@ def open_synced(mc: MapConfig) -> SyncedMap:
 
 def _build(mc: MapConfig, m: Map) -> SyncedMap:
     where = f"maps: {mc.path}"
+    why = unsyncable(mc.path, m.info)
+    if why is not None:
+        raise ConfigError(why)
     name = mc.sync_name
     if isinstance(mc.policy, dict):
         try:

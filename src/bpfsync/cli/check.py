@@ -23,28 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bpfsync.agent.config import AgentConfig, MapConfig, is_loopback, load_config
-from bpfsync.agent.synced import open_synced
+from bpfsync.agent.synced import open_synced, unsyncable
 from bpfsync.core.policy import FieldPolicy
 from bpfsync.errors import BpfsyncError, ConfigError, KernelError, NotSupportedError
 from bpfsync.kernel.btf import map_layouts
 from bpfsync.kernel.features import tracing_supported
-from bpfsync.kernel.info import MapType
 from bpfsync.kernel.maps import Map
 from bpfsync.transport.tls import TlsFiles, load_tls
 from bpfsync.watch.trace_abi import WATCH_MAX, check_traceable
 
-__all__ = ["SYNCABLE", "Finding", "Report", "check_file"]
-
-# The map types whose entries user space reads, writes and deletes by key and whose contents mean
-# the same on every node. The others hold kernel objects (programs, sockets, maps, devices,
-# CPUs), node-local handles (cgroups, tasks, inodes, sockets' storage) or have no keys to sync
-# (ring buffers, queues, stacks, bloom filters): copying their values to another node is
-# meaningless or refused by its kernel.
-SYNCABLE = frozenset({
-    MapType.HASH, MapType.LRU_HASH, MapType.ARRAY, MapType.LPM_TRIE,
-    MapType.PERCPU_HASH, MapType.LRU_PERCPU_HASH, MapType.PERCPU_ARRAY,
-})  # fmt: skip
-
+__all__ = ["Finding", "Report", "check_file"]
 
 @dataclass
 class Finding:
@@ -147,11 +135,9 @@ def _check_map(index: int, mc: MapConfig, cfg: AgentConfig, opened: _Opened) -> 
             opened.add(companion, finding, f"companion {mc.companion}", companion=True)
         if m is None:
             return finding
-        if m.info.type not in SYNCABLE:
-            kinds = ", ".join(sorted(t.name.lower() for t in SYNCABLE))
-            problems.append(
-                f"maps: {mc.path} is {m.info.describe()}: bpfsync syncs {kinds} maps, whose "
-                "entries user space reads and writes by key and mean the same on every node")
+        why = unsyncable(mc.path, m.info)
+        if why is not None:
+            problems.append(why)
         problems += _field_problems(mc, m)
         if cfg.watch.mode == "trace":
             try:
