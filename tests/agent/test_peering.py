@@ -215,3 +215,85 @@ def test_room_for_local_changes_is_a_linked_peer_short_of_records() -> None:
         await asyncio.wait_for(a.wait_for_room(10, 60.0), 10)
 
     with_pair(body)
+
+
+def sample(p: Peering, name: str, **labels: str) -> float | None:
+    return p.metrics.registry.get_sample_value(name, labels)
+
+
+def test_lag_counts_records_queued_and_records_sent_but_not_acknowledged() -> None:
+    """``bpfsync_peer_lag_records`` (set by ``peers()``, which the agent calls at each status
+    refresh) and the /status row: the outbox, then the batches in flight, then nothing."""
+
+    async def main() -> None:
+        net = MemoryNetwork()
+        a, ra = node(net, "a")
+        b, rb = node(net, "b")
+        await a.transport.start()
+        await b.transport.start()
+        tasks = [asyncio.create_task(a.run()), asyncio.create_task(b.run())]
+        await asyncio.sleep(0.05)
+        try:
+            def row() -> dict[str, object]:
+                return next(r for r in a.peers() if r["node"] == "b")
+
+            assert row()["lag_records"] == 0 and sample(a, "bpfsync_peer_lag_records",
+                                                        peer="b") == 0
+            backlog = a.transport.backlog
+            a.transport.backlog = lambda peer: 1 << 30  # type: ignore[method-assign]
+            now = time.time_ns()
+            recs = [ra.local_change("m", struct.pack("<I", k), struct.pack("<Q", k), now)
+                    for k in range(20)]  # fmt: skip
+            a.broadcast([r for r in recs if r is not None])
+            await asyncio.sleep(0.05)  # the link is backed up: they wait in the outbox
+            assert (row()["queued_records"], row()["unacked_records"]) == (20, 0)
+            assert sample(a, "bpfsync_peer_lag_records", peer="b") == 20
+
+            net.hold("a", "b")  # sent, but b neither gets them nor acks them
+            a.transport.backlog = backlog  # type: ignore[method-assign]
+            a.broadcast([])
+            a._flush_soon()
+            await asyncio.sleep(0.05)
+            assert (row()["queued_records"], row()["unacked_records"]) == (0, 20)
+            assert row()["lag_records"] == 20 and row()["unacked_batches"] == 1
+            assert sample(a, "bpfsync_peer_lag_records", peer="b") == 20
+
+            net.release("a", "b")
+            await eventually(lambda: row()["lag_records"] == 0, "b acknowledging", timeout=1.0,
+                             every=0.02)
+            assert sample(a, "bpfsync_peer_lag_records", peer="b") == 0
+            assert rb.registers("m") == 20
+        finally:
+            await a.transport.close()
+            await b.transport.close()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def test_divergent_buckets_are_those_stable_at_the_peers_routine_digest() -> None:
+    """``bpfsync_divergent_buckets{peer, map}``: 0 at the first digest (nothing to compare
+    with), the stably differing buckets at the next (all of them, also those the answer leaves
+    for later rounds), 0 once repaired, and gone while the peer is down."""
+
+    async def body(a: Peering, ra: Replica, b: Peering, rb: Replica) -> None:
+        diverge(rb, range(3000))
+        differing = sum(x != y for x, y in zip(ra.digest("m").buckets, rb.digest("m").buckets,
+                                               strict=True))
+        assert differing > 2 * peering_mod._ROUTINE_BUCKETS
+        await round_(a)
+        assert sample(b, "bpfsync_divergent_buckets", peer="a", map="m") == 0
+        await round_(a)
+        assert sample(b, "bpfsync_divergent_buckets", peer="a", map="m") == differing
+        await round_(a)  # 64 repaired by the previous answer
+        assert sample(b, "bpfsync_divergent_buckets", peer="a", map="m") == (
+            differing - peering_mod._ROUTINE_BUCKETS)
+        for _ in range(1024 // peering_mod._ROUTINE_BUCKETS + 2):
+            await round_(a)
+        assert ra.content("m") == rb.content("m")
+        assert sample(b, "bpfsync_divergent_buckets", peer="a", map="m") == 0
+        assert sample(a, "bpfsync_divergent_buckets", peer="b", map="m") is None  # b sent none
+        b._peer_down("a", None)
+        assert sample(b, "bpfsync_divergent_buckets", peer="a", map="m") is None
+
+    with_pair(body)

@@ -195,6 +195,13 @@ def test_readiness_cannot_be_faked_by_an_unasked_answer(tmp_path: Path) -> None:
         assert not a.is_ready()
         cl["b"].start()  # a real peer answers a's digest: now a is ready
         assert wait_for(a.is_ready, 30)
+        # and the answers to the routine digests that follow are taken, not refused
+        before = counter(metrics(a), "bpfsync_rejected_total", reason="unsolicited_answered")
+        time.sleep(5)  # two digest rounds
+        b_page = metrics(cl["b"])
+        assert counter(metrics(a), "bpfsync_rejected_total",
+                       reason="unsolicited_answered") == before
+        assert counter(b_page, "bpfsync_rejected_total", reason="unsolicited_answered") == 0
 
 
 @pytest.mark.parametrize("tls", [True, False], ids=["tls", "plaintext"])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import time
@@ -10,10 +12,11 @@ import tomllib
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bpfsync.demo.cluster import KEY, VALUE, Cluster, Node, session
+from bpfsync.demo.cluster import KEY, VALUE, Cluster, Node, session, wait_for
 
 BPFSYNC = [sys.executable, "-m", "bpfsync.cli.main"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,6 +110,38 @@ def test_status_shows_peers_and_maps() -> None:
         res = subprocess.run([*BPFSYNC, "status", "--http", "127.0.0.1:1"], capture_output=True,
                              text=True)
         assert res.returncode == 2 and "no agent answers" in res.stderr
+
+
+def test_status_tells_an_error_of_now_from_one_before_the_link_came_up() -> None:
+    """a starts alone: its dials of b are refused, and status says so, and how long ago. Once
+    b is up the error is still shown (it is the last one), but as from before the link."""
+    env = {**os.environ, "COLUMNS": "250"}  # one line per row, however long the error
+
+    def status(a: Node, *flags: str) -> str:
+        return subprocess.run([*BPFSYNC, "status", "--http", f"127.0.0.1:{a.http_port}", *flags],
+                              capture_output=True, text=True, check=True, env=env).stdout
+
+    with Cluster(("a", "b"), tag="stale") as c:
+        a, where = c["a"], c["b"].address  # a knows b by address only, until b answers
+
+        def row_of_b() -> dict[str, Any] | None:
+            st = a.status()
+            return next((p for p in st["peers"] if p["address"] == where), None) if st else None
+
+        a.start()
+        assert wait_for(lambda: bool((row_of_b() or {}).get("last_error")), 30), a.log()
+        line = next(ln for ln in status(a).splitlines() if where in ln)
+        assert re.search(r"│ \d+s ago: 127.0.0.1:\d+: handshake", line), line
+
+        c["b"].start()
+        assert c.wait_linked(30)
+        b = next(p for p in json.loads(status(a, "--json"))["peers"] if p["address"] == where)
+        assert b["connected"] and b["last_error"]
+        assert b["last_error_at"] <= b["connected_since"] <= time.time()
+        assert b["lag_records"] == b["queued_records"] + b["unacked_records"]
+        line = next(ln for ln in status(a).splitlines() if where in ln)
+        assert re.search(r"│ \d+s ago \(before the link came up\): 127.0.0.1:\d+: handshake",
+                         line), line
 
 
 def test_busy_http_port_is_a_clear_error(node: Node) -> None:

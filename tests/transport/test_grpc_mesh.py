@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc.aio
 import pytest
@@ -115,6 +116,39 @@ def test_peer_that_is_down_at_start_is_reached_later() -> None:
                 await b.up("a")
             finally:
                 await b.close()
+        finally:
+            await a.close()
+
+    run(go)
+
+
+def test_the_last_error_says_when_and_the_link_since_when() -> None:
+    """PeerState.last_error_at and connected_since (time.time()): what `bpfsync status` needs
+    to tell an error of now from one from before the link came up."""
+
+    async def go() -> None:
+        port = free_port()
+        started = time.time()
+        a = await Node.start("a", [f"127.0.0.1:{port}"])
+        try:
+            await eventually(lambda: a.mesh.peers()[0].last_error, "a failed dial")
+            st = a.mesh.peers()[0]
+            assert not st.connected and st.connected_since is None
+            assert st.last_error_at is not None and started <= st.last_error_at <= time.time()
+            b = await Node.start("b", [a.address], port=port)
+            try:
+                await a.up("b")
+                st = a.state("b")
+                assert st.connected and st.last_error  # kept after the recovery ...
+                assert st.connected_since is not None
+                assert st.last_error_at <= st.connected_since <= time.time()  # ... and older
+                up_since = st.connected_since
+            finally:
+                await b.close()
+            await a.down("b")
+            await eventually(lambda: (a.state("b").last_error_at or 0) > up_since,
+                             "a's link to b failing again")
+            assert a.state("b").connected_since is None
         finally:
             await a.close()
 

@@ -402,8 +402,8 @@ def parse_config(data: Any, source: str = "config") -> AgentConfig:
         raise _explain(err, source) from err
 
 
-def load_config(path: str | Path) -> AgentConfig:
-    """Read and validate a YAML config file."""
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML config file's mapping of fields, not yet validated (flags may complete it)."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -413,4 +413,13 @@ def load_config(path: str | Path) -> AgentConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{p} is not valid YAML: {err}") from err
-    return parse_config(data or {}, str(p))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of fields at the top level")
+    return data
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Read and validate a YAML config file."""
+    return parse_config(read_config_file(path), str(path))

@@ -1,4 +1,17 @@
-"""Prometheus metrics, one registry per agent so several agents can share a test process."""
+"""Prometheus metrics, one registry per agent so several agents can share a test process.
+
+docs/metrics.md lists every metric (a test holds it to this registry). Names follow Prometheus
+conventions: base units (``_seconds``, ``_bytes``), counters exported with ``_total`` (added by
+prometheus_client). Per-peer labels only ever name members: a session exists only for a node the
+transport admitted (transport/base.py). Who sets what: counters where the event happens
+(pipeline.py, peering.py); gauges on the agent's loop, in peering.py (``peers()``, called at each
+status refresh every 0.25 s, and at each digest answer) and status.py.
+
+The labelled counters whose label values are known in advance (rejection reasons; per map, the
+ops applied and how changes were seen) exist at 0 from the start: Prometheus's ``rate`` and
+``increase`` count from a series' first sample, so a series born at its first event would hide
+that event (the first rejection, the first burst of writes) from them.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +20,19 @@ from collections.abc import Callable, Iterator, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
+
+from bpfsync.errors import PeerError
+from bpfsync.model import Op, Seen
+
+# bpfsync_rejected_total's reasons besides the PeerError classes' names (peering.py)
+_OTHER_REJECTIONS = ("repair_busy", "unsolicited_answered", "internal_error")
+
+
+def _subclasses(cls: type[PeerError]) -> list[type[PeerError]]:
+    out: list[type[PeerError]] = []
+    for sub in cls.__subclasses__():
+        out += [sub, *_subclasses(sub)]
+    return out
 
 
 class AgentMetrics:
@@ -58,6 +84,16 @@ class AgentMetrics:
         self.peer_connected = Gauge(
             "bpfsync_peer_connected", "1 while a stream to the peer is up", ["peer"], registry=r,
         )
+        self.peer_lag = Gauge(
+            "bpfsync_peer_lag_records", "Records for the peer not yet acknowledged by it: queued"
+            " in its outbox or in batches it has not acked", ["peer"], registry=r,
+        )
+        self.divergent_buckets = Gauge(
+            "bpfsync_divergent_buckets", "Digest buckets of the map that differ stably between"
+            " this node and the peer (same hashes on both sides as at the previous round), at"
+            " the peer's latest routine digest; 0 while records are on their way", ["peer", "map"],
+            registry=r,
+        )
         self.tls_expiry = Gauge(
             "bpfsync_tls_cert_expiry_timestamp_seconds",
             "When this node's TLS certificate expires (unset without TLS)", registry=r,
@@ -66,6 +102,21 @@ class AgentMetrics:
             "bpfsync_apply_seconds", "Time to write one inbound batch to the kernel", registry=r,
             buckets=(1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0),
         )
+        for reason in sorted({c.__name__ for c in _subclasses(PeerError)}) + list(
+            _OTHER_REJECTIONS
+        ):
+            self.rejected.labels(reason)
+        self._maps: set[str] = set()
+
+    def map_series(self, name: str) -> None:
+        """Make the map's counters exist at 0 (see the module docstring); idempotent."""
+        if name in self._maps:
+            return
+        self._maps.add(name)
+        for op in Op:
+            self.applied.labels(name, op.value)
+        for seen in Seen:
+            self.local_changes.labels(name, seen.value)
 
     def watch_transport(self, stats: Callable[[], Mapping[str, int]]) -> None:
         """Export the transport's counters (rejected streams by reason, malformed frames,

@@ -28,7 +28,11 @@ Rules of this module (the core's rules are in core/session.py and core/replica.p
 - Peer input is bounded and answered once: a peer holds at most one answer per map (and one
   Pull answer) in the queue of repairs we owe it; a Digest or Pull beyond that is refused and
   counted (``repair_busy``): one small frame must not make us send a whole map again and again.
-  An Answered counts toward catch-up only from a peer we sent an urgent digest of that map.
+- An Answered is taken only from a peer we sent a digest of that map it has not answered yet;
+  any other is refused and counted (``unsolicited_answered``). While this node catches up it
+  sends urgent digests only (no routine round, no link announcements), so every Answered it
+  takes then ends a catch-up answer: a routine answer covers a few buckets and must not make
+  the node ready.
 - Input refused as the peer's fault (malformed, unauthenticated) disconnects the peer for a
   while (transport ``disconnect``); so does input that meets a bug here, which is logged with
   its traceback: one member's frames must never stop the agent. A config mismatch (a map the
@@ -76,6 +80,7 @@ _ROUTINE_BUCKETS = 64  # buckets one routine digest answer may repair (of 1024 b
 _REPAIR_BACKLOG = 8 << 20  # bytes queued on a link before repair answers wait for it to drain
 _SEND_BACKLOG = 16 << 20  # ... before new batches wait (the link resets past 64 MiB)
 _CROSSED_S = 5.0  # a peer's Pull this soon after our answer to its digest answers the same
+_MAX_ASKED = 8  # digests of one map counted as awaiting an answer, at most, per peer
 
 # (peer, records, whether they are a repair: a digest's or a pull's answer) -> what merging them
 # asks of us; None when the records were not merged
@@ -123,7 +128,9 @@ class Peering:
         self._repair_turn: Counter[tuple[str, str]] = Counter()
         # (peer, map) -> (when, bucket count, buckets): what our last answer to its digest sent
         self._answered: dict[tuple[str, str], tuple[float, int, frozenset[int]]] = {}
-        self._asked: dict[str, set[str]] = {}  # peer -> maps of our urgent digests it owes
+        # peer -> map -> digests we sent it and it has not answered (bounded: a busy peer does
+        # not answer routine digests)
+        self._asked: dict[str, Counter[str]] = {}
         # repairs owed to one peer at most: an answer (Pull, records, Answered) per map, a Pull's
         self._max_repairs = 3 * len(self.schemas) + 1
 
@@ -172,17 +179,27 @@ class Peering:
                 self._send_digests(peer)
 
     def peers(self) -> list[dict[str, Any]]:
+        """One row per peer the transport knows, for /status; sets the per-peer lag gauge on
+        the way (for members only: only they have a session)."""
+        lag: dict[str, tuple[int, int]] = {}  # peer -> (records queued, records unacked)
+        for peer, session in self.sessions.items():
+            lag[peer] = (len(session.outbox), session.unacked_records)
+            self.metrics.peer_lag.labels(peer).set(sum(lag[peer]))
         rows = []
         for p in self.transport.peers():
             s = self.sessions.get(p.node or "")
+            queued, unacked = lag.get(p.node or "", (0, 0))
             rows.append({
                 "address": p.address, "node": p.node, "connected": p.connected,
+                "connected_since": p.connected_since,
                 "inbound": p.inbound, "sent": p.messages_sent, "received": p.messages_received,
                 "bytes_sent": p.bytes_sent, "bytes_received": p.bytes_received,
                 "reconnects": p.reconnects, "last_error": p.last_error,
+                "last_error_at": p.last_error_at,
                 "queued_bytes": p.queued_bytes, "dropped": p.dropped,
                 "unacked_batches": s.unacked if s else 0,
-                "lag_records": len(s.outbox) if s else 0,
+                "queued_records": queued, "unacked_records": unacked,
+                "lag_records": queued + unacked,
             })
         return rows
 
@@ -252,6 +269,8 @@ class Peering:
         for key in [key for key in self._answered if key[0] == peer]:
             del self._answered[key]
         self.metrics.peer_connected.labels(peer).set(0)
+        for schema in self.schemas:  # unknown until its next digests are compared again
+            self.metrics.divergent_buckets.remove(peer, schema.name)
         self._linked.discard(peer)
         log.info("peer down", extra={"peer": peer, "error": str(error) if error else None})
         self._announce_links(but=peer)
@@ -288,10 +307,10 @@ class Peering:
                     peer, s, [self.replica.answer_pull(self._unsent(peer, msg), peer)])
         elif isinstance(msg, Answered):
             asked = self._asked.get(peer)
-            if asked is None or msg.map not in asked:  # not ours to count (module docstring)
+            if asked is None or asked[msg.map] <= 0:  # not ours to take (module docstring)
                 self.metrics.rejected.labels("unsolicited_answered").inc()
             else:
-                asked.discard(msg.map)
+                asked[msg.map] -= 1
                 self._on_caught_up(msg.map, peer, msg.differing)
         elif isinstance(msg, Hello):
             self._send(peer, s.on_hello(msg))
@@ -324,11 +343,14 @@ class Peering:
     # --- digests and repair --------------------------------------------------------------------
 
     def _send_digests(self, peer: str, *, urgent: bool = False) -> None:
+        if not urgent and self._catching_up():  # see the module docstring
+            return
         linked = tuple(sorted(self._linked))
+        asked = self._asked.setdefault(peer, Counter())
         for schema in self.schemas:
             d = self.replica.digest(schema.name)
-            if self._send(peer, Digest(d.map, d.buckets, linked, urgent)) and urgent:
-                self._asked.setdefault(peer, set()).add(d.map)
+            if self._send(peer, Digest(d.map, d.buckets, linked, urgent)):
+                asked[d.map] = min(asked[d.map] + 1, _MAX_ASKED)
 
     def _repairs_full(self, peer: str, msg: Digest | Pull) -> bool:
         """Whether the peer already has every answer it may have queued (module docstring)."""
@@ -345,13 +367,16 @@ class Peering:
         local = self.replica.digest(digest.map, len(digest.buckets)).buckets
         before = self._observed.get((peer, digest.map))
         self._observed[(peer, digest.map)] = (digest.buckets, local)
+        divergent = self.metrics.divergent_buckets.labels(peer, digest.map)
         if before is None or len(before[0]) != len(local):
+            divergent.set(0)
             return set()
         stable = [
             i for i, (theirs, ours, was_theirs, was_ours)
             in enumerate(zip(digest.buckets, local, *before, strict=True))
             if theirs != ours and theirs == was_theirs and ours == was_ours
         ]  # fmt: skip
+        divergent.set(len(stable))  # all of them, also those this answer leaves for later
         if len(stable) <= _ROUTINE_BUCKETS:
             return set(stable)
         self._repair_turn[(peer, digest.map)] += 1
@@ -367,6 +392,7 @@ class Peering:
         if not digest.urgent:
             if s.outbox or s.unacked:  # records on their way: the difference is likely those
                 self._observed.pop((peer, digest.map), None)
+                self.metrics.divergent_buckets.labels(peer, digest.map).set(0)  # none known
                 return
             only = self._stable_differences(peer, digest)
         pull, parts = self.replica.answer_digest(

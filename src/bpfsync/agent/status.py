@@ -29,6 +29,7 @@ def map_rows(
     rows = []
     for name, sm in synced.items():
         st = stats.get(name) or MapStats()
+        metrics.map_series(name)
         registers = replica.registers(name)
         metrics.entries.labels(name).set(registers)
         backoff = watcher.backoff(name) if watcher is not None else 1

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from bpfsync.errors import BpfsyncError
 
@@ -198,7 +199,7 @@ def run(
     """
     # gRPC's C core logs every GOAWAY of a restarting peer at INFO; our own logs say what matters
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    from bpfsync.agent.config import load_config, parse_config
+    from bpfsync.agent.config import parse_config, read_config_file
     from bpfsync.agent.daemon import run_agent
     from bpfsync.agent.logs import setup_logging
 
@@ -206,36 +207,39 @@ def run(
         setup_logging(log_level)
         data: dict[str, Any] = {}
         if config is not None:
-            data = load_config(config).model_dump(exclude_unset=True)
+            # validated once, with the flags merged in: a file may leave fields to flags
+            # (node_id from --node-id on every node of a DaemonSet)
+            data = read_config_file(config)
         overrides = {
             "node_id": node_id, "listen": listen, "peers_dns": peers_dns, "http_listen": http,
             "peers": tuple(peer) if peer else None,
             "maps": [{"path": p} for p in map_path] if map_path else None,
         }
         data.update({k: v for k, v in overrides.items() if v is not None})
-        if watch_mode:
-            data["watch"] = {**data.get("watch", {}), "mode": watch_mode}
-        if poll_interval is not None:
-            data["watch"] = {**data.get("watch", {}), "poll_interval": poll_interval}
-        if syscall_hooks is not None:
-            data["watch"] = {**data.get("watch", {}), "syscall_hooks": syscall_hooks}
-        tls_flags = {"ca": tls_ca, "cert": tls_cert, "key": tls_key}
-        if any(tls_flags.values()):
-            missing = [f"--tls-{k}" for k, v in tls_flags.items() if v is None]
-            if missing:
-                raise typer.BadParameter(
-                    f"mutual TLS needs --tls-ca, --tls-cert and --tls-key; missing {missing}")
-            data["tls"] = {**data.get("tls", {}), **{k: str(v) for k, v in tls_flags.items()}}
+        _merge(data, "watch", mode=watch_mode, poll_interval=poll_interval,
+               syscall_hooks=syscall_hooks)
+        # the three TLS files may come from the file, the flags or both (the CA in a shared
+        # file, each node's own certificate by flag); the model says which one is missing
+        _merge(data, "tls", ca=tls_ca and str(tls_ca), cert=tls_cert and str(tls_cert),
+               key=tls_key and str(tls_key))
         if insecure:
             data["insecure"] = True
         if allow_node:
             data["allowed_nodes"] = tuple(allow_node)
         if "node_id" not in data:
             raise typer.BadParameter("give --node-id or a --config file with node_id")
-        cfg = parse_config(data, str(config) if config else "command line")
+        cfg = parse_config(data, f"{config} with the command line" if config else "command line")
         sys.exit(run_agent(cfg))
     except BpfsyncError as e:
         raise _fail(e) from e
+
+
+def _merge(data: dict[str, Any], section: str, **flags: object) -> None:
+    """Flags given (not None) over the fields of ``section`` in ``data``."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    if given:
+        current = data.get(section)
+        data[section] = {**(current if isinstance(current, dict) else {}), **given}
 
 
 @app.command()
@@ -358,13 +362,20 @@ def status(
     elif sec:
         out.print(f"[yellow]TLS off[/]; members ({sec.get('membership')}): {members}",
                   highlight=False)
-    peers = Table("peer", "node", "connected", "sent", "received", "reconnects", "last error")
+    now = time.time()
+    peers = Table("peer", "node", "connected", "lag", "sent", "received", "reconnects",
+                  "last error")
     for p in state.get("peers", []):
+        since = p.get("connected_since")
+        connected = Text("no", style="red")
+        if p.get("connected"):
+            connected = Text("yes", style="green")
+            if since is not None:
+                connected.append(f" ({_ago(now - since)})")
         peers.add_row(
-            str(p.get("address")), str(p.get("node") or "?"),
-            "[green]yes[/]" if p.get("connected") else "[red]no[/]",
-            str(p.get("sent", 0)), str(p.get("received", 0)), str(p.get("reconnects", 0)),
-            str(p.get("last_error") or ""),
+            str(p.get("address")), str(p.get("node") or "?"), connected,
+            str(p.get("lag_records", 0)), str(p.get("sent", 0)), str(p.get("received", 0)),
+            str(p.get("reconnects", 0)), _last_error(p, now),
         )
     out.print(peers)
     maps = Table("map", "path", "keys (incl. tombstones)", "local changes", "applied",
@@ -375,6 +386,31 @@ def status(
             str(m.get("local_changes")), str(m.get("applied")), str(m.get("rejected")),
         )
     out.print(maps)
+
+
+def _ago(seconds: float) -> str:
+    """A duration as a person reads it in a table: 42s, 17m, 5h, 3d."""
+    s = max(0, round(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= 2 * size:
+            return f"{s // size}{unit}"
+    return f"{s}s"
+
+
+def _last_error(peer: dict[str, Any], now: float) -> Text:
+    """How long ago the peer's last error happened, then the error (errors are long: the age
+    goes first, where a wrapped cell still shows it); dim, and marked as from before the link
+    came up, when the link is up and the error is older than it: an old "connection refused"
+    of a peer connected since is no problem of now."""
+    error = peer.get("last_error")
+    if not error:
+        return Text("")
+    at, since = peer.get("last_error_at"), peer.get("connected_since")
+    if at is None:  # an agent older than last_error_at
+        return Text(str(error))
+    if peer.get("connected") and since is not None and at <= since:
+        return Text(f"{_ago(now - at)} ago (before the link came up): {error}", style="dim")
+    return Text(f"{_ago(now - at)} ago: {error}")
 
 
 if __name__ == "__main__":

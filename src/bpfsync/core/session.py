@@ -166,10 +166,14 @@ class PeerSession:
     def window_open(self) -> bool:
         """Whether another batch fits without dropping an unacked one, and the records in
         flight leave room (flow control)."""
-        held = self._held
-        return len(held) < self.max_unacked and (
-            sum(len(b.records) for b in held) < self.max_unacked_records
+        return len(self._held) < self.max_unacked and (
+            self.unacked_records < self.max_unacked_records
         )
+
+    @property
+    def unacked_records(self) -> int:
+        """Records in the batches held until the peer acks them (P2: a few batches at most)."""
+        return sum(len(b.records) for b in self._held)
 
     @property
     def unacked(self) -> int:

@@ -89,6 +89,8 @@ class PeerState:
     reconnects: int = 0  # outbound links established after the first
     queued_bytes: int = 0  # encoded messages waiting to be written
     dropped: int = 0  # messages queued for it but lost (link went down, queue full)
+    last_error_at: float | None = None  # time.time() of last_error
+    connected_since: float | None = None  # time.time() the outbound link came up; None if down
 
 
 @runtime_checkable

@@ -178,13 +178,21 @@ class GrpcMesh:
             if link.is_self:
                 continue
             inb = inbound.pop(link.node, None) if link.node else None
+            # the latest failure of either link: the inbound one's when it is the more recent
+            error, error_at = link.last_error, link.last_error_at
+            if inb is not None and inb.last_error and (
+                error is None or inb.last_error_at > (error_at or 0.0)
+            ):
+                error, error_at = inb.last_error, inb.last_error_at
             out.append(PeerState(
                 address=link.address,
                 node=link.node,
                 connected=link.up,
                 inbound=bool(inb and inb.streams),
                 incarnation=link.incarnation if inb is None else inb.incarnation,
-                last_error=link.last_error or (inb.last_error if inb else None),
+                last_error=error,
+                last_error_at=error_at,
+                connected_since=link.connected_since,
                 messages_sent=link.messages_sent,
                 bytes_sent=link.bytes_sent,
                 messages_received=inb.messages_received if inb else 0,
@@ -199,6 +207,7 @@ class GrpcMesh:
             out.append(PeerState(
                 address=None, node=inb.node, connected=False, inbound=inb.streams > 0,
                 incarnation=inb.incarnation, last_error=inb.last_error,
+                last_error_at=inb.last_error_at if inb.last_error else None,
                 messages_received=inb.messages_received, bytes_received=inb.bytes_received,
             ))
         return out

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
@@ -70,6 +71,8 @@ class PeerLink:
         self.up = False
         self.is_self = False
         self.last_error: str | None = None
+        self.last_error_at: float | None = None  # time.time() of last_error
+        self.connected_since: float | None = None  # time.time() the current session came up
         self.messages_sent = 0
         self.bytes_sent = 0
         self.handshakes = 0
@@ -179,7 +182,7 @@ class PeerLink:
                 backoff.reset()
             if str(error) != self.last_error:
                 log.warning("link down or not up: %s", error)
-            self.last_error = str(error)
+            self.last_error, self.last_error_at = str(error), time.time()
             try:
                 async with asyncio.timeout(backoff.next()):
                     await self._redial.wait()
@@ -250,12 +253,14 @@ class PeerLink:
         self.node, self.incarnation, self.up = hello.node, hello.incarnation, True
         self.handshakes += 1
         self._up_at = asyncio.get_running_loop().time()
+        self.connected_since = time.time()
         self._reset.clear()
         self._reset_error = None
         log.info("link to %s (%s) is up", hello.node, self.address)
 
     def _mark_down(self, error: BpfsyncError | None) -> None:
         self.up = False
+        self.connected_since = None
         self.dropped += len(self._queue)  # never carried over: the core resends after PeerUp
         self._queue.clear()
         self.queued_bytes = 0
