@@ -100,6 +100,12 @@ fuzz: setup
 fresh-check:
 	bash tests/fresh/fresh-check.sh
 
+# --- the agent's container image, localhost/bpfsync:<version> (deploy/image/README.md): a Debian
+# root from mmdebstrap, podman import, the agent's wheel and its PyPI dependencies in a venv ---
+.PHONY: image
+image: venv bpf proto
+	bash deploy/image/build.sh
+
 bench: setup vm-kernel
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/run.py
 
