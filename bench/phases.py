@@ -151,7 +151,8 @@ def latency(c: BenchCluster, poll: float, rate: float, seconds: float,
     x = np.concatenate(lats) if lats else np.zeros(0)
     return {"poll": poll, "written": written, "observed": int(x.size),
             "p50": pct(x, 50), "p99": pct(x, 99), "p999": pct(x, 99.9),
-            "max": float(x.max()) if x.size else float("nan")}
+            "max": float(x.max()) if x.size else float("nan"),
+            "samples_ms": x}  # every latency, for bench/plots.py; the table reads the above
 
 
 def catchup(entries: int, wait_max: float) -> dict[str, Any]:

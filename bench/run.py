@@ -1,6 +1,6 @@
 """One-command end-to-end benchmark of bpfsync against the seed design (needs root, bpffs).
 
-    .venv/bin/python bench/run.py [--quick]
+    .venv/bin/python bench/run.py [--quick] [--plot DIR]
 
 Phases (each bounded; every pin and process is cleaned up by the Cluster context manager):
   seed      bench/seed_baseline.py: one unary gRPC call per change, new channel per call, 1 peer,
@@ -25,6 +25,8 @@ Phases (each bounded; every pin and process is cleaned up by the Cluster context
   detect    MapPoller scan+diff of a 1M-entry u32 -> 16 B hash (bench/poll_scan.py's helpers),
             and what the bpf(2) hooks cost every other process (bench/syscall_hooks.py)
   profile   py-spy record of a and b during thr-user (if py-spy is installed)
+--plot DIR also draws the latency CDFs, the throughput per phase and the catch-up as PNGs in DIR
+(bench/plots.py, matplotlib from the dev extra).
 """
 
 from __future__ import annotations
@@ -53,7 +55,13 @@ def main() -> None:
     ap.add_argument("--keyspace", type=int, default=1 << 20)
     ap.add_argument("--catchup-entries", type=int, default=1_000_000)
     ap.add_argument("--skip", default="", help="comma list of phases to skip")
+    ap.add_argument("--plot", type=Path, metavar="DIR",
+                    help="also write the figures as PNGs into DIR (bench/plots.py)")
     args = ap.parse_args()
+    if args.plot:  # before the phases: a missing matplotlib fails now, not after the run
+        import plots
+
+        args.plot.mkdir(parents=True, exist_ok=True)
     q = args.quick
     secs = 5.0 if q else 30.0
     lat_secs = 5.0 if q else 10.0
@@ -115,7 +123,7 @@ def main() -> None:
                 assert c.wait_ready(30), "agents not ready"
                 log(f"latency at {rate:,.0f}/s, watch mode {mode}, poll interval {poll}")
                 R[key] = {**latency(c, poll, rate, lat_secs), "rate": rate, "mode": mode}
-                log(f"  {R[key]}")
+                log(f"  {_brief(R[key])}")
                 for n in c:
                     n.stop()
         if "tls" not in skip:
@@ -126,7 +134,7 @@ def main() -> None:
                 log("latency at 10,000/s, watch mode auto, mutual TLS")
                 R["lat_auto_tls"] = {**latency(c, 0.25, 10_000.0, lat_secs), "rate": 10_000.0,
                                      "mode": "auto", "tls": True}
-                log(f"  {R['lat_auto_tls']}")
+                log(f"  {_brief(R['lat_auto_tls'])}")
     if "catchup" not in skip:
         log(f"catch-up of {args.catchup_entries} entries")
         R["catchup"] = catchup(args.catchup_entries, 60.0 if q else 120.0)
@@ -149,8 +157,18 @@ def main() -> None:
         log(f"  {R['hooks']}")
     with contextlib.suppress(OSError):
         Path(f"/tmp/bpfsync-bench-results-{'quick' if q else 'full'}.json").write_text(
-            json.dumps(R, default=str))
+            json.dumps({k: _brief(v) for k, v in R.items()}, default=str))
     report(R, sys.argv)
+    if args.plot:
+        for path in plots.plot_all(R, args.plot):
+            log(f"plot: {path}")
+
+
+def _brief(result: Any) -> Any:
+    """A phase's results without phases.latency's raw latencies (for the plots only)."""
+    if isinstance(result, dict):
+        return {k: v for k, v in result.items() if k != "samples_ms"}
+    return result
 
 
 if __name__ == "__main__":
