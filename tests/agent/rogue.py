@@ -79,8 +79,15 @@ async def _stream(
     call = channel.stream_stream(METHOD)()
     try:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            for frame in frames:
+            for i, frame in enumerate(frames):
                 await call.write(frame)
+                if i == 0 and len(frames) > 1:
+                    # the agent's answer to the first frame (its Hello, or a refusal) before
+                    # the rest, as a peer would: writing into a stream the agent has already
+                    # refused races its refusal, and the client may then see INTERNAL
+                    async with asyncio.timeout(linger + 5):
+                        if await call.read() is grpc.aio.EOF:
+                            break
             async with asyncio.timeout(linger):
                 while await call.read() is not grpc.aio.EOF:
                     pass

@@ -686,3 +686,37 @@ def test_a_node_restarting_on_its_full_map_merges_the_repair_in_bulk_as_the_gene
     got, want = bulk.receive(batch, T, "b"), general.receive(batch, T, "b")  # the same again
     assert list(got.forward) == list(want.forward) == [] and not written(got)
     assert bulk.stats == general.stats and bulk.digest("blocklist") == general.digest("blocklist")
+
+
+def test_a_restarting_node_keeps_its_buckets_frozen_when_the_repair_mixes_record_sizes() -> None:
+    """The records a restarted node is sent again hold tombstones and the ids of nodes whose
+    names differ in length: records of several sizes. Its frozen buckets must still merge them
+    as the general path does, and stay frozen (a cluster of node-1 ... node-10 otherwise
+    thaws every bucket of every restarted node)."""
+    source = replica("b")
+    others = [remote(i, i, T - SECOND, "node-10") for i in range(0, 2000, 5)]
+    source.receive(others, T, "node-10")
+    for i in range(2000):
+        if i % 5:
+            source.local_change("blocklist", k(i), v(i), T - SECOND + i)
+    for i in range(3, 2000, 11):
+        source.local_change("blocklist", k(i), None, T)  # tombstones, written by b
+    items = [(k(i), v(i) if i % 7 else v(i + 1)) for i in range(2000)]
+    bulk, general = replica(), replica()
+    general._receive_lww = lambda *args: False  # type: ignore[method-assign]
+    for r in (bulk, general):
+        r.seed("blocklist", items)
+    assert bulk.buckets_at_rest("blocklist") == 16
+    batch = source.records("blocklist")
+    assert len({len(rec.value or b"") + len(rec.stamp.node) for rec in batch}) == 3
+    got, want = bulk.receive(batch, T + SECOND, "b"), general.receive(batch, T + SECOND, "b")
+    assert written(got) == written(want) and written(got)
+    assert list(got.forward) == list(want.forward)
+    assert sorted(got.reply) == sorted(want.reply)
+    assert bulk.content("blocklist") == general.content("blocklist")
+    assert sorted(bulk.records("blocklist")) == sorted(general.records("blocklist"))
+    assert bulk.digest("blocklist") == general.digest("blocklist")
+    assert bulk.stats == general.stats
+    assert bulk.buckets_at_rest("blocklist") == 16
+    assert bulk.expire(T + 2 * TTL) == general.expire(T + 2 * TTL) > 0
+    assert sorted(bulk.records("blocklist")) == sorted(general.records("blocklist"))

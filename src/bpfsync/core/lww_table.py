@@ -20,6 +20,7 @@ from bpfsync.core.frozen import (
     FrozenRegs,
     Rows,
     joined_rows,
+    listed_rows,
     record_hashes,
     take_rows,
     value_forms,
@@ -163,10 +164,8 @@ class LwwTable(MapTable):
         for b, start in zip(groups, starts, strict=True):
             idx = order[start : start + counts[b]]
             if not self._fill_bucket(b, key_items[idx], take_rows(records, idx)):
-                if hashes is not None and isinstance(records, np.ndarray):
-                    done[idx] = self._merge_frozen(b, idx, keys, key_items, records, hashes,
-                                                   live, out)  # fmt: skip
-                continue  # if not: a key twice in the batch, or records of other sizes
+                done[idx] = self._merge_frozen(b, idx, keys, key_items, records, hashes, live, out)
+                continue  # if not: a key twice in the batch
             if hashes is not None:
                 total = int(hashes[idx].sum())  # wraps at 2**64, as the digest sums do
             else:
@@ -198,53 +197,53 @@ class LwwTable(MapTable):
 
     def _merge_frozen(
         self, b: int, idx: np.ndarray, keys: Sequence[bytes], key_items: np.ndarray,
-        records: np.ndarray, hashes: np.ndarray, live: np.ndarray, out: LwwOffers,
+        records: Rows, hashes: np.ndarray | None, live: np.ndarray, out: LwwOffers,
     ) -> bool:
-        """Merge the records ``idx`` of the batch (keys distinct, records of one size, some of
-        them held already) into frozen bucket ``b`` by array operations, as ``_offer_each``
-        would: a held key keeps the higher-ranked record. A node that restarts on its full map
-        is sent every record again (its seed stamps rank lowest). False, and nothing done, if
-        a key is given twice or the bucket's records are of another size."""
+        """Merge the records ``idx`` of the batch (keys distinct, some of them held already)
+        into frozen bucket ``b`` by array operations, as ``_offer_each`` would: a held key
+        keeps the higher-ranked record. A node that restarts on its full map is sent every
+        record again (its seed stamps rank lowest), with tombstones and other nodes' ids among
+        them: the bucket must come out frozen whatever the records' sizes. False, and nothing
+        done, if a key is given twice."""
         held = self._regs[b]
-        new_keys, new = key_items[idx], records[idx]
+        new_keys = key_items[idx]
         if not isinstance(held, FrozenRegs) or np.unique(new_keys).size != new_keys.size:
             return False
         held_keys, held_records = held.columns()
-        if not isinstance(held_records, np.ndarray) or held_records.dtype != new.dtype:
-            return False
+        new = take_rows(records, idx)
         at = np.searchsorted(held_keys, new_keys)
         found = np.zeros(len(idx), bool)
         inside = at < len(held_keys)
         found[inside] = held_keys[at[inside]] == new_keys[inside]
-        # equal-size 'S' items order as their bytes do, and packed bytes rank records
-        # (register.py); 'S' drops trailing NULs, which keeps the order of equal-size items
-        rank = f"S{new.dtype.itemsize}"
-        old = held_records[at[found]]
-        higher = new[found].view(rank) > old.view(rank)
-        lower = new[found].view(rank) < old.view(rank)
+        old = take_rows(held_records, at[found])
+        higher, lower = _ranks(take_rows(new, np.flatnonzero(found)), old)
         stored = ~found
         stored[found] = higher
         replaced = at[found][higher]
-        merged = held_records.copy()
-        merged[replaced] = new[found][higher]
+        merged = _replaced(held_records, replaced, take_rows(new, np.flatnonzero(found)[higher]))
         fresh = ~found
         all_keys = np.concatenate([held_keys, new_keys[fresh]])
-        all_records = np.concatenate([merged, new[fresh]])
+        all_records = joined_rows(merged, take_rows(new, np.flatnonzero(fresh)))
         by_key = all_keys.argsort(kind="stable")
-        self._regs[b] = FrozenRegs.of_sorted(all_keys[by_key], all_records[by_key])
-        added = hashes[idx[stored]].sum()
-        removed = record_hashes(held_keys[replaced], held_records[replaced]).sum()
-        self.sums[b] = (self.sums[b] + int(added) - int(removed)) & MASK
+        self._regs[b] = FrozenRegs.of_sorted(all_keys[by_key], take_rows(all_records, by_key))
+        if hashes is not None:
+            added = int(hashes[idx[stored]].sum())
+        else:
+            added = _hash_sum(key_items[idx[stored]], take_rows(records, idx[stored]))
+        removed = _hash_sum(held_keys[replaced], take_rows(held_records, replaced))
+        self.sums[b] = (self.sums[b] + added - removed) & MASK
         self._count += int(fresh.sum())
         out.stored += idx[stored].tolist()
         out.ignored += idx[found][~higher].tolist()
-        out.outranked += zip(idx[found][lower].tolist(), old[lower].tolist(), strict=True)
+        was = listed_rows(old)
+        out.outranked += zip(idx[found][lower].tolist(), [was[i] for i in np.flatnonzero(lower)],
+                             strict=True)  # fmt: skip
         self._list_filled(out, key_items, records, idx[fresh & live[idx]])
         changed = out.changed
-        for i, was in zip(idx[found][higher].tolist(), old[higher].tolist(), strict=True):
-            changed[keys[i]] = (was, records[i].tobytes())
+        for i, j in zip(idx[found][higher].tolist(), np.flatnonzero(higher).tolist(), strict=True):
+            changed[keys[i]] = (was[j], _record(records, i))
         for i in idx[stored & ~live[idx]].tolist():
-            self._queue_tombstone(unpack(self.name, keys[i], records[i].tobytes()))
+            self._queue_tombstone(unpack(self.name, keys[i], _record(records, i)))
         return True
 
     def _list_filled(
@@ -399,3 +398,43 @@ class LwwTable(MapTable):
 
     def __len__(self) -> int:
         return self._count
+
+
+def _ranks(new: Rows, old: Rows) -> tuple[np.ndarray, np.ndarray]:
+    """Which of ``new`` outrank the record at the same place in ``old`` (higher), and which
+    are outranked (lower): packed bytes rank records (register.py)."""
+    if isinstance(new, np.ndarray) and isinstance(old, np.ndarray) and new.dtype == old.dtype:
+        # equal-size 'S' items order as their bytes do; 'S' drops trailing NULs, which keeps
+        # the order of equal-size items
+        rank = f"S{new.dtype.itemsize}"
+        return new.view(rank) > old.view(rank), new.view(rank) < old.view(rank)
+    pairs = list(zip(listed_rows(new), listed_rows(old), strict=True))
+    return (np.fromiter((n > o for n, o in pairs), bool, len(pairs)),
+            np.fromiter((n < o for n, o in pairs), bool, len(pairs)))  # fmt: skip
+
+
+def _replaced(records: Rows, at: np.ndarray, by: Rows) -> Rows:
+    """``records`` with those at ``at`` replaced by ``by``, in a new array or list."""
+    if isinstance(records, np.ndarray) and isinstance(by, np.ndarray) and by.dtype == records.dtype:
+        merged = records.copy()
+        merged[at] = by
+        return merged
+    listed = list(listed_rows(records))
+    for i, rec in zip(at.tolist(), listed_rows(by), strict=True):
+        listed[i] = rec
+    return listed
+
+
+def _hash_sum(keys: np.ndarray, records: Rows) -> int:
+    """The digest hashes of the records (packed_hash) summed, wrapping at 2**64 as the
+    digest's sums do."""
+    if isinstance(records, np.ndarray):
+        return int(record_hashes(keys, records).sum())
+    # as 'V' items: 'S' items drop the keys' trailing NULs
+    keyed = zip(keys.view(f"V{keys.dtype.itemsize}").tolist(), records, strict=True)
+    return sum(xxh3_64_intdigest(key + rec) for key, rec in keyed) & MASK
+
+
+def _record(records: Rows, i: int) -> bytes:
+    rec = records[i]
+    return rec if isinstance(rec, bytes) else bytes(rec.tobytes())
