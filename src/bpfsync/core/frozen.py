@@ -10,6 +10,7 @@ move as opaque items ('V') in C, not one by one.
 from __future__ import annotations
 
 import struct
+import zlib
 from array import array
 from collections.abc import Iterator, Sequence
 
@@ -17,12 +18,13 @@ import numpy as np
 from xxhash import xxh3_64_intdigest
 
 __all__ = [
-    "FrozenRegs", "Rows", "joined_rows", "listed_rows", "record_hashes", "rows_of", "take_rows",
-    "value_forms",
+    "FrozenRegs", "Rows", "check_records", "joined_rows", "listed_rows", "live_values",
+    "record_hashes", "rows_of", "seal", "take_rows", "unseal", "value_forms",
 ]
 
 _HEAD = struct.Struct("=III")  # a frozen bucket's register count, key size, record size or 0
 _ENDS = struct.Struct("=II")  # one record's start and end, when their sizes differ
+_SEAL = struct.Struct("<QI")  # a sealed blob's digest sum and CRC-32
 
 
 class FrozenRegs(bytes):
@@ -64,6 +66,29 @@ class FrozenRegs(bytes):
         np.cumsum(np.fromiter(map(len, records), np.uint32, n), out=ends[1:])
         return cls(b"".join([_HEAD.pack(n, key_size, 0), keys.tobytes(), ends.tobytes(),
                              *records]))
+
+    @classmethod
+    def checked(cls, data: bytes, key_size: int) -> FrozenRegs:
+        """``data`` as FrozenRegs, after checking that its layout holds together (the
+        header's sizes, the offsets); ValueError says what does not."""
+        if len(data) < _HEAD.size:
+            raise ValueError(f"{len(data)} bytes: shorter than a bucket's header")
+        n, ks, width = _HEAD.unpack_from(data)
+        if ks != key_size:
+            raise ValueError(f"keys of {ks} bytes, the map's are {key_size}")
+        packs_at = _HEAD.size + n * ks + (0 if width else 4 * (n + 1))
+        if width:
+            if len(data) != packs_at + n * width:
+                raise ValueError(f"{len(data)} bytes for {n} records of {width} bytes")
+        else:
+            if len(data) < packs_at:
+                raise ValueError(f"{len(data)} bytes: too short for {n} record offsets")
+            ends = np.frombuffer(data, np.uint32, n + 1, _HEAD.size + n * ks)
+            if ends[0] != 0 or (np.diff(ends.astype(np.int64)) < 0).any() or (
+                packs_at + int(ends[-1]) != len(data)
+            ):
+                raise ValueError("record offsets that do not fit the bytes")
+        return cls(data)
 
     def columns(self) -> tuple[np.ndarray, Rows]:
         """The keys ('S' items, sorted) and their records."""
@@ -144,6 +169,87 @@ def listed_rows(records: Rows) -> list[bytes]:
         listed: list[bytes] = records.tolist()
         return listed
     return records
+
+
+def seal(regs: bytes, digest_sum: int) -> bytes:
+    """A FrozenRegs layout (a bucket, or a batch of records) as stored on disk: with the
+    bucket's digest sum and a CRC-32 of both, so a blob damaged on disk is refused instead of
+    taken in (SQLite checks its pages' structure, not their content)."""
+    head = struct.pack("<Q", digest_sum)
+    return b"".join([head, regs, struct.pack("<I", zlib.crc32(regs, zlib.crc32(head)))])
+
+
+def unseal(blob: bytes, key_size: int) -> tuple[FrozenRegs, int]:
+    """(the registers, the digest sum) of a ``seal``ed blob; ValueError if it is damaged."""
+    if not isinstance(blob, bytes):
+        raise ValueError(f"a stored blob that is {type(blob).__name__}, not bytes")
+    if len(blob) < _SEAL.size:
+        raise ValueError(f"a stored blob of {len(blob)} bytes: too short")
+    regs = blob[8:-4]
+    (digest_sum,) = struct.unpack_from("<Q", blob)
+    (crc,) = struct.unpack_from("<I", blob, len(blob) - 4)
+    if zlib.crc32(regs, zlib.crc32(blob[:8])) != crc:
+        raise ValueError("a stored blob whose checksum does not match: damaged on disk")
+    return FrozenRegs.checked(regs, key_size), digest_sum
+
+
+def _by_size(records: Rows) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(indexes, their records as rows of bytes) per record size."""
+    n = len(records)
+    if isinstance(records, np.ndarray):
+        if n:
+            yield np.arange(n), records.view(np.uint8).reshape(n, records.dtype.itemsize)
+        return
+    sizes = np.fromiter(map(len, records), np.intp, n)
+    for size in np.unique(sizes).tolist():
+        at = np.flatnonzero(sizes == size)
+        joined = b"".join([records[i] for i in at.tolist()])
+        yield at, np.frombuffer(joined, np.uint8).reshape(len(at), size)
+
+
+def _forms(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each row's node id ends (its NUL; 16 if there is none) and its kind byte."""
+    width = rows.shape[1]
+    if width < 18:
+        return np.full(len(rows), 16), np.full(len(rows), 255)
+    zero = rows[:, 16 : min(width, 16 + 255 + 1)] == 0
+    end = zero.argmax(axis=1) + 16
+    end[~zero.any(axis=1)] = 16
+    kind = rows[np.arange(len(rows)), np.minimum(end + 1, width - 1)]
+    return end, kind
+
+
+def check_records(records: Rows, vsize: int) -> str:
+    """Why one of the packed records (read back from disk) is not well-formed for a map of
+    ``vsize``-byte values; empty if all are (register.check's rules, as array operations)."""
+    for _, rows in _by_size(records):
+        width = rows.shape[1]
+        end, kind = _forms(rows)
+        if (end == 16).any() or (end + 2 > width).any():
+            return "a stored record without a well-formed node id"
+        if rows[:, 8:12].any():
+            return "a stored record whose logical clock is beyond 2^32 - 1"
+        if ((kind == 1) & (end + 2 != width)).any() or (kind > 1).any():
+            return "a stored record of an unknown kind, or a tombstone with a value"
+        if ((kind == 0) & (end + 2 + vsize != width)).any():
+            return f"a stored record whose value is not {vsize} bytes"
+    return ""
+
+
+def live_values(records: Rows, vsize: int) -> tuple[np.ndarray, np.ndarray]:
+    """For well-formed packed records: which are live, and each live one's value as a row of
+    ``vsize`` bytes (zeros for tombstones), as array operations per record size."""
+    n = len(records)
+    live = np.zeros(n, bool)
+    values = np.zeros((n, vsize), np.uint8)
+    for at, rows in _by_size(records):
+        width = rows.shape[1]
+        _, kind = _forms(rows)
+        alive = kind == 0
+        live[at] = alive
+        if width >= vsize:
+            values[at[alive]] = rows[alive, width - vsize :]
+    return live, values
 
 
 def record_hashes(keys: np.ndarray, records: np.ndarray) -> np.ndarray:

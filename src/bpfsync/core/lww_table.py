@@ -21,7 +21,10 @@ from bpfsync.core.frozen import (
     Rows,
     joined_rows,
     listed_rows,
+    live_values,
     record_hashes,
+    rows_of,
+    seal,
     take_rows,
     value_forms,
 )
@@ -89,6 +92,38 @@ class LwwTable(MapTable):
 
     def at_rest(self) -> int:
         return sum(isinstance(regs, FrozenRegs) for regs in self._regs)
+
+    def bucket_blob(self, b: int) -> bytes:
+        regs = self._regs[b]
+        frozen = regs if isinstance(regs, FrozenRegs) else FrozenRegs.of(regs, self.schema.key_size)
+        return seal(frozen, self.sums[b])
+
+    def bucket_columns(self) -> Iterator[tuple[np.ndarray, Rows]]:
+        """Each bucket's keys ('S' items) and records, as FrozenRegs.columns gives them."""
+        ks = self.schema.key_size
+        for regs in self._regs:
+            if isinstance(regs, FrozenRegs):
+                yield regs.columns()
+            elif regs:
+                yield np.frombuffer(b"".join(regs), f"S{ks}"), rows_of(list(regs.values()))
+
+    def install(self, b: int, regs: FrozenRegs, digest_sum: int) -> None:
+        """Bucket ``b``, empty, takes ``regs`` (checked, read back from the state store) and
+        their digest sum as they are: a restart on a million registers takes them in without
+        a Python object per register. Their tombstones are queued for expiry."""
+        if self._regs[b]:
+            raise ValueError(f"bucket {b} of {self.name!r} is not empty")
+        self._regs[b] = regs
+        self.sums[b] = digest_sum & MASK
+        self._sums_then[b] = self.sums[b]
+        self._count += len(regs)
+        keys, records = regs.columns()
+        live, _ = live_values(records, self._vsize)
+        if not live.all():
+            ks = self.schema.key_size
+            raw = keys.view(f"V{ks}")
+            for i in np.flatnonzero(~live).tolist():
+                self._queue_tombstone(unpack(self.name, raw[i].tobytes(), _record(records, i)))
 
     def offer_packed(self, key: bytes, packed: bytes, b: int | None = None) -> bytes | None:
         if b is None:

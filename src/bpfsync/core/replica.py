@@ -42,23 +42,53 @@ Rules
       so every holder drops it and the cluster converges on "deleted". A stale tombstone is just
       dropped. Trade-off: a write that stayed undelivered for longer than the TTL is lost; the
       alternative is resurrecting deleted keys. Seed stamps are exempt (S2).
-  S1  Seed: at start, entries already in the kernel map take the seed stamp (wall 0, logical 0,
-      this node): age unknown, below every real stamp. On catch-up any peer record wins: a
-      key deleted cluster-wide while the agent was down is deleted here (its tombstone is still
-      live, T2), a key updated elsewhere takes the newer value.
+  S1  Seed (a map without stored state, or S5): at start, entries already in the kernel map take
+      the seed stamp (wall 0, logical 0, this node): age unknown, below every real stamp. On
+      catch-up any peer record wins: a key deleted cluster-wide while the agent was down is
+      deleted here (its tombstone is still live, T2), a key updated elsewhere takes the newer
+      value.
   S2  A seeded key no peer has is kept and replicated *with its seed stamp*, never restamped:
       peers take it, so entries the data plane created while the agent was down are not lost,
       yet any real write or delete still beats it. It is exempt from T3 (unknown is not old).
-      Known loss: an update of an existing key made while the agent was down (or not yet sent
-      when it stopped) loses to the peers' older value; closing that needs persisted stamps.
-      Counters are not seeded as our slot (the kernel sum includes other nodes' slots): they
-      take the cluster's value on catch-up, losing increments made while the agent was down.
+      Without stored state, an update made while the agent was down loses to the peers' older
+      value, and counters take the cluster's value, losing the increments counted meanwhile
+      (their kernel sum includes other nodes' slots, so it is not seeded as our slot): S4
+      closes both.
   S3  Writes made during a partition while the agent runs carry real stamps and merge by rank
-      when it heals; nothing special. After a restart, though, the new clock starts from physical
-      time, and the previous incarnation may have issued stamps up to ``max_drift_ns`` ahead of
-      it: the agent should feed local changes only after the first catch-up (the clock has then
-      observed those stamps) or ``max_drift_ns`` after start, or a new write could lose to this
-      node's own older one.
+      when it heals; nothing special. After a restart, the clock has observed every stamp the
+      store holds (P2), this node's own included; a node without stored state starts from
+      physical time, and its previous incarnation may have issued stamps up to
+      ``max_drift_ns`` ahead: the agent feeds local changes only after the first catch-up (the
+      clock has then observed the peers' stamps) or ``max_drift_ns`` after start.
+Persisted state (the agent's state store keeps what these rules need; ``load``, ``snapshot``)
+  P1  The store holds every register (bucket snapshots) and every record that changed one
+      since (the log): a record this node stamped, before it is sent; a peer's record that
+      changed a register, before its kernel write. What it holds is their join, so order and
+      repeats do not matter, and a crash between store and kernel leaves the store ahead of the
+      kernel, never behind: no kernel value of a peer's is unknown to the store, so S4 cannot
+      take a peer's value for a local change.
+  P2  ``load`` takes a map's stored state in before anything else, checked first (a damaged
+      blob is ValueError, and nothing of the map is taken); the clock observes the highest
+      stored stamp, so a new local change outranks this node's writes of its previous run.
+Restart (``restart``: after ``load``, the kernel map's entries as found at start)
+  S4  The same map object (same map id, same boot): an entry equal to the registers' value
+      keeps its stored stamp; an entry that is new or differs, and a key the registers hold
+      that the kernel does not, were changed by the data plane while the agent was down. Such
+      keys are held back (H1), then stamped as local changes once the catch-up has shown the
+      clock every peer's stamp (``take_held``): the data plane's last word wins.
+  S5  A new map object (another id, or another boot: the data plane recreated its map) is no
+      cluster-wide delete: the stored registers are dropped and the kernel's entries seeded
+      (S1, S2); peers refill the map.
+  S6  ``restore`` (opt-in per map) takes the stored registers back into a new map object found
+      empty: their values are written to it, so a cluster whose every node lost its maps (a
+      power loss) comes back to its last stored state; a map emptied on purpose is restored
+      only where this was asked for.
+  H1  A held-back key keeps the kernel's value during the catch-up: peer records merge into its
+      registers but write nothing (its kernel view is the kernel's value). ``take_held`` stamps
+      it with the kernel's value then: an lww key takes that value; a per-origin key takes as
+      this node's contribution what the value holds beyond the other origins' registers *as
+      stored* (own_part at restart), so increments counted while down are added and the peers'
+      increments since are not taken for ours; the key then gets the registers' value.
   C1  The clock observes the highest stamp accepted in each batch (every stamp is checked
       for drift), so a local write made after seeing a record outranks it.
 """
@@ -71,7 +101,10 @@ from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
+
 from bpfsync.core.digest import DEFAULT_BUCKETS, bucket_of, diff
+from bpfsync.core.frozen import FrozenRegs, check_records, unseal
 from bpfsync.core.hlc import DEFAULT_MAX_DRIFT_NS, MAX_LOGICAL, ClockDriftError, HybridClock
 from bpfsync.core.lww_table import LwwTable
 from bpfsync.core.membership import Membership
@@ -86,6 +119,7 @@ from bpfsync.core.register import (
     unpack,
     value_of,
 )
+from bpfsync.core.restart import differences, live_content
 from bpfsync.core.table import QUIET_CALLS, MapTable, SlotTable
 from bpfsync.errors import (
     ConfigError,
@@ -98,6 +132,7 @@ from bpfsync.errors import (
 
 _U64 = 1 << 64
 _BE64 = struct.Struct(">Q")
+_CLOCK = struct.Struct(">QQ")
 _SEED_CLOCK = bytes(16)  # a packed record's wall and logical of a seed stamp
 
 REJECT_REASONS: dict[type[PeerError], str] = {
@@ -142,6 +177,17 @@ class ApplyResult:
     rejected: list[tuple[Record, PeerError]] = field(default_factory=list)  # R1
 
 
+@dataclass(slots=True)
+class Restart:
+    """What ``Replica.restart`` found (S4-S6) and the kernel writes it asks for."""
+
+    case: str  # "resumed" (S4), "new map" (S5), "restored" (S6)
+    held: int = 0  # keys the data plane changed while the agent was down (H1)
+    deleted: int = 0  # ... of them, deleted
+    seeded: int = 0  # S5: entries seeded
+    fills: list[Fill] = field(default_factory=list)  # S6: the stored content, to write
+
+
 def _drift_limit(now_ns: int, max_drift_ns: int) -> bytes:
     """R1's drift bound as a packed prefix: a packed record whose 8-byte big-endian wall is
     above the bound compares above it; one at the bound compares below (a node id's first byte
@@ -174,6 +220,9 @@ class Replica:
         self.stats: Counter[str] = Counter()
         self._tables: dict[str, MapTable] = {}
         self._deviations: dict[str, dict[bytes, bytes | None]] = {}
+        # H1, per map: held-back key -> the other origins' registers at restart (per-origin
+        # maps; None for lww)
+        self._held: dict[str, dict[bytes, tuple[Record, ...] | None]] = {}
         policies = dict(policies or {})
         for schema in maps:
             if schema.name in self._tables:
@@ -194,6 +243,7 @@ class Replica:
             table = SlotTable if policy.per_origin else LwwTable  # the shape the policy needs
             self._tables[schema.name] = table(schema, policy, digest_buckets)
             self._deviations[schema.name] = {}
+            self._held[schema.name] = {}
         if policies:
             raise ConfigError(f"policies given for maps that are not synced: {sorted(policies)}")
 
@@ -463,7 +513,10 @@ class Replica:
             held = table.held(unpack(table.name, key, kept))
             if held is not None and pack(held.stamp, held.value) == kept:  # not superseded
                 res.reply.append(held)
+        held_back = self._held
         for (name, key), (table, b, before) in touched.items():
+            if held_back[name] and key in held_back[name]:  # H1: the kernel keeps its value
+                continue
             want = table.kernel_value(key, b)
             if want != before:
                 res.writes.append((name, key, want))
@@ -497,6 +550,7 @@ class Replica:
         if top > _drift_limit(now_ns, self.clock.max_drift_ns):
             return False
         deviations = self._deviations[name]
+        held = self._held[name]  # H1: every held key deviates
         # a register that held nothing has the kernel hold nothing, unless it deviates
         done = table.offer_all(keys, packs, fill=not deviations)
         for i in done.bad:
@@ -519,6 +573,9 @@ class Replica:
         for key, (old, new) in done.changed.items():
             if deviations and key in deviations:
                 before = deviations.pop(key)
+                if held and key in held:  # the kernel keeps the data plane's value
+                    deviations[key] = before
+                    continue
             else:
                 before = None if old is None else value_of(old)
             end = new.find(0, 16)  # value_of(new), inlined: once per key of a catch-up
@@ -546,6 +603,139 @@ class Replica:
     def _reject(self, res: ApplyResult, rec: Record, err: PeerError) -> None:
         res.rejected.append((rec, err))
         self.stats["rejected." + REJECT_REASONS.get(type(err), "other")] += 1
+
+    # --- persisted state and restart -----------------------------------------------------------
+
+    def snapshot(self, map: str, buckets: Iterable[int]) -> list[tuple[int, int, bytes]]:
+        """(bucket, digest sum, sealed registers) of the given buckets, for the state store."""
+        table = self._local_table(map)
+        return [(b, table.sums[b], table.bucket_blob(b)) for b in buckets]
+
+    def horizon(self, map: str) -> Stamp | None:
+        """T3's purge horizon of ``map``."""
+        return self._local_table(map).horizon
+
+    def bucket_sums(self, map: str) -> tuple[int, ...]:
+        """Each bucket's digest sum: a bucket whose sum moved holds other registers."""
+        return tuple(self._local_table(map).sums)
+
+    def load(
+        self, map: str, buckets: Sequence[tuple[int, bytes]], log: Iterable[bytes], *,
+        nbuckets: int, horizon: Stamp | None, now_ns: int,
+    ) -> int:
+        """P2: take in ``map``'s stored state, before any other change of it: bucket snapshots
+        (split by ``nbuckets``) and logged records (``seal``ed, frozen.py). Everything is
+        checked before anything is taken: ValueError says what is damaged. Returns how many
+        registers the map then holds."""
+        table = self._local_table(map)
+        if len(table):
+            raise ValueError(f"load({map!r}) must come before any other change of that map")
+        ks, vs = table.schema.key_size, table.schema.value_size
+        stored = [(b, *unseal(blob, ks)) for b, blob in buckets]
+        logged = [unseal(blob, ks)[0] for blob in log]
+        for regs in [regs for _, regs, _ in stored] + logged:
+            why = check_records(regs.columns()[1], vs)
+            if why:
+                raise ValueError(f"map {map!r}: {why}")
+        whole = isinstance(table, LwwTable) and nbuckets == table.nbuckets
+        if whole and sorted(b for b, _, _ in stored) != sorted({b for b, _, _ in stored}):
+            raise ValueError(f"map {map!r}: a bucket stored twice")
+        if whole and any(not 0 <= b < nbuckets for b, _, _ in stored):
+            raise ValueError(f"map {map!r}: a bucket outside 0..{nbuckets - 1}")
+        top = (0, 0)
+        for b, regs, digest_sum in stored:
+            if isinstance(table, LwwTable) and whole:
+                table.install(b, regs, digest_sum)
+            else:
+                self._merge_stored(table, regs)
+            top = max(top, _top_clock(regs))
+        for regs in logged:
+            self._merge_stored(table, regs)
+            top = max(top, _top_clock(regs))
+        table.horizon = horizon
+        if top > (0, 0):
+            try:
+                self.clock.observe(Stamp(top[0], top[1], self.node), now_ns)
+            except ClockDriftError:  # this host's clock went back: new stamps may rank lower
+                self.stats["restart.clock_behind"] += 1
+        self.stats["restart.loaded"] += len(table)
+        return len(table)
+
+    @staticmethod
+    def _merge_stored(table: MapTable, regs: FrozenRegs) -> None:
+        keys, packs = regs.keys(), regs.values()
+        if isinstance(table, LwwTable):
+            table.offer_all(keys, packs)
+            return
+        for key, packed in zip(keys, packs, strict=True):
+            table.offer_packed(key, packed)
+
+    def restart(
+        self, map: str, items: Sequence[tuple[bytes, bytes]], *, same_object: bool,
+        restore: bool = False,
+    ) -> Restart:
+        """S4-S6, after ``load``: the kernel map's entries as found at start. ``same_object``:
+        the stored state is of this very map object (its id, this boot); ``restore``: the map's
+        configuration asks for S6."""
+        table = self._local_table(map)
+        if not same_object:
+            if restore and not items and len(table):
+                keys, values, n = live_content(table)
+                self.stats["restart.restored"] += n
+                return Restart("restored", fills=[Fill(map, keys, values, n)] if n else [])
+            self._tables[map] = type(table)(table.schema, table.policy, table.nbuckets)
+            self._deviations[map].clear()
+            return Restart("new map", seeded=self.seed(map, items))
+        held, deviations = self._held[map], self._deviations[map]
+        changed = differences(table, items)
+        for key, value in changed:
+            others = table.others(key, self.node) if isinstance(table, SlotTable) else None
+            held[key] = None if others is None else tuple(others)
+            deviations[key] = value
+        deleted = sum(value is None for _, value in changed)
+        self.stats["restart.held"] += len(changed)
+        return Restart("resumed", held=len(changed), deleted=deleted)
+
+    def held_keys(self) -> dict[str, list[bytes]]:
+        """H1: per map, the keys held back since the restart (their kernel values are to be
+        read again for ``take_held``)."""
+        return {name: list(held) for name, held in self._held.items() if held}
+
+    def take_held(
+        self, now_ns: int, current: Mapping[str, Mapping[bytes, bytes | None]]
+    ) -> tuple[Packed, list[Write]]:
+        """H1, after the catch-up: stamp every held-back key with its kernel value now
+        (``current``, read again; a key missing from it keeps the value found at restart).
+        Returns the records to send to every peer and the kernel writes to make."""
+        records, writes = Packed.empty(), []
+        for name, held in self._held.items():
+            if not held:
+                continue
+            table, deviations = self._tables[name], self._deviations[name]
+            now_values = current.get(name, {})
+            items = list(held.items())
+            held.clear()
+            values = [now_values[k] if k in now_values else deviations.get(k) for k, _ in items]
+            for key, _ in items:
+                deviations.pop(key, None)
+            if not isinstance(table, SlotTable):
+                packed, _ = self.local_changes(name, [k for k, _ in items], values, now_ns)
+                records.extend(packed)
+                continue
+            for (key, others), value in zip(items, values, strict=True):
+                own = value
+                if value is not None:
+                    own = table.policy.own_part(value, list(others or ()))
+                mine = table.slots(key).get(self.node)
+                if (None if mine is None else mine.value) != own:
+                    rec = new_record((name, key, own, self.clock.now(now_ns)))
+                    table.offer(rec)
+                    records.append(name, key, pack(rec.stamp, rec.value))
+                    self.stats["local.changes"] += 1
+                want = table.kernel_value(key)
+                if want != value:
+                    writes.append((name, key, want))
+        return records, writes
 
     # --- anti-entropy ----------------------------------------------------------------------
 
@@ -699,6 +889,19 @@ class Replica:
             self._deviations[table.name].pop(key, None)
         else:
             self._deviations[table.name][key] = actual
+
+
+def _top_clock(regs: FrozenRegs) -> tuple[int, int]:
+    """The highest (wall, logical) among the records (big-endian at their start)."""
+    _, records = regs.columns()
+    if not len(records):
+        return (0, 0)
+    if isinstance(records, list):
+        return max(_CLOCK.unpack_from(p) for p in records)
+    rows = records.view(np.uint8).reshape(len(records), records.dtype.itemsize)
+    clocks = np.ascontiguousarray(rows[:, :16]).view(">u8")
+    wall = int(clocks[:, 0].max())
+    return wall, int(clocks[clocks[:, 0] == wall, 1].max())
 
 
 def _parts(table: MapTable, buckets: list[int], n: int, size: int) -> Iterator[Packed]:

@@ -28,12 +28,15 @@ from abc import ABC, abstractmethod
 from array import array
 from collections.abc import Iterable, Iterator
 
+import numpy as np
+
 from bpfsync.core.digest import MASK, bucket_of, fold, record_hash
+from bpfsync.core.frozen import FrozenRegs, rows_of, seal
 from bpfsync.core.messages import MapSchema, Record, Stamp
 from bpfsync.core.policy import Policy, newer
 from bpfsync.core.register import Packed, pack, unpack
 
-__all__ = ["QUIET_CALLS", "MapTable", "SlotTable"]
+__all__ = ["QUIET_CALLS", "MapTable", "SlotTable", "records_layout"]
 
 QUIET_CALLS = 120  # settle() calls without a write before a bucket freezes (by default)
 
@@ -80,6 +83,14 @@ class MapTable(ABC):
             for fine in range(coarse, self.nbuckets, n):
                 self._bucket_records(fine, keys, packed)
         return Packed([self.name] * len(keys), keys, packed)
+
+    def bucket_blob(self, b: int) -> bytes:
+        """Bucket ``b``'s registers and digest sum as the state store keeps them (sealed in
+        FrozenRegs' layout, frozen.py); ``Replica.load`` takes them back."""
+        keys: list[bytes] = []
+        packed: list[bytes] = []
+        self._bucket_records(b, keys, packed)
+        return seal(records_layout(keys, packed, self.schema.key_size), self.sums[b])
 
     def _account(self, b: int, delta: int, tombstone: Record | None = None) -> None:
         """Keep the digest sum (``delta``: new hash minus old) and the tombstone queue in step
@@ -150,6 +161,13 @@ class MapTable(ABC):
     def at_rest(self) -> int:
         """How many buckets ``settle`` has frozen and no write has thawed since."""
         return 0
+
+
+def records_layout(keys: list[bytes], packed: list[bytes], key_size: int) -> bytes:
+    """Records of one map in FrozenRegs' layout, in the order given (keys may repeat: a
+    batch, or a per-origin bucket): how the state store keeps them."""
+    items = np.frombuffer(b"".join(keys), f"S{key_size}") if keys else np.empty(0, f"S{key_size}")
+    return FrozenRegs.of_sorted(items, rows_of(packed))
 
 
 class SlotTable(MapTable):
