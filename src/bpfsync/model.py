@@ -20,6 +20,7 @@ class Seen(enum.StrEnum):
 
     TRACE = "trace"  # fexit program on the kernel's map-update functions
     POLL = "poll"  # batch scan diffed against the previous scan
+    RESTART = "restart"  # the map at start compared with the stored state (changed while down)
 
 
 class Op(enum.StrEnum):

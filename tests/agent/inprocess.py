@@ -31,8 +31,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from aio import eventually
@@ -87,6 +89,8 @@ class InProcessNode:
         self.pin.parent.mkdir(parents=True)
         self.map = Map.create(MapType.HASH, KEY.size, VALUE.size, entries, name=MAP_NAME)
         self.map.pin(str(self.pin))
+        # state.dir: on a real file system (bpffs holds no files), kept across this node's agents
+        self.state_dir = cluster.state_root / name
         self.agent: Agent | None = None
         self.metrics: AgentMetrics | None = None  # the current (or last) agent's registry
         self.incarnations: list[int] = []  # of every agent started on this node, in order
@@ -101,6 +105,7 @@ class InProcessNode:
             "node_id": self.name,
             "maps": [{"path": str(self.pin)}],
             "allowed_nodes": list(self.cluster.names),
+            "state": {"dir": str(self.state_dir)},
         }
         data.update(self.cluster.settings)
         return parse_config(data, f"in-process node {self.name}")
@@ -216,6 +221,7 @@ class InProcessCluster:
             self.settings.setdefault(section, {}).update(values)
         self.network = MemoryNetwork()
         self.root = BPFFS / f"bpfsync-inproc-{uuid.uuid4().hex[:8]}"
+        self.state_root = Path(tempfile.mkdtemp(prefix="bpfsync-inproc-state-"))
         self.nodes: dict[str, InProcessNode] = {}
         try:
             for name in self.names:
@@ -308,6 +314,7 @@ class InProcessCluster:
         for node in self.nodes.values():
             node.map.close()
         shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.state_root, ignore_errors=True)
 
     async def __aenter__(self) -> InProcessCluster:
         return self

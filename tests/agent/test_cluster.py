@@ -142,7 +142,8 @@ def test_a_map_at_rest_freezes_keeps_syncing_and_a_fresh_node_catches_up_frozen(
         assert a.content()[(20).to_bytes(4, "little")] == session(25)
         assert (21).to_bytes(4, "little") not in a.content()
         c.stop()
-        for key in c.content():  # c comes back with an empty map: a fresh node
+        c.forget_state()  # c comes back with an empty map and no state: a fresh node
+        for key in c.content():
             c.map.delete(key)
         b.put(5000, session(5000))
         c.start(["--config", str(tmp_path / "c.yaml")])
@@ -152,8 +153,9 @@ def test_a_map_at_rest_freezes_keeps_syncing_and_a_fresh_node_catches_up_frozen(
         held = a.content()
         for node in cl:
             node.stop()
-        # b restarts alone on its full map (peers down: its own map is all it has), with
-        # buckets that would take 10 min of quiet to freeze
+        # b restarts alone on its full map, without its state (peers down: its own map is all
+        # it has), with buckets that would take 10 min of quiet to freeze
+        b.forget_state()
         slow = tmp_path / "b-alone.yaml"
         slow.write_text(f"node_id: b\nmaps: [{{path: {b.pin}}}]\nsync: {{digest_buckets: 8,"
                         " freeze_after_s: 600, catchup_timeout_s: 1}\n")  # fmt: skip

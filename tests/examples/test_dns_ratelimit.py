@@ -14,10 +14,12 @@ each node admits exactly LIMIT of its own share: 3 x LIMIT.
 
 from __future__ import annotations
 
+import signal
 import struct
 import time
 from collections.abc import Callable
 
+import pytest
 from netlab import Netlab, ipv4, tai_ns, wait_for
 
 LIMIT = 100
@@ -121,3 +123,99 @@ def test_limit_holds_cluster_wide_only_with_bpfsync(
 
     assert wait_for(lambda: lone_companions() == [(lone_window[0], 2 * LIMIT)] * 3, 5), (
         f"entries made before the agents started are not synced: {lone_companions()}")
+
+
+RESTART_LIMIT = 10**6  # nothing is dropped: every query reaching XDP is counted
+RESTART_WINDOW_NS = 86_400 * 10**9  # one day: the test stays in one window (checked)
+BEFORE = 30  # queries round-robin over the three nodes while every agent runs
+WHILE_DOWN = 25  # queries to node X only, while its agent is down
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_counts_made_while_agent_down_join_the_cluster_sum(
+    netlab: Callable[..., Netlab], sig: signal.Signals,
+) -> None:
+    """S4/H1 with real packets: the queries node X's program counts while X's agent is down
+    (stopped by SIGTERM, or killed) are X's own contribution once the agent is back, so every
+    node's own count + companion adds up to every query the programs counted."""
+    lab = netlab("dns_ratelimit", "dns_ratelimit",
+                 rodata=RL_CONFIG.pack(RESTART_LIMIT, RESTART_WINDOW_NS))
+    src = lab.add_source("198.18.0.3")
+    key = ipv4(src)
+    x = lab["b"]
+    left = RESTART_WINDOW_NS - tai_ns() % RESTART_WINDOW_NS
+    if left < 30 * 10**9:  # once a day at most
+        time.sleep(left / 1e9 + 0.01)
+    window = tai_ns() // RESTART_WINDOW_NS
+
+    def own() -> dict[str, tuple[int, int] | None]:
+        return {n.name: entry(n.maps["rl_counts"].lookup(key)) for n in lab}
+
+    def companions() -> dict[str, tuple[int, int] | None]:
+        return {n.name: entry(n.maps["rl_peers"].lookup(key)) for n in lab}
+
+    def passed() -> dict[str, int]:
+        return {k: p for k, (p, _) in stats(lab).items()}
+
+    def counted() -> dict[str, int]:
+        """Each node's count for ``src`` as its program made it (all in ``window``)."""
+        got = own()
+        for name, e in got.items():
+            assert e is not None and e[0] == window, f"{name}: {e} is not of window {window}"
+        return {name: e[1] for name, e in got.items() if e is not None}
+
+    def synced(counts: dict[str, int]) -> bool:
+        """Every companion holds the other nodes' counts for ``window``."""
+        comp = companions()
+        return all(comp[n] == (window, sum(c for o, c in counts.items() if o != n))
+                   for n in counts)
+
+    lab.start_agents(SYNC_RL_COUNTS, watch_mode="poll")
+
+    # 1. queries to every node, synced
+    assert lab.send(src, [n.address for n in lab], BEFORE, RATE, 53,
+                    dns_query("example.com")) == BEFORE
+    assert wait_for(lambda: sum(passed().values()) == BEFORE, 10), (
+        f"not every query reached its node's XDP program: {stats(lab)}")
+    before = counted()
+    assert before == {n.name: BEFORE // 3 for n in lab}, before
+    assert wait_for(lambda: synced(before), 15), (
+        f"companions {companions()} != the other nodes' counts {before}")
+
+    # 2. X's agent down; queries to X only, counted by X's program alone
+    code = x.agent.stop(sig)
+    assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL), code
+    x_passed = passed()[x.name]
+    assert lab.send(src, [x.address], WHILE_DOWN, RATE, 53,
+                    dns_query("example.com")) == WHILE_DOWN
+    assert wait_for(lambda: passed()[x.name] == x_passed + WHILE_DOWN, 10), (
+        f"not every query reached {x.name}'s XDP program: {stats(lab)}")
+    during = counted()
+    assert during == {**before, x.name: before[x.name] + WHILE_DOWN}, during
+    assert not synced(during)  # no agent told the others
+
+    # 3. X's agent back, with its stored state
+    x.agent.start()
+    assert wait_for(lambda: x.agent.is_ready() or not x.agent.running, 30, every=0.1), (
+        f"{x.name}'s agent not ready after restart\n{lab.logs()}")
+    assert x.agent.running, f"{x.name}'s agent exited\n{lab.logs()}"
+
+    # 4. the cluster-wide sum, as every node sees it, holds every query the programs counted
+    total = sum(during.values())  # exact counters: each node's rl_counts is its own count
+    assert total == BEFORE + WHILE_DOWN
+
+    def sums() -> dict[str, int | None]:
+        comp = companions()
+        return {n: None if comp[n] is None or comp[n][0] != window else c + comp[n][1]
+                for n, c in counted().items()}
+
+    assert wait_for(lambda: synced(during), 15), (
+        f"companions {companions()} != the other nodes' counts {during}: {x.name}'s increments "
+        f"counted while its agent was down are lost (restarted on stored state: "
+        f"{'restarted on stored state' in x.agent.log()})")
+    assert counted() == during  # the agent never writes rl_counts
+    assert sums() == {n.name: total for n in lab}
+    for n in lab:  # the others' companions hold X's count with its down-time increments
+        if n is not x:
+            third = sum(c for o, c in during.items() if o not in (n.name, x.name))
+            assert companions()[n.name] == (window, before[x.name] + WHILE_DOWN + third)

@@ -100,6 +100,15 @@ class MapConfig(_Strict):
         "the other nodes' merged counts. A plain (not per-CPU) map with the same key and value "
         "sizes as the synced map."))
 
+    restore: Literal["never", "on_empty"] = Field(default="never", description=(
+        "What a node does with this map's stored state (state.dir) when it finds a new map "
+        "object (the data plane recreated the map, or the host rebooted). never: nothing; the "
+        "map is seeded from what it holds and the peers refill it, so a map emptied on purpose "
+        "stays empty. on_empty: if the new map is empty, the agent writes the stored content "
+        "back into it, so a cluster whose every node lost its maps (a power loss) comes back "
+        "to its last stored state, losing at most state.fsync_interval_s of writes; the peers' "
+        "newer records still win."))
+
     @field_validator("path")
     @classmethod
     def _path_is_pin_or_name(cls, v: str) -> str:
@@ -245,6 +254,23 @@ class SyncConfig(_Strict):
         return self
 
 
+class StateConfig(_Strict):
+    """The node's persisted replica state (docs/architecture.md, "Restarts")."""
+
+    dir: Path | None = Field(default=Path("/var/lib/bpfsync"), description=(
+        "Directory of the node's state file (bpfsync.db, SQLite), made if missing (mode 0700). "
+        "It keeps every synced map's registers and stamps, so a restarted agent resumes where "
+        "it stopped: changes the data plane made while the agent was down are taken as this "
+        "node's, counts made meanwhile are kept, and an unchanged map only compares digests "
+        "with its peers. One directory per node. null: no state is kept; a restart then "
+        "stamps what the map holds as older than any peer's record."))
+    fsync_interval_s: Annotated[float, Field(gt=0, le=3600, description=(
+        "Seconds between two flushes of the state file to disk. A crashed or killed agent "
+        "loses nothing (the kernel's page cache holds what was written); a power loss of the "
+        "host loses at most the writes of this interval, which matters for restore: "
+        "on_empty."))] = 1.0
+
+
 class TlsConfig(_Strict):
     """Mutual TLS between the nodes (docs/security.md): PEM files, re-read when they change."""
 
@@ -312,6 +338,8 @@ class AgentConfig(_Strict):
         "How writes to the maps are seen."))
     sync: SyncConfig = Field(default=SyncConfig(), description=(
         "How changes are merged, batched, sent and repaired."))
+    state: StateConfig = Field(default=StateConfig(), description=(
+        "Where and how the node keeps its replica state across restarts."))
 
     @field_validator("node_id")
     @classmethod

@@ -30,6 +30,7 @@ from bpfsync.agent.config import AgentConfig, TlsConfig
 from bpfsync.agent.http import StatusServer
 from bpfsync.agent.metrics import AgentMetrics
 from bpfsync.agent.peering import Peering
+from bpfsync.agent.persist import Persister, resume
 from bpfsync.agent.pipeline import Pipeline
 from bpfsync.agent.readiness import CatchUp
 from bpfsync.agent.runtime import tune_process
@@ -110,6 +111,7 @@ class Agent:
         self._transport_factory = transport_factory or self._grpc
         self.transport: Transport | None = None
         self.peering: Peering | None = None
+        self.persister: Persister | None = None
         self.catchup = CatchUp(maps=[s.name for s in schemas])
         self.ready = False
         self._stop = asyncio.Event()
@@ -154,9 +156,14 @@ class Agent:
         # no scans while catching up: the agent fills its maps and takes no local change yet
         watcher, baselines = open_watcher(self.cfg.watch, self.maps, in_place, hold_scans=True)
         self._watcher = self.pipeline.watcher = watcher
-        for name, items in baselines.items():
-            sm = self.synced[name]
-            self.replica.seed(name, ((k, sm.fold_value(v)) for k, v in items))
+        # the stored state, compared with what the maps hold (core/replica.py S4-S6)
+        restore = {mc.sync_name for mc in self.cfg.maps if mc.restore == "on_empty"}
+        self.persister, fills = resume(self.cfg.state, self.node, self.synced, self.replica,
+                                       baselines, self.metrics, restore)  # fmt: skip
+        self.pipeline.persister = self.persister
+        if fills:  # restored maps: their stored content goes back into the kernel
+            applied = self.applier.apply([], fills)
+            self.pipeline.note_written(applied.written, applied.filled)
         gc.freeze()  # the seeded registers live long: keep the collector from walking them
         self._bridge = WatchBridge(watcher, loop)
         self.transport = self._transport_factory(self.hello)
@@ -208,6 +215,9 @@ class Agent:
 
     async def _shutdown(self) -> None:
         self.applier.finish_background()
+        if self.persister is not None:  # the next start then reads snapshots only
+            self.persister.flush()
+            self.persister.store.close()
         if self._bridge is not None:
             await asyncio.to_thread(self._bridge.close)
         if self.transport is not None:
@@ -259,6 +269,7 @@ class Agent:
     def _become_ready(self, why: str) -> None:
         # the maps are current: the watcher compares its next scan with what was written
         self.pipeline.note_written(self.applier.finish_background().written)
+        self.pipeline.take_held()  # what the data plane changed while the agent was down
         self.ready = self.pipeline.ready = True
         self.catchup.done_at = time.monotonic()
         self.metrics.ready.set(1)
@@ -280,6 +291,8 @@ class Agent:
             # overload would take time from sending what they wait for
             if self.peering is None or not self.peering.behind():
                 self.replica.settle(_SETTLE_BUCKETS, quiet=math.ceil(sync.freeze_after_s / _TICK))
+            if self.persister is not None:  # bounded work a tick, also when behind
+                self.persister.tick()
             if mono >= next_digest:
                 next_digest = mono + sync.anti_entropy_interval_s
                 self.replica.expire(_now())
@@ -299,6 +312,7 @@ class Agent:
             "maps": status.map_rows(self.synced, self.replica, self.map_stats, self._watcher,
                                     self.metrics),
             "security": status.security(tls, self.members, self.metrics),
+            "state": self.persister.status() if self.persister is not None else None,
             "watch": self._watcher.mode if self._watcher is not None else "starting",
             "replica": dict(self.replica.stats),
             "transport": dict(self.transport.stats) if self.transport else {},

@@ -98,6 +98,18 @@ class AgentMetrics:
             "bpfsync_tls_cert_expiry_timestamp_seconds",
             "When this node's TLS certificate expires (unset without TLS)", registry=r,
         )
+        self.state_failures = Counter(
+            "bpfsync_state_write_failures", "Writes to the state file that failed, by reason"
+            " (disk_full, io); syncing goes on, and the maps are stored whole again once a"
+            " write succeeds", ["reason"], registry=r,
+        )
+        for reason in ("disk_full", "io"):
+            self.state_failures.labels(reason)
+        self.state_set_aside = Counter(
+            "bpfsync_state_set_aside", "State files set aside as unusable (damaged, another"
+            " node's or format version, a map's sizes changed): the agent started without them",
+            registry=r,
+        )
         self.apply_seconds = Histogram(
             "bpfsync_apply_seconds", "Time to write one inbound batch to the kernel", registry=r,
             buckets=(1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0),

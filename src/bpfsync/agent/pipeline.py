@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from bpfsync.agent.applier import Applier, Pairs
 from bpfsync.agent.metrics import AgentMetrics
 from bpfsync.agent.peering import Peering
+from bpfsync.agent.persist import Persister
 from bpfsync.agent.synced import SyncedMap
 from bpfsync.agent.watchers import BatchWatcher
 from bpfsync.core.messages import Record
@@ -68,6 +69,7 @@ class Pipeline:
         self.ready = False
         self.peering: Peering | None = None
         self.watcher: BatchWatcher | None = None
+        self.persister: Persister | None = None
 
     def local(self, events: list[WatchEvent]) -> None:
         """What the watcher saw: stamp what changed and send it to every peer."""
@@ -113,8 +115,31 @@ class Pipeline:
         self.broadcast(records)
 
     def broadcast(self, records: list[Record] | Packed) -> None:
+        """This node's own records, to every peer: stored first (replica.py P1)."""
+        if self.persister is not None:
+            self.persister.log(records)
         if self.peering is not None:
             self.peering.broadcast(records)
+
+    def take_held(self) -> None:
+        """After the first catch-up: stamp what the data plane changed while the agent was
+        down (replica.py H1), with the maps' values now, and send it."""
+        held = self.replica.held_keys()
+        if not held:
+            return
+        current = {name: {key: self.synced[name].fold(self.synced[name].map.lookup(key))
+                          for key in keys} for name, keys in held.items()}  # fmt: skip
+        records, writes = self.replica.take_held(_now(), current)
+        for name in held:
+            self.map_stats[name].local_changes += sum(m == name for m in records.maps)
+            self.metrics.local_changes.labels(name, Seen.RESTART.value).inc(
+                sum(m == name for m in records.maps))
+        log.info("took the changes made while the agent was down", extra={
+            "keys": {name: len(keys) for name, keys in held.items()}, "records": len(records)})
+        self.broadcast(records)
+        if writes:
+            applied = self.applier.apply(writes, [])
+            self.note_written(applied.written)
 
     def merge(self, peer: str, records: Sequence[Record], repair: bool = False) -> ApplyResult:
         """Peer records: merge, write what changed to the kernel, return what to pass on
@@ -164,6 +189,8 @@ class Pipeline:
         self, peer: str, records: Sequence[Record], into: ApplyResult, repair: bool
     ) -> None:
         res = self.replica.receive(records, _now(), peer, replies=not repair)
+        if self.persister is not None and len(res.forward):  # stored before written (P1)
+            self.persister.log(res.forward)
         for rec, err in res.rejected:
             self.map_stats[rec.map].rejected += 1
             self.metrics.rejected.labels(type(err).__name__).inc()

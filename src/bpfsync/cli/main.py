@@ -48,6 +48,7 @@ RUN_FLAGS: dict[str, str] = {
     "tls.key": "--tls-key",
     "insecure": "--insecure",
     "allowed_nodes": "--allow-node",
+    "state.dir": "--state-dir/--no-state",
 }
 
 
@@ -181,6 +182,14 @@ def run(
         typer.Option(help="a node id of the cluster; repeat. Only members may connect, and "
                      "only their records count (peers given as ID@HOST:PORT are members too)"),
     ] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="directory of this node's state file (default "
+                                  "/var/lib/bpfsync): restarts resume from it")
+    ] = None,
+    no_state: Annotated[
+        bool, typer.Option("--no-state", help="keep no state: a restart then takes what the "
+                           "maps hold as older than any peer's record")
+    ] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
 ) -> None:
     """Run the sync agent until SIGTERM or SIGINT; SIGHUP re-reads the TLS files.
@@ -213,7 +222,7 @@ def run(
         overrides = {
             "node_id": node_id, "listen": listen, "peers_dns": peers_dns, "http_listen": http,
             "peers": tuple(peer) if peer else None,
-            "maps": [{"path": p} for p in map_path] if map_path else None,
+            "maps": _maps_from_flags(map_path, data.get("maps")) if map_path else None,
         }
         data.update({k: v for k, v in overrides.items() if v is not None})
         _merge(data, "watch", mode=watch_mode, poll_interval=poll_interval,
@@ -224,6 +233,12 @@ def run(
                key=tls_key and str(tls_key))
         if insecure:
             data["insecure"] = True
+        if state_dir is not None and no_state:
+            raise typer.BadParameter("give --state-dir or --no-state, not both")
+        _merge(data, "state", dir=str(state_dir) if state_dir else None)
+        if no_state:
+            current = data.get("state")
+            data["state"] = {**(current if isinstance(current, dict) else {}), "dir": None}
         if allow_node:
             data["allowed_nodes"] = tuple(allow_node)
         if "node_id" not in data:
@@ -232,6 +247,13 @@ def run(
         sys.exit(run_agent(cfg))
     except BpfsyncError as e:
         raise _fail(e) from e
+
+
+def _maps_from_flags(paths: list[str], in_file: object) -> list[Any]:
+    """The maps --map names; one the file lists too keeps the file's settings for it."""
+    listed = {m.get("path"): m for m in in_file if isinstance(m, dict)} if isinstance(
+        in_file, list) else {}  # fmt: skip
+    return [listed.get(p, {"path": p}) for p in paths]
 
 
 def _merge(data: dict[str, Any], section: str, **flags: object) -> None:

@@ -94,12 +94,18 @@ class AgentProcess:
     def __init__(self, http_port: int, log_path: Path) -> None:
         self.http_port = http_port
         self.log_path = log_path
+        # the agent's state file (state.dir), next to its log: kept across restarts of this
+        # agent, its own (two agents sharing one would set each other's file aside)
+        self.state_dir = log_path.with_suffix(".state")
         self.proc: subprocess.Popen[bytes] | None = None
 
     def spawn(self, args: Sequence[str]) -> None:
-        """Start ``bpfsync ARGS...`` (e.g. ``run --config FILE``), appending to the log."""
+        """Start ``bpfsync ARGS...`` (e.g. ``run --config FILE``), appending to the log. ``run``
+        keeps its state in ``state_dir`` unless ARGS say where (--state-dir, --no-state)."""
         if self.proc is not None and self.proc.poll() is None:
             raise RuntimeError(f"agent {self.log_path.stem} is already running")
+        if args and args[0] == "run" and not {"--state-dir", "--no-state"} & set(args):
+            args = [*args, "--state-dir", str(self.state_dir)]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "bpfsync.cli.main", *args],
                                          stdout=log, stderr=log, stdin=subprocess.DEVNULL)
@@ -108,6 +114,10 @@ class AgentProcess:
         """Signal the agent and wait for it; returns its exit code (None if it was not running)."""
         proc, self.proc = self.proc, None
         return None if proc is None else stop_process(proc, sig, timeout)
+
+    def forget_state(self) -> None:
+        """Remove the agent's state file (its next start is a fresh node's)."""
+        shutil.rmtree(self.state_dir, ignore_errors=True)
 
     @property
     def running(self) -> bool:
@@ -145,14 +155,27 @@ class Node(AgentProcess):
         self.peers: list[str] = []
         self.tls: tuple[Path, Issued] | None = None  # the CA's certificate, and this node's
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._entries = entries
+        self._load()
+
+    def _load(self) -> None:
         self.obj = BpfObject.open(demo_object())
-        if entries is not None:
-            self.obj.map_spec(MAP_NAME).set_max_entries(entries)
+        if self._entries is not None:
+            self.obj.map_spec(MAP_NAME).set_max_entries(self._entries)
         self.obj.load()
         self.map = self.obj.map(MAP_NAME)
         self.map.pin(str(self.pin))
         self.writer = self.obj.program("write_op")
         self.range_writer = self.obj.program("write_range")
+
+    def recreate_map(self) -> None:
+        """The data plane restarts: its map is made anew (empty, another map id) and pinned
+        where the old one was. The agent must not be running."""
+        self.map.close()
+        self.obj.close()
+        with contextlib.suppress(OSError):
+            self.pin.unlink()
+        self._load()
 
     @property
     def address(self) -> str:
@@ -206,6 +229,7 @@ class Node(AgentProcess):
 
     def close(self) -> None:
         self.stop()
+        self.forget_state()
         self.map.close()
         self.obj.close()
         with contextlib.suppress(OSError):

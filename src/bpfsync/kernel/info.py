@@ -191,3 +191,10 @@ def value_stride(map_type: MapType, value_size: int) -> int:
     if map_type.percpu:
         return round_up8(value_size) * possible_cpus()
     return value_size
+
+
+@functools.cache
+def boot_id() -> str:
+    """This boot's random id: a map id names one map object only within one boot."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()

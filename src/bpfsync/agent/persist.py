@@ -1,0 +1,269 @@
+"""The node's replica state on disk, kept as core/replica.py's rules P1 and P2 ask: every
+register in bucket snapshots, and every record that changed one since in a log (store.py
+holds both in SQLite).
+
+    log        ``log(records)``: called with a batch this node stamped before it is sent, and
+               with a peer batch's changes before they are written to the kernel
+    snapshots  ``tick()``, each turn of the agent's timers: up to ``_PER_TICK`` buckets of each
+               map are visited in turn, and those whose digest sum moved since they were stored
+               are stored again. Once every bucket was visited since a cycle began, the log
+               rows written before it began are in the snapshots and are dropped.
+    flush      at shutdown: every moved bucket, and the whole log dropped, so that the next
+               start reads snapshots only
+
+A map is stored whole (its identity row with every bucket, one transaction) before its log
+counts: until then a restart treats it as a map without stored state (S1). A write that fails
+(a full disk) breaks P1 for its map: the map's stored state is forgotten and stored whole again
+once writes succeed, so a restart never trusts a store that missed a change.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+from bpfsync.agent.config import StateConfig
+from bpfsync.agent.metrics import AgentMetrics
+from bpfsync.agent.store import MapIdentity, MapShape, StateStore, open_store
+from bpfsync.agent.synced import SyncedMap
+from bpfsync.agent.watchers import Items
+from bpfsync.core.frozen import seal
+from bpfsync.core.messages import MapSchema, Record
+from bpfsync.core.register import Packed, pack, stamp_of
+from bpfsync.core.replica import Fill, Replica
+from bpfsync.core.table import records_layout
+from bpfsync.kernel.info import boot_id
+
+__all__ = ["Persister", "resume"]
+
+log = logging.getLogger("bpfsync.agent")
+
+# buckets visited per map and tick: 1024 buckets (the default) are visited every 2 s at the
+# timers' 4 ticks a second, which bounds the log to ~2 s of changes; a tick's share of a busy
+# million-key map is ~128 buckets of ~1000 registers to store
+_PER_TICK_SHARE = 8
+_MIN_PER_TICK = 16
+
+
+@dataclass(slots=True)
+class _MapState:
+    identity: MapIdentity
+    key_size: int
+    saved: list[int] | None  # each stored bucket's digest sum; None: not stored whole yet
+    cursor: int = 0
+    cycle_from: int = 0  # the last log seq when the current cycle of visits began
+    broken: bool = False  # a write failed: forget the stored state before storing it again
+
+
+class Persister:
+    """Keeps ``store`` up to date with ``replica``'s registers."""
+
+    def __init__(
+        self, store: StateStore, replica: Replica, metrics: AgentMetrics, last_seq: int = 0
+    ) -> None:
+        """``last_seq``: the highest log seq the store holds."""
+        self.store = store
+        self.replica = replica
+        self.metrics = metrics
+        self._maps: dict[str, _MapState] = {}
+        self._last_seq = last_seq
+        self._errors_seen: dict[str, int] = {}
+
+    def track(self, schema: MapSchema, identity: MapIdentity, saved: list[int] | None) -> None:
+        """Keep ``schema``'s map stored; ``saved``: the digest sums of its stored buckets when
+        the store holds it whole for ``identity`` (a resumed map), else None."""
+        # the stored log is in the snapshots once a cycle of visits has stored what it moved
+        self._maps[schema.name] = _MapState(identity, schema.key_size, saved,
+                                            cycle_from=self._last_seq)
+        if saved is None:  # stale rows (another map object, other buckets) go first
+            self._forget(schema.name)
+
+    def restart_all(self) -> None:
+        """The store was emptied (set aside): every map is to be stored whole again."""
+        for state in self._maps.values():
+            state.saved = None
+
+    # --- the log -------------------------------------------------------------------------------
+
+    def log(self, records: list[Record] | Packed) -> None:
+        """P1: ``records`` are in the store when this returns (the kernel's page cache holds
+        them; the syncer flushes them to disk every state.fsync_interval_s)."""
+        packed = Packed.of(records)
+        if not len(packed):
+            return
+        first = packed.maps[0]
+        if packed.maps.count(first) == len(packed):
+            self._append(first, packed.keys, packed.packed)
+        else:
+            by_map: dict[str, tuple[list[bytes], list[bytes]]] = {}
+            for name, key, rec in zip(packed.maps, packed.keys, packed.packed, strict=True):
+                keys, recs = by_map.setdefault(name, ([], []))
+                keys.append(key)
+                recs.append(rec)
+            for name, (keys, recs) in by_map.items():
+                self._append(name, keys, recs)
+        self._count_failures()
+
+    def _append(self, name: str, keys: list[bytes], recs: list[bytes]) -> None:
+        state = self._maps.get(name)
+        if state is None:
+            return
+        seq = self.store.append(name, seal(records_layout(keys, recs, state.key_size), 0))
+        if seq is None:
+            state.broken = True
+        else:
+            self._last_seq = max(self._last_seq, seq)
+
+    # --- snapshots -----------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Store the next share of each map's moved buckets (the module docstring)."""
+        for name, state in self._maps.items():
+            if state.broken and not self._forget(name):
+                continue
+            if state.saved is None:
+                self._store_whole(name, state)
+                continue
+            sums = self.replica.bucket_sums(name)
+            n = len(sums)
+            step = max(_MIN_PER_TICK, n // _PER_TICK_SHARE)
+            visit = range(state.cursor, min(n, state.cursor + step))
+            moved = [b for b in visit if sums[b] != state.saved[b]]
+            wraps = visit.stop == n
+            drop = state.cycle_from if wraps else None
+            if moved or drop:
+                rows = self.replica.snapshot(name, moved)
+                if not self.store.put_buckets(name, rows, horizon=self._horizon(name),
+                                              drop_log_upto=drop):  # fmt: skip
+                    state.broken = True
+                    continue
+                for b, digest_sum, _ in rows:
+                    state.saved[b] = digest_sum
+            state.cursor = 0 if wraps else visit.stop
+            if wraps:
+                state.cycle_from = self._last_seq
+        self._count_failures()
+
+    def flush(self) -> None:
+        """Every moved bucket of every map, and the log dropped (at shutdown)."""
+        for name, state in self._maps.items():
+            if state.broken and not self._forget(name):
+                continue
+            if state.saved is None:
+                self._store_whole(name, state)
+                continue
+            sums = self.replica.bucket_sums(name)
+            moved = [b for b, s in enumerate(sums) if s != state.saved[b]]
+            rows = self.replica.snapshot(name, moved)
+            if self.store.put_buckets(name, rows, horizon=self._horizon(name),
+                                      drop_log_upto=self._last_seq):  # fmt: skip
+                for b, digest_sum, _ in rows:
+                    state.saved[b] = digest_sum
+        self._count_failures()
+
+    def _store_whole(self, name: str, state: _MapState) -> None:
+        nbuckets = state.identity.nbuckets
+        rows = self.replica.snapshot(name, range(nbuckets))
+        cycle_from = self._last_seq  # every change logged so far is in these rows
+        horizon = self._horizon(name)
+        if self.store.put_buckets(name, rows, identity=state.identity, horizon=horizon,
+                                  drop_log_upto=cycle_from):  # fmt: skip
+            state.saved = [digest_sum for _, digest_sum, _ in rows]
+            state.cursor, state.cycle_from = 0, cycle_from
+
+    def _forget(self, name: str) -> bool:
+        """Drop the map's stored state (a write failed, or it is stale); True once done."""
+        state = self._maps[name]
+        if not self.store.forget(name):
+            return False
+        state.broken, state.saved = False, None
+        return True
+
+    def _horizon(self, name: str) -> bytes | None:
+        horizon = self.replica.horizon(name)
+        return None if horizon is None else pack(horizon, None)
+
+    def _count_failures(self) -> None:
+        for reason, n in self.store.errors.items():
+            seen = self._errors_seen.get(reason, 0)
+            if n > seen:
+                self.metrics.state_failures.labels(reason).inc(n - seen)
+                self._errors_seen[reason] = n
+
+    # --- what is kept --------------------------------------------------------------------------
+
+    def status(self) -> Mapping[str, object]:
+        return {
+            "file": str(self.store.path),
+            "stored_whole": sorted(n for n, s in self._maps.items() if s.saved is not None),
+            "write_failures": dict(self.store.errors),
+        }
+
+
+def resume(
+    cfg: StateConfig, node: str, synced: Mapping[str, SyncedMap], replica: Replica,
+    baselines: Mapping[str, Items], metrics: AgentMetrics, restore: Collection[str] = (),
+) -> tuple[Persister | None, list[Fill]]:
+    """At start, each map's kernel content (``baselines``) with its stored state: taken in and
+    compared (replica.py P2, S4-S6), or seeded (S1) where nothing usable is stored. ``restore``:
+    the maps configured with restore: on_empty. Returns the persister (None without
+    ``cfg.dir``) and the writes that restore maps (S6)."""
+    items = {name: [(k, synced[name].fold_value(v)) for k, v in kvs]
+             for name, kvs in baselines.items()}  # fmt: skip
+    if cfg.dir is None:
+        for name, kvs in items.items():
+            replica.seed(name, kvs)
+        return None, []
+    shapes = [MapShape(sm.name, sm.schema.key_size, sm.schema.value_size, sm.schema.policy)
+              for sm in synced.values()]  # fmt: skip
+    opened = open_store(cfg.dir, node, shapes)
+    if opened.set_aside is not None:
+        metrics.state_set_aside.inc()
+    store = opened.store
+    last_seq = max((seq for st in opened.maps.values() for seq, _ in st.log), default=0)
+    persister = Persister(store, replica, metrics, last_seq)
+    boot = boot_id()
+    fills: list[Fill] = []
+    set_aside = False
+    for name, kvs in items.items():
+        sm = synced[name]
+        identity = MapIdentity(sm.map.info.id, boot, replica.digest_buckets)
+        stored = opened.maps.get(name)
+        if stored is None:
+            replica.seed(name, kvs)
+            persister.track(sm.schema, identity, None)
+            continue
+        horizon = None if stored.horizon is None else stamp_of(stored.horizon)
+        try:
+            replica.load(name, [(b, blob) for b, _, blob in stored.buckets],
+                         [blob for _, blob in stored.log], nbuckets=stored.identity.nbuckets,
+                         horizon=horizon, now_ns=time.time_ns())  # fmt: skip
+        except ValueError as err:  # nothing of the map was taken: it starts as without a store
+            # the other maps were read already: they are taken in from memory, and every map
+            # is stored whole again into the fresh file
+            where = store.set_aside(f"map {name}: {err}")
+            metrics.state_set_aside.inc()
+            set_aside = True
+            log.warning("the stored state of map %s is damaged (%s); the state file was set"
+                        " aside as %s and the map starts without it", name, err, where)
+            replica.seed(name, kvs)
+            persister.track(sm.schema, identity, None)
+            continue
+        same = (stored.identity.map_id, stored.identity.boot_id) == (identity.map_id, boot)
+        plan = replica.restart(name, kvs, same_object=same, restore=name in restore)
+        fills += plan.fills
+        log.info("restarted on stored state", extra={
+            "map": name, "case": plan.case, "registers": replica.registers(name),
+            "held_back": plan.held, "deleted_while_down": plan.deleted, "seeded": plan.seeded,
+            "restored": sum(f.entries for f in plan.fills)})  # fmt: skip
+        resumed = plan.case == "resumed" and stored.identity.nbuckets == replica.digest_buckets
+        saved = [0] * replica.digest_buckets
+        for b, digest_sum, _ in stored.buckets if resumed else ():
+            saved[b] = digest_sum
+        persister.track(sm.schema, identity, saved if resumed else None)
+    if set_aside:
+        persister.restart_all()
+    store.start_syncer(cfg.fsync_interval_s)
+    return persister, fills
