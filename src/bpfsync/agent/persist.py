@@ -41,10 +41,14 @@ __all__ = ["Persister", "resume"]
 log = logging.getLogger("bpfsync.agent")
 
 # buckets visited per map and tick: 1024 buckets (the default) are visited every 2 s at the
-# timers' 4 ticks a second, which bounds the log to ~2 s of changes; a tick's share of a busy
-# million-key map is ~128 buckets of ~1000 registers to store
+# timers' 4 ticks a second, which bounds the log to ~2 s of changes while few buckets move ...
 _PER_TICK_SHARE = 8
 _MIN_PER_TICK = 16
+# ... and at most this many bytes of moved buckets are stored per map and tick (~25k registers,
+# ~8 ms of the loop): under writes spread over a million keys every bucket moves, a cycle then
+# takes ~10 s and the log holds ~10 s of changes, rather than the loop spending a sixth of
+# its time re-storing buckets the log already holds
+_TICK_BYTES = 1 << 20
 
 
 @dataclass(slots=True)
@@ -128,20 +132,24 @@ class Persister:
                 continue
             sums = self.replica.bucket_sums(name)
             n = len(sums)
-            step = max(_MIN_PER_TICK, n // _PER_TICK_SHARE)
-            visit = range(state.cursor, min(n, state.cursor + step))
-            moved = [b for b in visit if sums[b] != state.saved[b]]
-            wraps = visit.stop == n
+            end = min(n, state.cursor + max(_MIN_PER_TICK, n // _PER_TICK_SHARE))
+            rows: list[tuple[int, int, bytes]] = []
+            size, b = 0, state.cursor
+            while b < end and size < _TICK_BYTES:
+                if sums[b] != state.saved[b]:
+                    rows += self.replica.snapshot(name, (b,))
+                    size += len(rows[-1][2])
+                b += 1
+            wraps = b == n
             drop = state.cycle_from if wraps else None
-            if moved or drop:
-                rows = self.replica.snapshot(name, moved)
+            if rows or drop:
                 if not self.store.put_buckets(name, rows, horizon=self._horizon(name),
                                               drop_log_upto=drop):  # fmt: skip
                     state.broken = True
                     continue
-                for b, digest_sum, _ in rows:
-                    state.saved[b] = digest_sum
-            state.cursor = 0 if wraps else visit.stop
+                for bucket, digest_sum, _ in rows:
+                    state.saved[bucket] = digest_sum
+            state.cursor = 0 if wraps else b
             if wraps:
                 state.cycle_from = self._last_seq
         self._count_failures()
