@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import pytest
 from hypothesis import given, settings
@@ -12,7 +12,7 @@ from bpfsync.core.frozen import seal
 from bpfsync.core.messages import MapSchema, Record, Stamp
 from bpfsync.core.register import Packed
 from bpfsync.core.replica import Replica
-from bpfsync.core.restart import _differences_by_key, differences
+from bpfsync.core.restart import Content, _differences_by_key, differences
 from bpfsync.core.table import records_layout
 
 T = 1_700_000_000 * 10**9
@@ -37,6 +37,10 @@ def replica(node: str = "a") -> Replica:
 
 def remote(key: int, value: int | None, wall: int, node: str = "b", map: str = M.name) -> Record:
     return Record(map, k(key), None if value is None else v(value), Stamp(wall, 0, node))
+
+
+def content(items: Iterable[tuple[bytes, bytes]]) -> Content:
+    return Content.of(list(items), 4, 8)
 
 
 def logged(records: Packed) -> list[bytes]:
@@ -148,7 +152,7 @@ def test_restart_on_the_same_map_holds_back_what_the_data_plane_changed_while_do
     kernel[k(1)] = v(111)  # updated while down
     kernel[k(500)] = v(500)  # created while down
     del kernel[k(2)]  # deleted while down
-    got = back.restart(M.name, list(kernel.items()), same_object=True)
+    got = back.restart(M.name, content(kernel.items()), same_object=True)
     assert (got.case, got.held, got.deleted) == ("resumed", 3, 1)
     assert back.kernel_view(M.name, k(1)) == v(111) and back.kernel_view(M.name, k(2)) is None
     # the catch-up: a peer wrote k(1) and k(2) later than our stored records, and k(3)
@@ -175,7 +179,7 @@ def test_counter_increments_counted_while_down_join_this_nodes_slot() -> None:
     source.local_change(C.name, k(7), v(5), T)  # our slot: 5
     source.receive([remote(7, 3, T, "b", C.name)], T, "b")  # b's: 3; the kernel holds 8
     back = reloaded(source)
-    got = back.restart(C.name, [(k(7), v(10))], same_object=True)  # counted 2 while down
+    got = back.restart(C.name, content([(k(7), v(10))]), same_object=True)  # counted 2 while down
     assert got.held == 1
     assert back.receive([remote(7, 7, T + SECOND, "b", C.name)], T + SECOND, "b").writes == []
     records, writes = back.take_held(T + 2 * SECOND, {C.name: {k(7): v(11)}})  # 1 more since
@@ -189,11 +193,11 @@ def test_a_new_map_object_is_no_delete_and_restore_refills_an_empty_one() -> Non
     the stored content into a new, empty map object."""
     source = busy()
     dropped = reloaded(source)
-    got = dropped.restart(M.name, [(k(1), v(1))], same_object=False, restore=True)
+    got = dropped.restart(M.name, content([(k(1), v(1))]), same_object=False, restore=True)
     assert (got.case, got.seeded, got.fills) == ("new map", 1, [])  # not empty: seeded
     assert dropped.content(M.name) == {k(1): v(1)}
     restored = reloaded(source)
-    got = restored.restart(M.name, [], same_object=False, restore=True)
+    got = restored.restart(M.name, content([]), same_object=False, restore=True)
     assert got.case == "restored" and len(got.fills) == 1
     fill, want = got.fills[0], source.content(M.name)
     assert fill.entries == len(want)
@@ -201,7 +205,7 @@ def test_a_new_map_object_is_no_delete_and_restore_refills_an_empty_one() -> Non
              for i in range(fill.entries)}  # fmt: skip
     assert pairs == want
     plain = reloaded(source)
-    assert plain.restart(M.name, [], same_object=False).case == "new map"
+    assert plain.restart(M.name, content([]), same_object=False).case == "new map"
     assert plain.content(M.name) == {}
 
 
@@ -218,5 +222,5 @@ def test_the_array_comparison_is_the_key_by_key_one(
         r.settle(BUCKETS, quiet=0)
     table = r._tables[M.name]
     items = [(k(i), v(x)) for i, x in kernel.items()]
-    assert sorted(differences(table, items), key=repr) == sorted(
+    assert sorted(differences(table, content(items)), key=repr) == sorted(
         _differences_by_key(table, items), key=repr)  # fmt: skip

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 
 from bpfsync.agent.config import StateConfig
@@ -33,7 +33,9 @@ from bpfsync.core.frozen import seal
 from bpfsync.core.messages import MapSchema, Record
 from bpfsync.core.register import Packed, pack, stamp_of
 from bpfsync.core.replica import Fill, Replica
+from bpfsync.core.restart import Content
 from bpfsync.core.table import records_layout
+from bpfsync.kernel.dump import MapDump
 from bpfsync.kernel.info import boot_id
 
 __all__ = ["Persister", "resume"]
@@ -218,11 +220,12 @@ def resume(
     compared (replica.py P2, S4-S6), or seeded (S1) where nothing usable is stored. ``restore``:
     the maps configured with restore: on_empty. Returns the persister (None without
     ``cfg.dir``) and the writes that restore maps (S6)."""
-    items = {name: [(k, synced[name].fold_value(v)) for k, v in kvs]
-             for name, kvs in baselines.items()}  # fmt: skip
+    def folded(name: str) -> Iterator[tuple[bytes, bytes]]:
+        return ((k, synced[name].fold_value(v)) for k, v in baselines[name])
+
     if cfg.dir is None:
-        for name, kvs in items.items():
-            replica.seed(name, kvs)
+        for name in baselines:
+            replica.seed(name, folded(name))
         return None, []
     shapes = [MapShape(sm.name, sm.schema.key_size, sm.schema.value_size, sm.schema.policy)
               for sm in synced.values()]  # fmt: skip
@@ -235,12 +238,12 @@ def resume(
     boot = boot_id()
     fills: list[Fill] = []
     set_aside = False
-    for name, kvs in items.items():
+    for name, kvs in baselines.items():
         sm = synced[name]
         identity = MapIdentity(sm.map.info.id, boot, replica.digest_buckets)
         stored = opened.maps.get(name)
         if stored is None:
-            replica.seed(name, kvs)
+            replica.seed(name, folded(name))
             persister.track(sm.schema, identity, None)
             continue
         horizon = None if stored.horizon is None else stamp_of(stored.horizon)
@@ -256,11 +259,11 @@ def resume(
             set_aside = True
             log.warning("the stored state of map %s is damaged (%s); the state file was set"
                         " aside as %s and the map starts without it", name, err, where)
-            replica.seed(name, kvs)
+            replica.seed(name, folded(name))
             persister.track(sm.schema, identity, None)
             continue
         same = (stored.identity.map_id, stored.identity.boot_id) == (identity.map_id, boot)
-        plan = replica.restart(name, kvs, same_object=same, restore=name in restore)
+        plan = replica.restart(name, _content(sm, kvs), same_object=same, restore=name in restore)
         fills += plan.fills
         log.info("restarted on stored state", extra={
             "map": name, "case": plan.case, "registers": replica.registers(name),
@@ -275,3 +278,11 @@ def resume(
         persister.restart_all()
     store.start_syncer(cfg.fsync_interval_s)
     return persister, fills
+
+
+def _content(sm: SyncedMap, kvs: Items) -> Content:
+    """The kernel map's entries as arrays: a dump's own, unless per-CPU values are folded."""
+    if isinstance(kvs, MapDump) and not sm.percpu:
+        return Content(kvs.key_array, kvs.value_array)
+    items = [(k, sm.fold_value(v)) for k, v in kvs]
+    return Content.of(items, sm.schema.key_size, sm.schema.value_size)

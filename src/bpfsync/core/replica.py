@@ -119,7 +119,7 @@ from bpfsync.core.register import (
     unpack,
     value_of,
 )
-from bpfsync.core.restart import differences, live_content
+from bpfsync.core.restart import Content, differences, live_content
 from bpfsync.core.table import QUIET_CALLS, MapTable, SlotTable
 from bpfsync.errors import (
     ConfigError,
@@ -671,23 +671,22 @@ class Replica:
             table.offer_packed(key, packed)
 
     def restart(
-        self, map: str, items: Sequence[tuple[bytes, bytes]], *, same_object: bool,
-        restore: bool = False,
+        self, map: str, content: Content, *, same_object: bool, restore: bool = False
     ) -> Restart:
-        """S4-S6, after ``load``: the kernel map's entries as found at start. ``same_object``:
-        the stored state is of this very map object (its id, this boot); ``restore``: the map's
-        configuration asks for S6."""
+        """S4-S6, after ``load``: ``content``, the kernel map's entries as found at start.
+        ``same_object``: the stored state is of this very map object (its id, this boot);
+        ``restore``: the map's configuration asks for S6."""
         table = self._local_table(map)
         if not same_object:
-            if restore and not items and len(table):
+            if restore and not len(content) and len(table):
                 keys, values, n = live_content(table)
                 self.stats["restart.restored"] += n
                 return Restart("restored", fills=[Fill(map, keys, values, n)] if n else [])
             self._tables[map] = type(table)(table.schema, table.policy, table.nbuckets)
             self._deviations[map].clear()
-            return Restart("new map", seeded=self.seed(map, items))
+            return Restart("new map", seeded=self.seed(map, content.pairs()))
         held, deviations = self._held[map], self._deviations[map]
-        changed = differences(table, items)
+        changed = differences(table, content)
         for key, value in changed:
             others = table.others(key, self.node) if isinstance(table, SlotTable) else None
             held[key] = None if others is None else tuple(others)

@@ -2,14 +2,15 @@
 stored (replica.py, rules S4-S6), and the stored content it writes back when it restores.
 
 A restart on an unchanged million-entry map must be ready within a second, so an lww map is
-compared by array operations: the kernel's keys sorted once, the registers' live keys looked
-up in them, values compared row by row. Per-origin maps (counters, max, min) imply a value per
-key from several registers: compared key by key, as such maps are small.
+compared by array operations: the registers' live keys and the kernel's sorted together, equal
+neighbours paired, their values compared row by row. Per-origin maps (counters, max, min)
+imply a value per key from several registers: compared key by key, as such maps are small.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -17,49 +18,87 @@ from bpfsync.core.frozen import live_values
 from bpfsync.core.lww_table import LwwTable
 from bpfsync.core.table import MapTable
 
-__all__ = ["differences", "live_content"]
+__all__ = ["Content", "differences", "live_content"]
 
-Items = Sequence[tuple[bytes, bytes]]
+@dataclass(frozen=True, slots=True)
+class Content:
+    """A kernel map's entries as two arrays of rows: keys (n, key size) and values (n, value
+    size), as a dump reads them (no Python object per entry)."""
+
+    keys: np.ndarray
+    values: np.ndarray
+
+    @classmethod
+    def of(cls, items: Sequence[tuple[bytes, bytes]], key_size: int, value_size: int) -> Content:
+        if {len(k) for k, _ in items} - {key_size} or {len(v) for _, v in items} - {value_size}:
+            raise ValueError(f"entries of other sizes than {key_size}/{value_size} bytes")
+        keys = np.frombuffer(b"".join([k for k, _ in items]), np.uint8)
+        values = np.frombuffer(b"".join([v for _, v in items]), np.uint8)
+        return cls(keys.reshape(-1, key_size), values.reshape(-1, value_size))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def pairs(self) -> list[tuple[bytes, bytes]]:
+        ks, vs = self.keys.shape[1], self.values.shape[1]
+        keys, values = self.keys.tobytes(), self.values.tobytes()
+        return [(keys[i * ks : (i + 1) * ks], values[i * vs : (i + 1) * vs])
+                for i in range(len(self))]  # fmt: skip
 
 
-def differences(table: MapTable, items: Items) -> list[tuple[bytes, bytes | None]]:
-    """The keys whose kernel value (``items``: the kernel map's entries) is not the value the
-    registers imply, each with the kernel's value (None: the registers imply a value, the
-    kernel holds none). Keys are listed once, in no particular order."""
+def differences(table: MapTable, content: Content) -> list[tuple[bytes, bytes | None]]:
+    """The keys whose kernel value (``content``) is not the value the registers imply, each
+    with the kernel's value (None: the registers imply a value, the kernel holds none). Keys
+    are listed once, in no particular order."""
     ks, vs = table.schema.key_size, table.schema.value_size
-    if any(len(key) != ks or len(value) != vs for key, value in items):
+    if content.keys.shape[1:] != (ks,) or content.values.shape[1:] != (vs,):
         raise ValueError(f"map {table.name!r}: kernel entries of other sizes than {ks}/{vs}")
     if not isinstance(table, LwwTable):
-        return _differences_by_key(table, items)
-    n = len(items)
-    kernel_keys = np.frombuffer(b"".join([k for k, _ in items]), np.uint8).reshape(n, ks)
-    kernel_values = np.frombuffer(b"".join([v for _, v in items]), np.uint8).reshape(n, vs)
-    order = np.lexsort(kernel_keys.T[::-1])  # byte by byte: the order of 'S' items
-    sorted_keys = np.ascontiguousarray(kernel_keys[order]).view(f"S{ks}").ravel()
-    matched = np.zeros(n, bool)
-    out: list[tuple[bytes, bytes | None]] = []
+        return _differences_by_key(table, content.pairs())
+    stored_keys, stored_values = [np.empty((0, ks), np.uint8)], [np.empty((0, vs), np.uint8)]
     for keys, records in table.bucket_columns():
         live, values = live_values(records, vs)
-        keys, values = keys[live], values[live]
-        if not len(keys):
-            continue
-        at = np.searchsorted(sorted_keys, keys)
-        found = np.zeros(len(keys), bool)
-        inside = at < n
-        found[inside] = sorted_keys[at[inside]] == keys[inside]
-        where = order[at[found]]
-        matched[where] = True
-        same = (kernel_values[where] == values[found]).all(axis=1)
-        raw = keys.view(f"V{ks}")
-        out += [(key, None) for key in raw[~found].tolist()]  # deleted while down
-        now = np.ascontiguousarray(kernel_values[where[~same]]).view(f"V{vs}").ravel()
-        out += zip(raw[found][~same].tolist(), now.tolist(), strict=True)
-    if not matched.all():  # new keys, or keys the registers hold as tombstones
-        out += [items[i] for i in np.flatnonzero(~matched).tolist()]
+        stored_keys.append(np.ascontiguousarray(keys[live]).view(np.uint8).reshape(-1, ks))
+        stored_values.append(values[live])
+    sk, sv = np.concatenate(stored_keys), np.concatenate(stored_values)
+    kk, kv = content.keys, content.values
+    m = len(sk)
+    both = np.concatenate([sk, kk])
+    order = _key_order(both)
+    ranked = both[order]
+    # each side's keys are distinct: two equal neighbours are a register and a kernel entry
+    j = np.flatnonzero((ranked[1:] == ranked[:-1]).all(axis=1))
+    first, second = order[j], order[j + 1]
+    if ((first < m) == (second < m)).any():
+        raise ValueError(f"map {table.name!r}: a key twice on one side")
+    at_stored, at_kernel = np.minimum(first, second), np.maximum(first, second) - m
+    matched_stored = np.zeros(m, bool)
+    matched_stored[at_stored] = True
+    matched_kernel = np.zeros(len(kk), bool)
+    matched_kernel[at_kernel] = True
+    differ = at_kernel[~(sv[at_stored] == kv[at_kernel]).all(axis=1)]
+    out: list[tuple[bytes, bytes | None]] = [(row.tobytes(), None) for row in sk[~matched_stored]]
+    for i in np.concatenate([differ, np.flatnonzero(~matched_kernel)]).tolist():
+        out.append((kk[i].tobytes(), kv[i].tobytes()))
     return out
 
 
-def _differences_by_key(table: MapTable, items: Items) -> list[tuple[bytes, bytes | None]]:
+def _key_order(keys: np.ndarray) -> np.ndarray:
+    """An order of the rows of ``keys`` (n, size) in which equal rows are neighbours: by the
+    rows read as big-endian 64-bit words, which sort fast."""
+    n, size = keys.shape
+    width = -(-size // 8) * 8
+    padded = np.zeros((n, width), np.uint8)
+    padded[:, :size] = keys
+    words = padded.view(">u8")
+    if words.shape[1] == 1:
+        return np.argsort(words[:, 0], kind="stable")
+    return np.lexsort(words.T[::-1])
+
+
+def _differences_by_key(
+    table: MapTable, items: Sequence[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes | None]]:
     kernel = dict(items)
     out: list[tuple[bytes, bytes | None]] = []
     for key in list(table.all_keys()):
