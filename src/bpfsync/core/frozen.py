@@ -18,7 +18,7 @@ import numpy as np
 from xxhash import xxh3_64_intdigest
 
 __all__ = [
-    "FrozenRegs", "Rows", "check_records", "joined_rows", "listed_rows", "live_values",
+    "FrozenRegs", "Rows", "check_records", "joined_rows", "listed_rows", "live_rows", "live_values",
     "record_hashes", "rows_of", "seal", "take_rows", "unseal", "value_forms",
 ]
 
@@ -234,6 +234,14 @@ def check_records(records: Rows, vsize: int) -> str:
         if ((kind == 0) & (end + 2 + vsize != width)).any():
             return f"a stored record whose value is not {vsize} bytes"
     return ""
+
+
+def live_rows(records: Rows) -> np.ndarray:
+    """For well-formed packed records: which are live (not tombstones)."""
+    live = np.zeros(len(records), bool)
+    for at, rows in _by_size(records):
+        live[at] = _forms(rows)[1] == 0
+    return live
 
 
 def live_values(records: Rows, vsize: int) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ from bpfsync.core.frozen import (
     Rows,
     joined_rows,
     listed_rows,
-    live_values,
+    live_rows,
     record_hashes,
     rows_of,
     seal,
@@ -118,7 +118,7 @@ class LwwTable(MapTable):
         self._sums_then[b] = self.sums[b]
         self._count += len(regs)
         keys, records = regs.columns()
-        live, _ = live_values(records, self._vsize)
+        live = live_rows(records)
         if not live.all():
             ks = self.schema.key_size
             raw = keys.view(f"V{ks}")
