@@ -229,7 +229,9 @@ def resume(
         return None, []
     shapes = [MapShape(sm.name, sm.schema.key_size, sm.schema.value_size, sm.schema.policy)
               for sm in synced.values()]  # fmt: skip
+    started = time.perf_counter()
     opened = open_store(cfg.dir, node, shapes)
+    read_s = time.perf_counter() - started
     if opened.set_aside is not None:
         metrics.state_set_aside.inc()
     store = opened.store
@@ -247,6 +249,7 @@ def resume(
             persister.track(sm.schema, identity, None)
             continue
         horizon = None if stored.horizon is None else stamp_of(stored.horizon)
+        started = time.perf_counter()
         try:
             replica.load(name, [(b, blob) for b, _, blob in stored.buckets],
                          [blob for _, blob in stored.log], nbuckets=stored.identity.nbuckets,
@@ -262,13 +265,16 @@ def resume(
             replica.seed(name, folded(name))
             persister.track(sm.schema, identity, None)
             continue
+        loaded = time.perf_counter()
         same = (stored.identity.map_id, stored.identity.boot_id) == (identity.map_id, boot)
         plan = replica.restart(name, _content(sm, kvs), same_object=same, restore=name in restore)
         fills += plan.fills
         log.info("restarted on stored state", extra={
             "map": name, "case": plan.case, "registers": replica.registers(name),
             "held_back": plan.held, "deleted_while_down": plan.deleted, "seeded": plan.seeded,
-            "restored": sum(f.entries for f in plan.fills)})  # fmt: skip
+            "restored": sum(f.entries for f in plan.fills), "read_s": round(read_s, 3),
+            "load_s": round(loaded - started, 3),
+            "compare_s": round(time.perf_counter() - loaded, 3)})  # fmt: skip
         resumed = plan.case == "resumed" and stored.identity.nbuckets == replica.digest_buckets
         saved = [0] * replica.digest_buckets
         for b, digest_sum, _ in stored.buckets if resumed else ():

@@ -63,37 +63,60 @@ def differences(table: MapTable, content: Content) -> list[tuple[bytes, bytes | 
     sk, sv = np.concatenate(stored_keys), np.concatenate(stored_values)
     kk, kv = content.keys, content.values
     m = len(sk)
-    both = np.concatenate([sk, kk])
-    order = _key_order(both)
-    ranked = both[order]
-    # each side's keys are distinct: two equal neighbours are a register and a kernel entry
-    j = np.flatnonzero((ranked[1:] == ranked[:-1]).all(axis=1))
-    first, second = order[j], order[j + 1]
-    if ((first < m) == (second < m)).any():
-        raise ValueError(f"map {table.name!r}: a key twice on one side")
-    at_stored, at_kernel = np.minimum(first, second), np.maximum(first, second) - m
+    if ks <= 8:  # one word a key: the kernel's sorted, the registers' looked up in them
+        at_stored, at_kernel = _pairs_by_word(_words(sk)[:, 0], _words(kk)[:, 0])
+    else:
+        at_stored, at_kernel = _pairs_by_rows(sk, kk)
+        if len(at_stored) != len(np.unique(at_stored)):
+            raise ValueError(f"map {table.name!r}: a key twice on one side")
     matched_stored = np.zeros(m, bool)
     matched_stored[at_stored] = True
     matched_kernel = np.zeros(len(kk), bool)
     matched_kernel[at_kernel] = True
-    differ = at_kernel[~(sv[at_stored] == kv[at_kernel]).all(axis=1)]
+    differ = at_kernel[~(_words(sv[at_stored]) == _words(kv[at_kernel])).all(axis=1)]
     out: list[tuple[bytes, bytes | None]] = [(row.tobytes(), None) for row in sk[~matched_stored]]
     for i in np.concatenate([differ, np.flatnonzero(~matched_kernel)]).tolist():
         out.append((kk[i].tobytes(), kv[i].tobytes()))
     return out
 
 
-def _key_order(keys: np.ndarray) -> np.ndarray:
-    """An order of the rows of ``keys`` (n, size) in which equal rows are neighbours: by the
-    rows read as big-endian 64-bit words, which sort fast."""
-    n, size = keys.shape
+def _words(rows: np.ndarray) -> np.ndarray:
+    """Rows of bytes (n, size) as 64-bit words (n, ceil(size / 8)), zero-padded: equal rows
+    are equal words. Native byte order: only equality matters, and it sorts fastest."""
+    n, size = rows.shape
     width = -(-size // 8) * 8
+    if width == size and rows.flags.c_contiguous:
+        return rows.view(np.uint64)
     padded = np.zeros((n, width), np.uint8)
-    padded[:, :size] = keys
-    words = padded.view(">u8")
-    if words.shape[1] == 1:
-        return np.argsort(words[:, 0], kind="stable")
-    return np.lexsort(words.T[::-1])
+    padded[:, :size] = rows
+    return padded.view(np.uint64)
+
+
+def _pairs_by_word(stored: np.ndarray, kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(stored index, kernel index) of every key in both, for keys of one word each."""
+    order = np.argsort(kernel)
+    ranked = kernel[order]
+    asked = np.argsort(stored)  # looked up in order: the search then walks memory forwards
+    queries = stored[asked]
+    at = np.searchsorted(ranked, queries)
+    found = np.zeros(len(queries), bool)
+    inside = at < len(ranked)
+    found[inside] = ranked[at[inside]] == queries[inside]
+    return asked[found], order[at[found]]
+
+
+def _pairs_by_rows(stored: np.ndarray, kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``_pairs_by_word`` for longer keys: both sides sorted together, equal neighbours paired
+    (each side's keys are distinct, so a pair is a register and a kernel entry)."""
+    m = len(stored)
+    both = np.concatenate([stored, kernel])
+    order = np.lexsort(_words(both).T[::-1])
+    ranked = both[order]
+    j = np.flatnonzero((ranked[1:] == ranked[:-1]).all(axis=1))
+    first, second = order[j], order[j + 1]
+    if ((first < m) == (second < m)).any():
+        raise ValueError("a key twice on one side")
+    return np.minimum(first, second), np.maximum(first, second) - m
 
 
 def _differences_by_key(
