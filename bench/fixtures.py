@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import re
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +56,7 @@ class PlainNode(Node):
 
     def close(self) -> None:
         self.stop()
+        self.forget_state()
         self.map.close()
         with contextlib.suppress(OSError):
             self.pin.unlink()
@@ -61,7 +67,10 @@ class BenchCluster(Cluster):
         super().__init__(names, tag, tls, factory)
 
     def start_with(self, poll: float, nodes: list[Node] | None = None,
-                   catchup_s: float = 1.0, mode: str = "auto") -> None:
+                   catchup_s: float = 1.0, mode: str = "auto", extra: Sequence[str] = ()) -> None:
+        """Start the agents of ``nodes`` (default all) with a config file of these settings;
+        ``extra``: more command-line arguments (e.g. ``--no-state``; without it an agent keeps
+        its state in its ``state_dir``, demo/cluster.py)."""
         for node in nodes or list(self):
             cfg = Path(f"/tmp/bpfsync-{self.root.name}-{node.name}.yaml")
             cfg.write_text(
@@ -69,7 +78,7 @@ class BenchCluster(Cluster):
                 f"watch:\n  mode: {mode}\n  poll_interval: {poll}\n"
                 f"  syscall_hooks: {'true' if mode == 'auto' else 'false'}\n"
                 f"sync:\n  catchup_timeout_s: {catchup_s}\n")
-            node.start(["--config", str(cfg)])
+            node.start(["--config", str(cfg), *extra])
 
     def close(self) -> None:
         super().close()
@@ -97,6 +106,47 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process has used (/proc/PID/stat utime + stime, its own
+    threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def readyz(node: Node) -> bool:
+    """The agent's /readyz answers 200 (ready); False also while it does not listen yet."""
+    try:
+        url = f"http://127.0.0.1:{node.http_port}/readyz"
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def log_events(node: Node, since: float, msgs: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The first log line of each message in ``msgs`` that the agent wrote at or after the wall
+    time ``since`` (time.time()), with its ``at_s``: seconds after ``since`` (the log's
+    timestamps have millisecond resolution); under "first line", the first line of any message
+    (how long the process took to start logging: the interpreter and the imports)."""
+    out: dict[str, dict[str, Any]] = {}
+    for line in node.log().splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            rec = json.loads(line)
+            at = datetime.fromisoformat(rec["ts"].replace("Z", "+00:00")).timestamp()
+        except (ValueError, KeyError, TypeError):
+            continue
+        if at < since - 0.001:
+            continue
+        msg = rec.get("msg")
+        if "first line" not in out:
+            out["first line"] = {**rec, "at_s": at - since}
+        if msg in msgs and msg not in out:
+            out[msg] = {**rec, "at_s": at - since}
+    return out
 
 
 def proc_io(pid: int) -> dict[str, int]:

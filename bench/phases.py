@@ -3,6 +3,8 @@ what bounds it). Each is bounded in time and cleans up through the cluster's con
 
 from __future__ import annotations
 
+import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -16,9 +18,13 @@ from fixtures import (
     BigNode,
     Node,
     applied,
+    cpu_s,
     drained,
     finish_profile,
+    log,
+    log_events,
     pct,
+    readyz,
     rss_mb,
     same_content,
     start_profile,
@@ -26,7 +32,7 @@ from fixtures import (
 )
 
 from bpfsync.core.digest import DEFAULT_BUCKETS
-from bpfsync.demo.cluster import RANGE_MAX
+from bpfsync.demo.cluster import MAP_NAME, RANGE_MAX
 from bpfsync.watch.poll import MapPoller
 from bpfsync.watch.trace import Hooks, TraceWatcher
 from bpfsync.watch.trace_abi import elements
@@ -40,6 +46,8 @@ def throughput(c: BenchCluster, rate: float, seconds: float, keyspace: int, vsiz
     c hold a's content. ``base`` offsets the unique value so that phases never repeat a value."""
     a, b, cc = c["a"], c["b"], c["c"]
     ap0 = {n.name: applied(n) for n in (b, cc)}
+    pids = {n.name: n.proc.pid for n in (a, b, cc) if n.proc is not None}
+    cpu0 = {name: cpu_s(pid) for name, pid in pids.items()}
     words = vsize // 8
     prof = start_profile([a, b], profile_s) if profile_s else []
     written = 0
@@ -91,6 +99,9 @@ def throughput(c: BenchCluster, rate: float, seconds: float, keyspace: int, vsiz
             break
         time.sleep(0.5)
     total_s = done_at if done_at is not None else time.perf_counter() - start
+    # the agents' CPU from the first write until b and c were found identical (or the wait
+    # ended): what the whole run cost them, the draining included
+    cpu = {name: cpu_s(pid) - cpu0[name] for name, pid in pids.items()}
     ap = {n.name: applied(n) - ap0[n.name] for n in (b, cc)}
     profiles = finish_profile(prof)
     st = a.status() or {}
@@ -103,6 +114,7 @@ def throughput(c: BenchCluster, rate: float, seconds: float, keyspace: int, vsiz
         "writes_per_s": written / total_s, "keys_final_ok": held, "keys_touched": touched.size,
         "applied_b": ap["b"], "applied_c": ap["c"],
         "distinct_applied_per_s": min(ap.values()) / total_s,
+        "cpu_s": cpu,
         "profiles": profiles,
         "a_stats": {"replica": st.get("replica"), "transport": st.get("transport"),
                     "peers": [{k: p.get(k) for k in ("node", "sent", "reconnects", "dropped",
@@ -159,11 +171,7 @@ def catchup(entries: int, wait_max: float) -> dict[str, Any]:
     factory = lambda n, r, p, h: BigNode(n, r, p, h, entries)  # noqa: E731
     with BenchCluster(factory, ("a", "b"), "bench-catchup") as c:
         a, b = c["a"], c["b"]
-        keys = np.arange(entries, dtype=np.uint32)
-        vals = np.zeros((entries, 2), dtype=np.uint64)
-        vals[:, 0] = np.arange(entries, dtype=np.uint64) * 1500
-        vals[:, 1] = np.arange(entries, dtype=np.uint64)
-        a.map.update_batch(keys, vals)
+        _fill(a, entries)
         t = time.perf_counter()
         c.start_with(0.25, [a])
 
@@ -214,6 +222,191 @@ def catchup(entries: int, wait_max: float) -> dict[str, Any]:
             "b_peers": [{k: p.get(k) for k in ("node", "sent", "received")}
                         for p in st_b.get("peers", [])],
         }
+
+
+def _fill(node: Node, entries: int, base: int = 0) -> None:
+    """Keys 0..entries-1 with distinct values, in one batch (what catch-up and restart load);
+    ``base`` makes every value another one."""
+    keys = np.arange(entries, dtype=np.uint32)
+    vals = np.zeros((entries, 2), dtype=np.uint64)
+    vals[:, 0] = np.arange(entries, dtype=np.uint64) * 1500
+    vals[:, 1] = np.arange(entries, dtype=np.uint64) + base
+    node.map.update_batch(keys, vals)
+
+
+def persist_cost(rate: float, seconds: float, keyspace: int, wait_max: float,
+                 pairs: int) -> dict[str, Any]:
+    """thr-user with the state store (the default) and with ``--no-state``, ``pairs`` runs of
+    each, interleaved (store, no state, no state, store, ...: a drift of the host's speed over
+    the phase weighs on both alike), each on a fresh cluster; the medians and their ratio."""
+    factory = lambda n, r, p, h: BigNode(n, r, p, h, keyspace)  # noqa: E731
+    order = [x for i in range(pairs)
+             for x in (("store", "no_state") if i % 2 == 0 else ("no_state", "store"))]
+    runs: dict[str, list[dict[str, Any]]] = {"store": [], "no_state": []}
+    for label in order:
+        with BenchCluster(factory, ("a", "b", "c"), "bench-persist") as c:
+            c.start_with(0.25, extra=[] if label == "store" else ["--no-state"])
+            if not c.wait_ready(30):
+                runs[label].append({"converged": False, "ready": False, "total_s": 0.0,
+                                    "keys_final_ok": {}, "keys_touched": 0})
+                continue
+            r = throughput(c, rate, seconds, keyspace, 16, False, wait_max, 0)
+            states = {n.name: (n.status() or {}).get("state") for n in c}
+            r["state"] = states
+            # what the store held at the end (the file, its WAL and shared memory)
+            r["state_mb"] = {n.name: sum(f.stat().st_size for f in n.state_dir.glob("*")) / 1e6
+                             for n in c if n.state_dir.is_dir()}
+            r.pop("profiles", None)
+            runs[label].append(r)
+        log(f"  {label}: {_thr_brief(r)}")
+
+    def med(label: str, f: Any) -> float | None:
+        xs = [f(r) for r in runs[label] if r.get("converged")]
+        return statistics.median(xs) if xs else None
+
+    summary: dict[str, Any] = {"pairs": pairs, "order": order, "runs": runs}
+    for label in runs:
+        summary[label] = {
+            "converged": sum(bool(r.get("converged")) for r in runs[label]),
+            "writes_per_s": med(label, lambda r: r["writes_per_s"]),
+            "cpu_s": med(label, lambda r: sum(r["cpu_s"].values())),
+            "cpu_a_s": med(label, lambda r: r["cpu_s"]["a"]),
+            "cpu_bc_s": med(label, lambda r: r["cpu_s"]["b"] + r["cpu_s"]["c"]),
+            # CPU per write, since the runs' lengths differ by their draining
+            "cpu_us_per_write": med(label, lambda r: 1e6 * sum(r["cpu_s"].values())
+                                    / r["written"]),
+        }
+    s, n = summary["store"], summary["no_state"]
+    summary["ratio"] = (s["writes_per_s"] / n["writes_per_s"]
+                        if s["writes_per_s"] and n["writes_per_s"] else None)
+    summary["cpu_ratio"] = (s["cpu_us_per_write"] / n["cpu_us_per_write"]
+                            if s["cpu_us_per_write"] and n["cpu_us_per_write"] else None)
+    return summary
+
+
+def _thr_brief(r: dict[str, Any]) -> str:
+    if not r.get("converged"):
+        return f"NOT converged ({r.get('total_s', 0):.0f} s)"
+    cpu = r["cpu_s"]
+    return (f"{r['writes_per_s']:,.0f} writes/s, done {r['total_s']:.1f} s, agents' CPU "
+            f"{cpu['a']:.1f}/{cpu['b']:.1f}/{cpu['c']:.1f} s (a/b/c)")
+
+
+# b's sync.catchup_timeout_s in the restart phase: the agent's default, not the 1 s the other
+# phases start with. Y3 (agent/readiness.py) counts three of them from the agent's construction,
+# before its map is seeded or its stored state loaded (~2-3 s at 1M entries): with 1 s, a node
+# became ready by "did not answer the catch-up digest" ~0.6 s after it started listening,
+# before its peer had answered, which is no catch-up at all
+RESTART_CATCHUP_S = 10.0
+_RESTART_EVENTS = ("restarted on stored state", "agent started", "peer up", "caught up", "ready")
+_EVENT_FIELDS = ("at_s", "msg", "case", "registers", "held_back", "seeded", "why", "after_s",
+                 "buckets_repaired")
+
+
+def restart(entries: int, wait_max: float) -> dict[str, Any]:
+    """a and b converged on an ``entries``-entry map (as catch-up builds them); b's agent is then
+    restarted on its unchanged map: ended by SIGTERM, then by SIGKILL, each time started again
+    with its state file, then the same twice with ``--no-state``. Each: the time from the spawn
+    to /readyz answering 200, the agent's log events on the way, and what b sent and received
+    once both sides have nothing left to send."""
+    factory = lambda n, r, p, h: BigNode(n, r, p, h, entries)  # noqa: E731
+    with BenchCluster(factory, ("a", "b"), "bench-restart") as c:
+        a, b = c["a"], c["b"]
+        _fill(a, entries)
+        c.start_with(0.25, [a])
+
+        def a_loaded() -> bool:
+            st = a.status()
+            return bool(st and st.get("ready") and st["maps"][0]["registers"] >= entries)
+
+        if not c.wait(a_loaded, wait_max, every=0.2):
+            return {"entries": entries, "converged": False, "runs": []}
+        c.start_with(0.25, [b], catchup_s=RESTART_CATCHUP_S)
+        deadline = time.perf_counter() + wait_max
+        converged = False
+        while time.perf_counter() < deadline:
+            if readyz(b) and b.map.dump().count == entries and same_content(a, [b]):
+                converged = True
+                break
+            time.sleep(0.2)
+
+        def stored_whole() -> bool:
+            st = (b.status() or {}).get("state") or {}
+            return MAP_NAME in st.get("stored_whole", ())
+
+        # every entry rewritten once on a while both run: the registers then carry a's real
+        # stamps, as in a cluster that has been running. Had they kept a's seed stamps (what a
+        # catch-up leaves), b's seeds after a --no-state restart would outrank them (a seed
+        # stamp is wall 0, logical 0 and the node id, b > a): the first such restart would push
+        # every entry to a and the next find the digests equal, neither what a restart does
+        if converged:
+            ap0 = applied(b)
+            _fill(a, entries, base=entries)
+            deadline = time.perf_counter() + wait_max
+            converged = c.wait(lambda: applied(b) - ap0 >= entries, wait_max, every=0.2)
+            while converged and time.perf_counter() < deadline:
+                if same_content(a, [b]):
+                    break
+                time.sleep(0.5)
+            else:
+                converged = False
+        stored = c.wait(stored_whole, 30, every=0.2)
+        if not converged or not stored:
+            return {"entries": entries, "converged": converged, "stored": stored, "runs": []}
+        runs = [_restart_once(c, a, b, label, sig, wait_max)
+                for label, sig in (("state", signal.SIGTERM), ("state", signal.SIGKILL),
+                                   ("no_state", signal.SIGTERM), ("no_state", signal.SIGKILL))]
+        return {"entries": entries, "converged": True, "stored": True, "runs": runs}
+
+
+def _received(st: dict[str, Any]) -> int:
+    """Peer records the agent took in (merged, ignored as older, or stale), by its replica."""
+    return sum(int(v) for k, v in (st.get("replica") or {}).items() if k.startswith("received."))
+
+
+def _restart_once(c: BenchCluster, a: Node, b: Node, label: str, sig: int,
+                  wait_max: float) -> dict[str, Any]:
+    # the same quiet before every stop: nothing queued either way, and a full cycle of the
+    # persister's bucket visits (2 s) since the last start
+    end = time.perf_counter() + 30
+    drained(b, end)
+    drained(a, end)
+    time.sleep(2.5)
+    a_recv0 = _received(a.status() or {})
+    t = time.perf_counter()
+    rc = b.stop(sig, timeout=60)
+    stop_s = time.perf_counter() - t
+    wall0 = time.time()
+    t0 = time.perf_counter()
+    files = {f.name: f.stat().st_size for f in b.state_dir.glob("*")} if label == "state" else {}
+    c.start_with(0.25, [b], catchup_s=RESTART_CATCHUP_S,
+                 extra=["--no-state"] if label == "no_state" else [])
+    ready_s = None
+    while time.perf_counter() - t0 < wait_max:
+        if readyz(b):
+            ready_s = time.perf_counter() - t0
+            break
+        time.sleep(0.01)
+    events = log_events(b, wall0, _RESTART_EVENTS)
+    # what the restart made b and a exchange: once neither has anything left for the other
+    end = time.perf_counter() + 30
+    drained(b, end)
+    drained(a, end)
+    st_b, st_a = b.status() or {}, a.status() or {}
+    peer: dict[str, Any] = next((p for p in st_b.get("peers", []) if p.get("node") == "a"), {})
+    identical = b.map.dump().count == a.map.dump().count and same_content(a, [b])
+    rep = st_b.get("replica") or {}
+    return {
+        "state": label, "signal": signal.Signals(sig).name, "stop_rc": rc, "stop_s": stop_s,
+        "ready_s": ready_s,
+        "events": {m: {k: e[k] for k in _EVENT_FIELDS if k in e} for m, e in events.items()},
+        "b_bytes_sent": peer.get("bytes_sent"), "b_bytes_received": peer.get("bytes_received"),
+        "b_messages_sent": peer.get("sent"), "b_messages_received": peer.get("received"),
+        "b_records_received": _received(st_b), "b_records_sent": _received(st_a) - a_recv0,
+        "b_seeded": rep.get("local.seeded", 0), "b_loaded": rep.get("restart.loaded", 0),
+        "wire": wire_bytes(b.port, a.port), "identical": identical,
+        "b_state": st_b.get("state"), "state_files": files,
+    }
 
 
 def burst(entries: int, wait_max: float) -> dict[str, Any]:

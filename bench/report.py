@@ -6,10 +6,68 @@ from typing import Any
 
 from bpfsync.core.digest import DEFAULT_BUCKETS
 
+Rows = list[tuple[str, str, str, str]]  # metric, value, vs seed, target
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def persist_rows(pc: dict[str, Any], seed_rate: float, rows: Rows) -> None:
+    """The persist phase: thr-user with the state store and with --no-state, medians."""
+    for label, how in (("store", "state store"), ("no_state", "--no-state")):
+        m, runs = pc[label], pc["runs"][label]
+        each = " / ".join(f"{r['writes_per_s']:,.0f}" if r.get("converged") else "NOT converged"
+                          for r in runs)
+        metric = f"16B user-space, {how} (median of {len(runs)}): writes/s on a -> b+c"
+        if m["writes_per_s"] is None:
+            rows.append((metric, f"NOT converged ({each})", "n/a", ""))
+            continue
+        rows.append((metric, f"{m['writes_per_s']:,.0f} (runs {each})",
+                     f"{m['writes_per_s'] / seed_rate:,.1f}x", ""))
+        rows.append((f"16B user-space, {how}: agents' CPU a / b+c (median), per write",
+                     f"{m['cpu_a_s']:.1f} / {m['cpu_bc_s']:.1f} s, "
+                     f"{m['cpu_us_per_write']:.1f} us/write", "", ""))
+    if pc["ratio"] is not None:
+        rows.append(("state store: 16B writes/s against --no-state",
+                     f"{100 * pc['ratio']:.0f}%", "", ">=90%"))
+    if pc["cpu_ratio"] is not None:
+        rows.append(("state store: agents' CPU per write against --no-state",
+                     f"{100 * (pc['cpu_ratio'] - 1):+.0f}%", "", ""))
+
+
+_EVENTS = (("first line", "first log line"), ("restarted on stored state", "stored state in"),
+           ("agent started", "started"),
+           ("caught up", "caught up"), ("ready", "ready"))
+
+
+def restart_rows(rs: dict[str, Any], rows: Rows) -> None:
+    """The restart phase: one row per restart of b."""
+    n = rs["entries"]
+    if not rs["runs"]:
+        rows.append((f"restart on an unchanged {n:,}-entry map", "NOT measured: a and b "
+                     f"converged {rs['converged']}, b stored whole {rs.get('stored')}", "", ""))
+        return
+    for r in rs["runs"]:
+        how = "state file" if r["state"] == "state" else "--no-state"
+        ev = r["events"]
+        marks = ", ".join(f"{name} {ev[m]['at_s']:.2f}" for m, name in _EVENTS if m in ev)
+        why = ev.get("ready", {}).get("why")
+        rdy = f"{r['ready_s']:.2f} s" if r["ready_s"] is not None else "NOT ready"
+        rows.append((f"restart on an unchanged {n:,}-entry map, {how}, after {r['signal']}: "
+                     "start -> ready",
+                     f"{rdy} (log: {marks}{f'; {why}' if why else ''}); b sent "
+                     f"{_bytes(r['b_bytes_sent'])}, {r['b_records_sent']:,} records, received "
+                     f"{_bytes(r['b_bytes_received'])}, {r['b_records_received']:,} records"
+                     f"{'' if r['identical'] else '; NOT identical'}",
+                     "", "<=1 s" if r["state"] == "state" else ""))
+
 
 def report(R: dict[str, Any], argv: list[str]) -> None:
     seed = R["seed"]
-    rows: list[tuple[str, str, str, str]] = []  # metric, value, vs seed, target
+    rows: Rows = []
 
     def thr_rows(key: str, label: str) -> None:
         if key not in R:
@@ -47,6 +105,9 @@ def report(R: dict[str, Any], argv: list[str]) -> None:
     thr_rows("thr_256", "256B user-space")
     if "thr_256" not in R:
         rows.append(("256B", "not measured", "", ""))
+    pc = R.get("persist")
+    if pc:
+        persist_rows(pc, seed["rate"], rows)
     for key in ("lat_auto", "lat_auto_tls", "lat_auto_80", "lat_poll"):
         lt = R.get(key)
         if lt:
@@ -94,6 +155,9 @@ def report(R: dict[str, Any], argv: list[str]) -> None:
                      "in 90 s", "", "<=300 MB"))
         rows.append(("a: initial load of the full map (start -> ready)",
                      f"{cu['a_load_s']:.1f} s", "", ""))
+    rs = R.get("restart")
+    if rs:
+        restart_rows(rs, rows)
     if "thr_rss_b" in R:
         rows.append(("agent b RSS after 16B throughput", f"{R['thr_rss_b']:.0f} MB", "", ""))
     d = R.get("detect")

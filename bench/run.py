@@ -15,6 +15,8 @@ Phases (each bounded; every pin and process is cleaned up by the Cluster context
   thr-tls   thr-user again with mutual TLS between the agents (certificates from the cluster's
             own CA, peers given as ID@HOST:PORT), right after thr-user for a fair comparison
   thr-256   same as thr-user with 256-byte values (a bpftool-created hash map, no BTF)
+  persist   thr-user on fresh clusters with the state store (the default) and with --no-state,
+            --persist-runs of each, interleaved: writes/s and the agents' CPU (/proc/PID/stat)
   latency   ~10k writes/s on a (monotonic ns in the value); this process sees b's agent write
             them through its own bpf(2) syscall hooks; agents in watch mode auto (the default:
             bpf(2) hooks on this host) at 10k/s and at 80% of the rate thr-user sustained, and
@@ -22,6 +24,9 @@ Phases (each bounded; every pin and process is cleaned up by the Cluster context
   catch-up  a holds N entries and is ready; b starts empty: time to ready and identical, bytes read
             sent by the two agents (ss -ti bytes_sent), RSS of both then, and again once every
             bucket of both maps is frozen (core/frozen.py: quiet buckets take a third of the memory)
+  restart   a and b converged on N entries; b's agent restarted on its unchanged map (SIGTERM,
+            SIGKILL), with its state file and with --no-state: spawn -> /readyz, the log's
+            events on the way, the bytes and records b sent and received
   detect    MapPoller scan+diff of a 1M-entry u32 -> 16 B hash (bench/poll_scan.py's helpers),
             and what the bpf(2) hooks cost every other process (bench/syscall_hooks.py)
   profile   py-spy record of a and b during thr-user (if py-spy is installed)
@@ -42,7 +47,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import seed_baseline
 import syscall_hooks
 from fixtures import BenchCluster, BigNode, PlainNode, log, rss_mb
-from phases import burst, catchup, detection, latency, throughput, trace_bench
+from phases import (
+    burst,
+    catchup,
+    detection,
+    latency,
+    persist_cost,
+    restart,
+    throughput,
+    trace_bench,
+)
 from report import report
 
 
@@ -54,7 +68,11 @@ def main() -> None:
                     help="a second, lower offered rate for the user-space phase (0: skip)")
     ap.add_argument("--keyspace", type=int, default=1 << 20)
     ap.add_argument("--catchup-entries", type=int, default=1_000_000)
-    ap.add_argument("--skip", default="", help="comma list of phases to skip")
+    ap.add_argument("--persist-runs", type=int, default=2,
+                    help="runs of the persist phase with the store and without, each")
+    ap.add_argument("--skip", default="",
+                    help="comma list of phases to skip: thr tls thr256 persist lat catchup "
+                         "restart burst trace detect")
     ap.add_argument("--plot", type=Path, metavar="DIR",
                     help="also write the figures as PNGs into DIR (bench/plots.py)")
     args = ap.parse_args()
@@ -110,6 +128,11 @@ def main() -> None:
             log("throughput, 256-byte values")
             R["thr_256"] = throughput(c, args.rate, secs, ks, 256, False, wait_max, 0)
             log(f"  { {k: v for k, v in R['thr_256'].items() if k != 'profiles'} }")
+    if "persist" not in skip and args.persist_runs > 0:
+        log(f"cost of the state store: 16B user-space writes, with the store and --no-state, "
+            f"{args.persist_runs} runs each, interleaved")
+        R["persist"] = persist_cost(args.rate, secs, args.keyspace, wait_max, args.persist_runs)
+        log(f"  { {k: v for k, v in R['persist'].items() if k != 'runs'} }")
     if "lat" not in skip:
         with BenchCluster(lambda n, r, p, h: BigNode(n, r, p, h, 65536), ("a", "b", "c"),
                           "bench-lat") as c:
@@ -139,6 +162,14 @@ def main() -> None:
         log(f"catch-up of {args.catchup_entries} entries")
         R["catchup"] = catchup(args.catchup_entries, 60.0 if q else 120.0)
         log(f"  {R['catchup']}")
+    if "restart" not in skip:
+        log(f"restart of b on its unchanged {args.catchup_entries}-entry map, with its state "
+            "file and with --no-state")
+        R["restart"] = restart(args.catchup_entries, 60.0 if q else 120.0)
+        for run in R["restart"]["runs"]:
+            log(f"  {run}")
+        if not R["restart"]["runs"]:
+            log(f"  {R['restart']}")
     if "burst" not in skip:
         n = 200_000 if q else 1_000_000
         log(f"burst of {n} writes on a")
