@@ -127,10 +127,8 @@ class Persister:
     def tick(self) -> None:
         """Store the next share of each map's moved buckets (the module docstring)."""
         for name, state in self._maps.items():
-            if state.broken and not self._forget(name):
-                continue
-            if state.saved is None:
-                self._store_whole(name, state)
+            saved = self._stored_whole(name, state)
+            if saved is None:
                 continue
             sums = self.replica.bucket_sums(name)
             n = len(sums)
@@ -138,19 +136,14 @@ class Persister:
             rows: list[tuple[int, int, bytes]] = []
             size, b = 0, state.cursor
             while b < end and size < _TICK_BYTES:
-                if sums[b] != state.saved[b]:
+                if sums[b] != saved[b]:
                     rows += self.replica.snapshot(name, (b,))
                     size += len(rows[-1][2])
                 b += 1
             wraps = b == n
-            drop = state.cycle_from if wraps else None
-            if rows or drop:
-                if not self.store.put_buckets(name, rows, horizon=self._horizon(name),
-                                              drop_log_upto=drop):  # fmt: skip
-                    state.broken = True
-                    continue
-                for bucket, digest_sum, _ in rows:
-                    state.saved[bucket] = digest_sum
+            if (rows or wraps) and not self._put(name, state, rows,
+                                                 state.cycle_from if wraps else None):  # fmt: skip
+                continue
             state.cursor = 0 if wraps else b
             if wraps:
                 state.cycle_from = self._last_seq
@@ -159,19 +152,36 @@ class Persister:
     def flush(self) -> None:
         """Every moved bucket of every map, and the log dropped (at shutdown)."""
         for name, state in self._maps.items():
-            if state.broken and not self._forget(name):
-                continue
-            if state.saved is None:
-                self._store_whole(name, state)
-                continue
-            sums = self.replica.bucket_sums(name)
-            moved = [b for b, s in enumerate(sums) if s != state.saved[b]]
-            rows = self.replica.snapshot(name, moved)
-            if self.store.put_buckets(name, rows, horizon=self._horizon(name),
-                                      drop_log_upto=self._last_seq):  # fmt: skip
-                for b, digest_sum, _ in rows:
-                    state.saved[b] = digest_sum
+            saved = self._stored_whole(name, state)
+            if saved is not None:
+                sums = self.replica.bucket_sums(name)
+                moved = [b for b, s in enumerate(sums) if s != saved[b]]
+                self._put(name, state, self.replica.snapshot(name, moved), self._last_seq)
         self._count_failures()
+
+    def _stored_whole(self, name: str, state: _MapState) -> list[int] | None:
+        """The stored buckets' digest sums when the map's stored state is whole and sound, so
+        that moved buckets are all there is to store; else None, and a map that is not is
+        forgotten and stored whole, if the store takes it."""
+        if state.broken and not self._forget(name):
+            return None
+        if state.saved is None:
+            self._store_whole(name, state)
+            return None
+        return state.saved
+
+    def _put(
+        self, name: str, state: _MapState, rows: list[tuple[int, int, bytes]],
+        drop_log_upto: int | None,
+    ) -> bool:
+        assert state.saved is not None
+        if not self.store.put_buckets(name, rows, horizon=self._horizon(name),
+                                      drop_log_upto=drop_log_upto):  # fmt: skip
+            state.broken = True
+            return False
+        for b, digest_sum, _ in rows:
+            state.saved[b] = digest_sum
+        return True
 
     def _store_whole(self, name: str, state: _MapState) -> None:
         nbuckets = state.identity.nbuckets
