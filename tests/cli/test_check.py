@@ -164,3 +164,35 @@ def test_an_invalid_file_names_its_fields(tmp_path: Path) -> None:
     assert "FAIL config" in _flat(res.stdout)
     assert "listen" in res.stdout and "maps.0.path" in res.stdout
     assert "Traceback" not in res.stderr
+
+
+def test_the_state_dir_is_read_never_written(tmp_path: Path, pins: Callable[..., str]) -> None:
+    """state.dir as the agent would find it: missing (made at start), holding this node's
+    stored maps, holding a file the agent would set aside, or not a directory."""
+    from bpfsync.agent.store import MapIdentity, MapShape, open_store
+
+    pin = pins("btf")
+    state = tmp_path / "state"
+    cfg = _config(tmp_path, [{"path": pin, "name": "plain"}], state={"dir": str(state)})
+    res = _check(cfg)
+    assert res.returncode == 0 and "no state yet" in res.stdout, res.stdout + res.stderr
+    assert not state.exists()  # check makes nothing
+    shape = MapShape("plain", 4, VALUE.size, "lww")
+    for node in ("a", "b"):  # this node's file, then another node's
+        shutil.rmtree(state, ignore_errors=True)
+        opened = open_store(state, node, [shape])
+        assert opened.store.put_buckets("plain", [], identity=MapIdentity(1, "boot", 1024))
+        opened.store.close()
+        before = (state / "bpfsync.db").read_bytes()
+        res = _check(cfg)
+        assert (state / "bpfsync.db").read_bytes() == before  # read only, nothing set aside
+        assert not [p for p in state.iterdir() if ".bad-" in p.name]
+        if node == "a":
+            assert res.returncode == 0 and "maps stored: plain" in res.stdout, res.stdout
+        else:
+            assert res.returncode == 1, res.stdout
+            assert "would be set aside" in _flat(res.stdout) and "'b'" in res.stdout
+    shutil.rmtree(state)
+    state.write_text("")
+    res = _check(cfg)
+    assert res.returncode == 1 and "is not a directory" in res.stdout, res.stdout

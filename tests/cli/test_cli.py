@@ -153,7 +153,7 @@ def test_busy_http_port_is_a_clear_error(node: Node) -> None:
         port = s.getsockname()[1]
         res = subprocess.run(
             [*BPFSYNC, "run", "--node-id", "a", "--map", str(node.pin),
-             "--http", f"127.0.0.1:{port}"],
+             "--http", f"127.0.0.1:{port}", "--no-state"],
             capture_output=True, text=True, timeout=60,
         )
     assert res.returncode == 2, res.stderr

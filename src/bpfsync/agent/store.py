@@ -53,7 +53,7 @@ from bpfsync.errors import ConfigError
 
 __all__ = [
     "FILE_NAME", "FORMAT_VERSION", "MapIdentity", "MapShape", "Opened", "StateStore", "StoredMap",
-    "open_store",
+    "inspect_store", "open_store",
 ]
 
 log = logging.getLogger("bpfsync.agent")
@@ -342,6 +342,21 @@ class StateStore:
                 self.checkpoint()
             except Exception as err:  # the syncer must outlive a bug in one round
                 self._checkpoint_failed(err)
+
+
+def inspect_store(
+    state_dir: Path, node_id: str, shapes: Sequence[MapShape]
+) -> tuple[dict[str, StoredMap], str | None]:
+    """What ``open_store`` would find, read-only (``bpfsync check``): the stored maps, and why
+    the file would be set aside, if it would. Nothing is made, moved or written (SQLite may
+    add its -wal and -shm files beside a database it reads)."""
+    path = state_dir / FILE_NAME
+    if not path.exists():
+        return {}, None
+    try:
+        return _read(path, node_id, shapes), None
+    except _BadFile as bad:
+        return {}, bad.why
 
 
 def _create_file(path: Path) -> None:

@@ -7,7 +7,8 @@ sizes and BTF, the per-CPU layout, the companion of exact counters), its type on
 sync, and the TLS files read and checked the way the agent reads them (``transport/tls.py``
 ``load_tls``: key, certificate, CA, validity, node id). Nothing is started: no watcher, no
 listener, no write to any map; only ``watch.mode`` trace and auto load the fexit probe, for an
-instant, to say whether this kernel allows fexit.
+instant, to say whether this kernel allows fexit. ``state.dir`` is read, never written: whether
+it can be made or written, and whether its state file would be taken or set aside.
 
 Every problem is reported, not only the first, each with the message the agent gives: the
 agent's own verdict on each map, plus the checks it reaches only once an earlier one passes
@@ -19,10 +20,12 @@ HTTP ports are free (a running agent holds them) and whether the peers answer.
 from __future__ import annotations
 
 import datetime
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bpfsync.agent.config import AgentConfig, MapConfig, is_loopback, load_config
+from bpfsync.agent.store import FILE_NAME, MapShape, inspect_store
 from bpfsync.agent.synced import open_synced, unsyncable
 from bpfsync.core.policy import FieldPolicy
 from bpfsync.errors import BpfsyncError, ConfigError, KernelError, NotSupportedError
@@ -96,6 +99,7 @@ def check_file(path: str | Path) -> Report:
     opened.cross_check()
     report.findings.append(_check_watch(cfg))
     report.findings.append(_check_tls(cfg))
+    report.findings.append(_check_state(cfg))
     return report
 
 
@@ -256,3 +260,42 @@ def _check_tls(cfg: AgentConfig) -> Finding:
                        f"valid until {until:%Y-%m-%d} UTC ({days} days)")
     return finding
 
+
+
+def _check_state(cfg: AgentConfig) -> Finding:
+    """state.dir as the agent would find it at start (read-only: nothing is made or moved)."""
+    finding = Finding("state")
+    where = cfg.state.dir
+    if where is None:
+        finding.summary = "off (state.dir: null): a restart takes the maps as older than peers"
+        return finding
+    if where.exists() and not where.is_dir():
+        finding.problems.append(f"state.dir {where} is not a directory")
+        return finding
+    if not where.exists():
+        parent = next((p for p in where.parents if p.exists()), Path("/"))
+        if not os.access(parent, os.W_OK):
+            finding.problems.append(f"state.dir {where} is missing and {parent} is not writable")
+        else:
+            finding.summary = f"{where}: no state yet, made at the first start"
+        return finding
+    if not os.access(where, os.W_OK):
+        finding.problems.append(f"state.dir {where} is not writable")
+        return finding
+    shapes = []
+    for mc in cfg.maps:
+        try:
+            sm = open_synced(mc)
+        except BpfsyncError:
+            continue  # the map's own finding says why
+        shapes.append(MapShape(sm.name, sm.schema.key_size, sm.schema.value_size,
+                               sm.schema.policy))  # fmt: skip
+        sm.close()
+    stored, why = inspect_store(where, cfg.node_id, shapes)
+    if why is not None:
+        finding.problems.append(f"{where / FILE_NAME} would be set aside at start (its state"
+                                f" not used): {why}")
+        return finding
+    names = ", ".join(sorted(stored)) or "none yet"
+    finding.summary = f"{where / FILE_NAME}: maps stored: {names}"
+    return finding
