@@ -50,6 +50,9 @@ def test_with_tls_only_the_clusters_certified_members_get_in(tmp_path: Path) -> 
         a = cl["a"]
         a.put(1, session(1))
         assert cl.wait_converged(30)
+        # every member's streams are open before counting: a link still coming up would be
+        # counted below as one the rogues opened
+        assert cl.wait_linked(30)
         assert cl.pki is not None
         ca = cl.pki / "ca.pem"
         other = tmp_path / "other"
