@@ -130,10 +130,9 @@ class Pipeline:
         current = {name: {key: self.synced[name].fold(self.synced[name].map.lookup(key))
                           for key in keys} for name, keys in held.items()}  # fmt: skip
         records, writes = self.replica.take_held(_now(), current)
-        for name in held:
-            self.map_stats[name].local_changes += sum(m == name for m in records.maps)
-            self.metrics.local_changes.labels(name, Seen.RESTART.value).inc(
-                sum(m == name for m in records.maps))
+        for name, n in Counter(records.maps).items():
+            self.map_stats[name].local_changes += n
+            self.metrics.local_changes.labels(name, Seen.RESTART.value).inc(n)
         log.info("took the changes made while the agent was down", extra={
             "keys": {name: len(keys) for name, keys in held.items()}, "records": len(records)})
         self.broadcast(records)

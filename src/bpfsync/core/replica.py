@@ -334,21 +334,29 @@ class Replica:
         if value == (deviations[key] if key in deviations else table.kernel_value(key, b)):
             self.stats["local.echo"] += 1
             return None
-        own = value
         if isinstance(table, SlotTable):
-            if value is not None:
-                own = table.policy.own_part(value, table.others(key, self.node))
-            mine = table.slots(key).get(self.node)
-            if (None if mine is None else mine.value) == own:  # our contribution is unchanged
-                self._set_view(table, key, value, b)
-                return None
-        rec = new_record((map, key, own, self.clock.now(now_ns)))
+            return self._stamp_own(table, key, value, table.others(key, self.node), now_ns, b)
+        rec = new_record((map, key, value, self.clock.now(now_ns)))
         table.offer(rec, b)  # wins: the clock outranks everything it has seen (C1)
-        if isinstance(table, SlotTable):
-            self._set_view(table, key, value, b)
-        else:  # the register now holds what the kernel does
-            deviations.pop(key, None)
+        deviations.pop(key, None)  # the register now holds what the kernel does
         self.stats["local.changed"] += 1
+        return rec
+
+    def _stamp_own(
+        self, table: SlotTable, key: bytes, value: bytes | None, others: list[Record],
+        now_ns: int, b: int | None = None,
+    ) -> Record | None:
+        """L2: the kernel holds ``value``; this node's contribution is what it holds beyond
+        ``others`` (the other origins' registers). Stamped and stored if it changed (the
+        record, else None); the kernel view takes ``value``."""
+        own = value if value is None else table.policy.own_part(value, others)
+        mine = table.slots(key).get(self.node)
+        rec = None
+        if (None if mine is None else mine.value) != own:
+            rec = new_record((table.name, key, own, self.clock.now(now_ns)))
+            table.offer(rec, b)  # wins: the clock outranks everything it has seen (C1)
+            self.stats["local.changed"] += 1
+        self._set_view(table, key, value, b)
         return rec
 
     def local_changes(
@@ -722,18 +730,15 @@ class Replica:
                 records.extend(packed)
                 continue
             for (key, others), value in zip(items, values, strict=True):
-                own = value
-                if value is not None:
-                    own = table.policy.own_part(value, list(others or ()))
-                mine = table.slots(key).get(self.node)
-                if (None if mine is None else mine.value) != own:
-                    rec = new_record((name, key, own, self.clock.now(now_ns)))
-                    table.offer(rec)
+                # the other origins as stored, not as the catch-up left them (no echo check:
+                # the kernel may equal the registers by chance while holding our increments)
+                rec = self._stamp_own(table, key, value, list(others or ()), now_ns)
+                if rec is not None:
                     records.append(name, key, pack(rec.stamp, rec.value))
-                    self.stats["local.changes"] += 1
                 want = table.kernel_value(key)
-                if want != value:
+                if want != value:  # the kernel is to hold the registers' value
                     writes.append((name, key, want))
+                    deviations.pop(key, None)
         return records, writes
 
     # --- anti-entropy ----------------------------------------------------------------------
