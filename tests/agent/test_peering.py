@@ -45,11 +45,16 @@ def diverge(replica: Replica, keys: range) -> None:
     replica.receive(recs, now, "z")
 
 
-def with_pair(body: Callable[[Peering, Replica, Peering, Replica], Awaitable[None]]) -> None:
+def with_pair(
+    body: Callable[[Peering, Replica, Peering, Replica], Awaitable[None]],
+    net: MemoryNetwork | None = None,
+) -> None:
+    """Two linked peers a and b on ``net`` (a new one by default) while ``body`` runs."""
+    network = net or MemoryNetwork()
+
     async def main() -> None:
-        net = MemoryNetwork()
-        a, ra = node(net, "a")
-        b, rb = node(net, "b")
+        a, ra = node(network, "a")
+        b, rb = node(network, "b")
         await a.transport.start()
         await b.transport.start()
         tasks = [asyncio.create_task(a.run()), asyncio.create_task(b.run())]
@@ -224,51 +229,40 @@ def sample(p: Peering, name: str, **labels: str) -> float | None:
 def test_lag_counts_records_queued_and_records_sent_but_not_acknowledged() -> None:
     """``bpfsync_peer_lag_records`` (set by ``peers()``, which the agent calls at each status
     refresh) and the /status row: the outbox, then the batches in flight, then nothing."""
+    net = MemoryNetwork()
 
-    async def main() -> None:
-        net = MemoryNetwork()
-        a, ra = node(net, "a")
-        b, rb = node(net, "b")
-        await a.transport.start()
-        await b.transport.start()
-        tasks = [asyncio.create_task(a.run()), asyncio.create_task(b.run())]
+    async def body(a: Peering, ra: Replica, b: Peering, rb: Replica) -> None:
+        def row() -> dict[str, object]:
+            return next(r for r in a.peers() if r["node"] == "b")
+
+        assert row()["lag_records"] == 0 and sample(a, "bpfsync_peer_lag_records",
+                                                    peer="b") == 0
+        backlog = a.transport.backlog
+        a.transport.backlog = lambda peer: 1 << 30  # type: ignore[method-assign]
+        now = time.time_ns()
+        recs = [ra.local_change("m", struct.pack("<I", k), struct.pack("<Q", k), now)
+                for k in range(20)]  # fmt: skip
+        a.broadcast([r for r in recs if r is not None])
+        await asyncio.sleep(0.05)  # the link is backed up: they wait in the outbox
+        assert (row()["queued_records"], row()["unacked_records"]) == (20, 0)
+        assert sample(a, "bpfsync_peer_lag_records", peer="b") == 20
+
+        net.hold("a", "b")  # sent, but b neither gets them nor acks them
+        a.transport.backlog = backlog  # type: ignore[method-assign]
+        a.broadcast([])
+        a._flush_soon()
         await asyncio.sleep(0.05)
-        try:
-            def row() -> dict[str, object]:
-                return next(r for r in a.peers() if r["node"] == "b")
+        assert (row()["queued_records"], row()["unacked_records"]) == (0, 20)
+        assert row()["lag_records"] == 20 and row()["unacked_batches"] == 1
+        assert sample(a, "bpfsync_peer_lag_records", peer="b") == 20
 
-            assert row()["lag_records"] == 0 and sample(a, "bpfsync_peer_lag_records",
-                                                        peer="b") == 0
-            backlog = a.transport.backlog
-            a.transport.backlog = lambda peer: 1 << 30  # type: ignore[method-assign]
-            now = time.time_ns()
-            recs = [ra.local_change("m", struct.pack("<I", k), struct.pack("<Q", k), now)
-                    for k in range(20)]  # fmt: skip
-            a.broadcast([r for r in recs if r is not None])
-            await asyncio.sleep(0.05)  # the link is backed up: they wait in the outbox
-            assert (row()["queued_records"], row()["unacked_records"]) == (20, 0)
-            assert sample(a, "bpfsync_peer_lag_records", peer="b") == 20
+        net.release("a", "b")
+        await eventually(lambda: row()["lag_records"] == 0, "b acknowledging", timeout=1.0,
+                         every=0.02)
+        assert sample(a, "bpfsync_peer_lag_records", peer="b") == 0
+        assert rb.registers("m") == 20
 
-            net.hold("a", "b")  # sent, but b neither gets them nor acks them
-            a.transport.backlog = backlog  # type: ignore[method-assign]
-            a.broadcast([])
-            a._flush_soon()
-            await asyncio.sleep(0.05)
-            assert (row()["queued_records"], row()["unacked_records"]) == (0, 20)
-            assert row()["lag_records"] == 20 and row()["unacked_batches"] == 1
-            assert sample(a, "bpfsync_peer_lag_records", peer="b") == 20
-
-            net.release("a", "b")
-            await eventually(lambda: row()["lag_records"] == 0, "b acknowledging", timeout=1.0,
-                             every=0.02)
-            assert sample(a, "bpfsync_peer_lag_records", peer="b") == 0
-            assert rb.registers("m") == 20
-        finally:
-            await a.transport.close()
-            await b.transport.close()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    asyncio.run(main())
+    with_pair(body, net)
 
 
 def test_divergent_buckets_are_those_stable_at_the_peers_routine_digest() -> None:

@@ -21,6 +21,16 @@ def _key(i: int) -> bytes:
     return KEY.pack(i)
 
 
+def _synced(cl: Cluster, writer: Node, keys: int) -> None:
+    """Every agent started and ready, and keys 0..``keys`` - 1 written on ``writer`` and
+    synced everywhere."""
+    cl.start()
+    assert cl.wait_ready(30)
+    for k in range(keys):
+        writer.put(k, session(k))
+    assert cl.wait_converged(CONVERGE_S)
+
+
 def _everywhere(cl: Cluster, want: dict[bytes, bytes | None]) -> bool:
     """Every node's map holds ``want``'s values (None: the key is absent)."""
     for node in cl:
@@ -37,11 +47,7 @@ def test_what_the_data_plane_changed_while_the_agent_was_down_wins(sig: int) -> 
     values, and keys nobody touched keep their values."""
     with Cluster(tag="down") as cl:
         a, b = cl["a"], cl["b"]
-        cl.start()
-        assert cl.wait_ready(30)
-        for k in range(50):
-            a.put(k, session(k))
-        assert cl.wait_converged(CONVERGE_S)
+        _synced(cl, a, 50)
         b.stop(sig)
         b.put(1, session(1001))  # updated while down
         b.put(900, session(900))  # created while down
@@ -165,11 +171,7 @@ def test_each_bad_state_file_is_set_aside_and_the_agent_starts_as_without_one() 
     syncing; never a crash loop."""
     with Cluster(("a", "b"), tag="bad") as cl:
         a, b = cl["a"], cl["b"]
-        cl.start()
-        assert cl.wait_ready(30)
-        for k in range(3000):
-            a.put(k, session(k))
-        assert cl.wait_converged(CONVERGE_S)
+        _synced(cl, a, 3000)
         for n, how in enumerate(BAD):
             b.stop()
             _damage(b.state_dir, how, a.state_dir)
@@ -191,11 +193,7 @@ def test_a_restart_on_an_unchanged_map_exchanges_digests_only() -> None:
     sent every record again)."""
     with Cluster(tag="cheap") as cl:
         a, b = cl["a"], cl["b"]
-        cl.start()
-        assert cl.wait_ready(30)
-        for k in range(3000):
-            a.put(k, session(k))
-        assert cl.wait_converged(CONVERGE_S)
+        _synced(cl, a, 3000)
 
         def received() -> int:
             st = a.status()
