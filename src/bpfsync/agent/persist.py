@@ -46,10 +46,10 @@ log = logging.getLogger("bpfsync.agent")
 # timers' 4 ticks a second, which bounds the log to ~2 s of changes while few buckets move ...
 _PER_TICK_SHARE = 8
 _MIN_PER_TICK = 16
-# ... and at most this many bytes of moved buckets are stored per map and tick (~25k registers,
-# ~8 ms of the loop): under writes spread over a million keys every bucket moves, a cycle then
-# takes ~10 s and the log holds ~10 s of changes, rather than the loop spending a sixth of
-# its time re-storing buckets the log already holds
+# ... and at most this many bytes of moved buckets are stored per map and tick: under writes
+# spread over every key every bucket moves, and re-storing them all each cycle would take the
+# loop's time for what the log already holds; the cycle stretches instead (a 40 MB map: about
+# 40 ticks, 10 s), and the log with it
 _TICK_BYTES = 1 << 20
 
 
