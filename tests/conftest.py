@@ -16,7 +16,7 @@ from pathlib import Path
 import hypothesis  # noqa: F401
 import pytest
 
-from bpfsync.kernel.info import MapType
+from bpfsync.kernel.info import MapFlags, MapType
 from bpfsync.kernel.maps import Map
 from bpfsync.kernel.objects import BpfObject
 
@@ -44,11 +44,14 @@ def pin_dir() -> Iterator[str]:
 @pytest.fixture
 def make_map(pin_dir: str) -> Iterator[Callable[..., Map]]:
     """``make_map(type, key_size, value_size, entries, name=...)``: a map without BTF (like
-    bpftool makes them), pinned in ``pin_dir`` and opened."""
+    bpftool makes them), pinned in ``pin_dir`` and opened. An ``lpm_trie`` is made with
+    BPF_F_NO_PREALLOC, which the kernel requires of it."""
     opened: list[Map] = []
 
     def make(kind: str, key: int, value: int, entries: int, name: str = "bst_map") -> Map:
-        m = Map.create(MapType[kind.upper()], key, value, entries, name=name)
+        map_type = MapType[kind.upper()]
+        flags = MapFlags.NO_PREALLOC if map_type == MapType.LPM_TRIE else MapFlags.NONE
+        m = Map.create(map_type, key, value, entries, name=name, flags=flags)
         m.pin(os.path.join(pin_dir, f"{name}-{len(opened)}"))
         opened.append(m)
         return m

@@ -9,11 +9,22 @@ value; ``Layout.raw(size)`` is that, as bytes, for maps without BTF.
 Decoded values: integers (little-endian, signed per the type), bools, floats, lists of those for
 arrays, ``str`` for char arrays (up to the first NUL), and lowercase hex for anything else (byte
 arrays, unions, types without a better reading). Fields never overlap; padding is in no field.
+
+A prefix layout (``is_prefix``; ``Layout.prefix(size)``) is an LPM trie's key, the kernel's
+``struct bpf_lpm_trie_key``: a ``__u32`` prefix length (little-endian, as every integer here),
+then the address bytes in network order. Its fields stay fields (``prefixlen`` and ``addr``, or
+the names its BTF gives them), and ``prefix_text`` reads the whole key as one prefix:
+``198.51.100.0/24`` for 4 address bytes, ``2001:db8::/32`` for 16 (the stdlib ``ipaddress``
+forms), ``<hex>/<length>`` for any other size. The bytes are shown as stored, bits past the
+prefix length included, so ``prefix_bytes`` turns the text back into the same key. Which keys
+are prefixes is the kernel layer's knowledge (a map's type); this module only reads and writes
+them.
 """
 
 from __future__ import annotations
 
 import enum
+import ipaddress
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +47,69 @@ class Kind(enum.StrEnum):
 
 
 _FLOAT_FORMATS = {2: "<e", 4: "<f", 8: "<d"}
+PREFIXLEN_SIZE = 4  # the __u32 prefixlen that starts struct bpf_lpm_trie_key
+
+
+def prefix_text(raw: bytes | bytearray | memoryview) -> str:
+    """An LPM trie key as text: ``198.51.100.0/24``, ``2001:db8::/32``, else ``<hex>/<len>``."""
+    raw = bytes(raw)
+    if len(raw) <= PREFIXLEN_SIZE:
+        raise ValueError(f"an LPM trie key has more than {PREFIXLEN_SIZE} bytes, got {len(raw)}")
+    length = int.from_bytes(raw[:PREFIXLEN_SIZE], "little")
+    data = raw[PREFIXLEN_SIZE:]
+    if len(data) in (4, 16):
+        return f"{ipaddress.ip_address(data)}/{length}"
+    return f"{data.hex()}/{length}"
+
+
+def canonical_prefix(raw: bytes) -> bytes:
+    """An LPM trie key with the bits past its prefix length zeroed: the kernel keeps one entry
+    for ``198.51.100.0/24`` and ``198.51.100.7/24`` (writing one replaces the other), so both
+    must name one key everywhere else too. A length past the data is left as it is (the kernel
+    refuses it)."""
+    length = int.from_bytes(raw[:PREFIXLEN_SIZE], "little")
+    bits = 8 * (len(raw) - PREFIXLEN_SIZE)
+    if length >= bits:
+        return raw
+    data = int.from_bytes(raw[PREFIXLEN_SIZE:], "big")
+    kept = data >> (bits - length) << (bits - length)
+    if kept == data:
+        return raw
+    return raw[:PREFIXLEN_SIZE] + kept.to_bytes(bits // 8, "big")
+
+
+def prefix_bytes(text: str, size: int) -> bytes:
+    """The ``size``-byte LPM trie key ``text`` names (``prefix_text``'s forms); an address
+    without ``/LEN`` is the whole address (its full length). ValueError says what is wrong."""
+    data_size = size - PREFIXLEN_SIZE
+    if data_size <= 0:
+        raise ValueError(f"an LPM trie key has more than {PREFIXLEN_SIZE} bytes, not {size}")
+    addr, slash, length_text = text.strip().partition("/")
+    if data_size in (4, 16):
+        try:
+            parsed = ipaddress.ip_address(addr)
+        except ValueError:
+            parsed = None
+        if parsed is None or parsed.max_prefixlen != 8 * data_size:
+            family = "IPv4" if data_size == 4 else "IPv6"
+            raise ValueError(f"{text!r}: give an {family} prefix such as "
+                             f"{'198.51.100.0/24' if data_size == 4 else '2001:db8::/32'}")
+        data = parsed.packed
+    else:
+        try:
+            data = bytes.fromhex(addr)
+        except ValueError:
+            data = b""
+        if len(data) != data_size:
+            raise ValueError(f"{text!r}: give {data_size} address bytes as hex, then /LEN")
+    max_length = 8 * data_size
+    if not slash:
+        length = max_length
+    elif length_text.isascii() and length_text.isdigit() and int(length_text) <= max_length:
+        length = int(length_text)
+    else:
+        raise ValueError(f"{text!r}: the prefix length must be 0 to {max_length}")
+    return length.to_bytes(PREFIXLEN_SIZE, "little") + data
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,13 +223,17 @@ class Field:
 
 @dataclass(frozen=True, slots=True)
 class Layout:
-    """The fields of a ``size``-byte key or value; ``name`` is its C type (``struct stats``)."""
+    """The fields of a ``size``-byte key or value; ``name`` is its C type (``struct stats``).
+    ``is_prefix``: the whole is an LPM trie key, read as one prefix (see the module text)."""
 
     size: int
     fields: tuple[Field, ...]
     name: str = ""
+    is_prefix: bool = False
 
     def __post_init__(self) -> None:
+        if self.is_prefix and self.size <= PREFIXLEN_SIZE:
+            raise ValueError(f"layout {self.name!r}: a prefix is a u32 length and address bytes")
         end = 0  # in bits: bitfields share bytes with their neighbours, never bits
         for f in sorted(self.fields, key=lambda f: f.bit_range):
             start, stop = f.bit_range
@@ -169,6 +247,14 @@ class Layout:
     def raw(cls, size: int) -> Layout:
         """Opaque bytes: the layout of a key or value the kernel gives no type for."""
         return cls(size, (Field("", 0, size, Kind.BYTES),), "")
+
+    @classmethod
+    def prefix(cls, size: int, name: str = "") -> Layout:
+        """An LPM trie key of ``size`` bytes the kernel gives no type for: ``prefixlen`` and
+        ``addr`` (bytes), read whole as one prefix (``198.51.100.0/24``)."""
+        fields = (Field("prefixlen", 0, PREFIXLEN_SIZE, Kind.UINT),
+                  Field("addr", PREFIXLEN_SIZE, size - PREFIXLEN_SIZE, Kind.BYTES))
+        return cls(size, fields, name, is_prefix=True)
 
     @property
     def is_raw(self) -> bool:

@@ -29,7 +29,8 @@ def setup(
 ) -> tuple[Map, Replica, Applier]:
     m = make_map("hash", 4, 8, entries)
     replica = Replica("a", [SCHEMA], 3600 * 10**9, digest_buckets=buckets)
-    synced: Any = {"m": SimpleNamespace(map=m, companion=None)}
+    synced: Any = {"m": SimpleNamespace(map=m, companion=None, rewrites=False,
+                                         fold=lambda v: v)}
     return m, replica, Applier(synced, replica)
 
 

@@ -1,15 +1,17 @@
 """The bridge between the watcher thread and the agent's loop: coalescing per key, slices,
-pass-through of overflows, and a watcher failure surfacing in the loop."""
+pass-through of overflows, a watcher failure surfacing in the loop, and a move of the watcher to
+other map objects."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 from collections.abc import Iterable
+from typing import Any
 
 import pytest
 
-from bpfsync.agent.bridge import WatchBridge
+from bpfsync.agent.bridge import Reopened, WatchBridge
 from bpfsync.model import Change, Overflow, Seen, WatchEvent
 
 
@@ -105,3 +107,32 @@ def test_a_slice_that_ends_with_a_map_leaves_the_next_map_first() -> None:
     w = ScriptedWatcher([[on("x", 1, 1), on("x", 2, 2)], [on("y", 1, 1)], [on("z", 1, 1)]])
     slices, _ = run_bridge(w, [2, 1, 1])
     assert slices == [[on("x", 1, 1), on("x", 2, 2)], [on("y", 1, 1)], [on("z", 1, 1)]]
+
+
+def test_a_move_drops_the_replaced_object_s_waiting_changes_and_comes_first() -> None:
+    """``reopen``: what waits of a replaced map goes (its old object's changes); the move's
+    last events of the maps that stay are queued as changes; a ``Reopened`` with the new
+    object's baseline is taken before any change the new watcher reports."""
+    old = ScriptedWatcher([[on("m", 1, 1), on("stays", 1, 1)]])
+    new = ScriptedWatcher([[on("m", 2, 2)]])
+
+    def move(w: object) -> tuple[ScriptedWatcher, list[WatchEvent], dict[str, list[Any]]]:
+        assert w is old
+        return new, [on("stays", 2, 2)], {"m": [(b"\2", b"\2")]}
+
+    async def main() -> list[WatchEvent | Reopened]:
+        bridge = WatchBridge(old, asyncio.get_running_loop())
+        bridge.start()
+        await asyncio.to_thread(old.drained.wait, 5)
+        bridge.reopen(move, ["m"])  # type: ignore[arg-type]
+        await asyncio.to_thread(new.drained.wait, 5)
+        try:
+            return await bridge.take(100)
+        finally:
+            await asyncio.to_thread(bridge.close)
+
+    taken = asyncio.run(main())
+    assert isinstance(taken[0], Reopened) and taken[0].watcher is new
+    assert taken[0].fresh == ("m",) and taken[0].baselines == {"m": [(b"\2", b"\2")]}
+    assert taken[1:] == [on("stays", 1, 1), on("stays", 2, 2), on("m", 2, 2)]
+    assert new.closed.is_set()  # the bridge closes the watcher it reads (the move, the old one)

@@ -41,6 +41,23 @@ struct stats {
 
 typedef struct stats stats_t;
 
+/* LPM trie keys (struct bpf_lpm_trie_key's shape): a prefix length, then the address */
+struct lpm_v4 {
+	__u32 prefixlen;
+	__u8 addr[4];
+};
+
+struct lpm_v6 {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+struct lpm_dev_v4 { /* more than a prefix: the interface's bits come first */
+	__u32 prefixlen;
+	__u32 ifindex;
+	__u8 addr[4];
+};
+
 #define MAP(NAME, TYPE, KEY, MAX)			\
 	struct {					\
 		__uint(type, TYPE);			\
@@ -56,15 +73,33 @@ MAP(t_lru_pcpu, BPF_MAP_TYPE_LRU_PERCPU_HASH, struct flow_key, 4096);
 MAP(t_array, BPF_MAP_TYPE_ARRAY, __u32, 1024);
 MAP(t_pcpu_array, BPF_MAP_TYPE_PERCPU_ARRAY, __u32, 64);
 
+#define LPM_MAP(NAME, KEY)					\
+	struct {						\
+		__uint(type, BPF_MAP_TYPE_LPM_TRIE);		\
+		__uint(max_entries, 1024);			\
+		__uint(map_flags, BPF_F_NO_PREALLOC);		\
+		__type(key, KEY);				\
+		__type(value, stats_t);				\
+	} NAME SEC(".maps")
+
+LPM_MAP(t_lpm, struct lpm_v4);
+LPM_MAP(t_lpm6, struct lpm_v6);
+LPM_MAP(t_lpm_dev, struct lpm_dev_v4);
+
 SEC("xdp")
 int touch_maps(struct xdp_md *ctx)
 {
 	struct flow_key fk = {};
+	struct lpm_v4 v4 = {};
+	struct lpm_v6 v6 = {};
+	struct lpm_dev_v4 dev = {};
 	__u32 idx = 0;
 
 	if (bpf_map_lookup_elem(&t_hash, &fk) || bpf_map_lookup_elem(&t_lru_hash, &fk) ||
 	    bpf_map_lookup_elem(&t_pcpu_hash, &fk) || bpf_map_lookup_elem(&t_lru_pcpu, &fk) ||
-	    bpf_map_lookup_elem(&t_array, &idx) || bpf_map_lookup_elem(&t_pcpu_array, &idx))
+	    bpf_map_lookup_elem(&t_array, &idx) || bpf_map_lookup_elem(&t_pcpu_array, &idx) ||
+	    bpf_map_lookup_elem(&t_lpm, &v4) || bpf_map_lookup_elem(&t_lpm6, &v6) ||
+	    bpf_map_lookup_elem(&t_lpm_dev, &dev))
 		return XDP_PASS;
 	return XDP_PASS;
 }

@@ -3,8 +3,8 @@
  * trace_writer.bpf.c — maps of every traced type, written by BPF programs, for the trace tests.
  *
  * `apply` takes a command as its "packet" (BPF_PROG_TEST_RUN) and updates or deletes one key of
- * one map; it returns the helper's error as a positive errno (0: success), so a test can check
- * that a failed op really failed. `burst` updates the next key of w_hash on every run: run it
+ * one map (of w_lpm: the prefix `prefixlen` bits of `key`); it returns the helper's error as a
+ * positive errno (0: success), so a test can check that a failed op really failed. `burst` updates the next key of w_hash on every run: run it
  * with a large repeat to overflow the tracer's ring. `on_lo` is an XDP program for the loopback
  * device: every packet that reaches it is recorded in w_hash from softirq, on behalf of
  * whichever task sent the packet, then dropped (so no ICMP reply comes back through it).
@@ -38,6 +38,20 @@ WRITER_MAP(w_lru_pcpu, BPF_MAP_TYPE_LRU_PERCPU_HASH);
 WRITER_MAP(w_array, BPF_MAP_TYPE_ARRAY);
 WRITER_MAP(w_pcpu_array, BPF_MAP_TYPE_PERCPU_ARRAY);
 
+/* struct bpf_lpm_trie_key's shape for IPv4 */
+struct lpm_key {
+	__u32 prefixlen;
+	__u32 addr; /* network byte order */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, WRITER_ENTRIES);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* required of LPM tries */
+	__type(key, struct lpm_key);
+	__type(value, struct val);
+} w_lpm SEC(".maps");
+
 /* Big enough for any burst a test makes; longer runs (the benchmark) overwrite keys. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -51,7 +65,7 @@ enum { WRITER_UPDATE = 1, WRITER_DELETE = 2 };
 struct cmd {
 	__u8 map; /* index in the order of the maps above */
 	__u8 op;
-	__u16 pad;
+	__u16 prefixlen; /* w_lpm only: the key is this many leading bits of `key` */
 	__u32 key;
 	__u64 flags; /* BPF_ANY / BPF_NOEXIST / BPF_EXIST */
 	struct val val;
@@ -63,6 +77,17 @@ static __always_inline long apply_to(void *map, struct cmd *c, __u32 key, struct
 		return bpf_map_update_elem(map, &key, v, c->flags);
 	if (c->op == WRITER_DELETE)
 		return bpf_map_delete_elem(map, &key);
+	return -22; /* EINVAL */
+}
+
+static __always_inline long apply_lpm(struct cmd *c, struct val *v)
+{
+	struct lpm_key key = { .prefixlen = c->prefixlen, .addr = c->key };
+
+	if (c->op == WRITER_UPDATE)
+		return bpf_map_update_elem(&w_lpm, &key, v, c->flags);
+	if (c->op == WRITER_DELETE)
+		return bpf_map_delete_elem(&w_lpm, &key);
 	return -22; /* EINVAL */
 }
 
@@ -87,6 +112,7 @@ int apply(struct xdp_md *ctx)
 	case 3: err = apply_to(&w_lru_pcpu, c, key, &v); break;
 	case 4: err = apply_to(&w_array, c, key, &v); break;
 	case 5: err = apply_to(&w_pcpu_array, c, key, &v); break;
+	case 6: err = apply_lpm(c, &v); break;
 	default: err = -22;
 	}
 	return -err;

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from bpfsync.cli.check import check_file
-from bpfsync.demo.cluster import MAP_NAME, VALUE, demo_object
+from bpfsync.demo.cluster import MAP_NAME, VALUE, demo_object, free_port, stop_process, wait_for
 from bpfsync.kernel.info import MapType
 from bpfsync.kernel.maps import Map
 from bpfsync.kernel.objects import BpfObject
@@ -126,13 +126,19 @@ def test_every_problem_is_reported_with_the_agent_s_message(
     assert ran.returncode == 2
     said = _flat(ran.stderr).removeprefix("error: ")
     assert said.startswith("tls.cert") and said in out
-    # ... and, with the TLS files fixed, its problem with the first map
+    # ... and, with the TLS files fixed, it starts and waits for the map to be pinned
     del maps[1]
-    ran = subprocess.run([*BPFSYNC, "run", "--config", str(_config(tmp_path, maps))],
-                         capture_output=True, text=True, timeout=60)
-    assert ran.returncode == 2
-    said = _flat(ran.stderr).removeprefix("error: ")
-    assert missing in said and said in out
+    log = tmp_path / "agent.log"
+    cfg = _config(tmp_path, maps, listen=f"127.0.0.1:{free_port()}", state={"dir": None})
+    with log.open("wb") as out_file:
+        proc = subprocess.Popen([*BPFSYNC, "run", "--config", str(cfg)], stdout=out_file,
+                                stderr=out_file)  # fmt: skip
+    try:
+        assert wait_for(lambda: f"nothing is pinned at {missing} yet" in log.read_text(), 30), (
+            log.read_text())
+        assert proc.poll() is None
+    finally:
+        stop_process(proc)
 
 
 def test_maps_the_agent_cannot_sync(pins: Callable[..., str], tmp_path: Path) -> None:
@@ -196,3 +202,22 @@ def test_the_state_dir_is_read_never_written(tmp_path: Path, pins: Callable[...,
     state.write_text("")
     res = _check(cfg)
     assert res.returncode == 1 and "is not a directory" in res.stdout, res.stdout
+
+
+def test_bit_ranges_and_filters_are_checked_against_the_map(
+    tmp_path: Path, pins: Callable[..., str]
+) -> None:
+    good = {"path": pins("btf"), "name": "good", "filter": ["value.port >= 1024"],
+            "policy": {"bytes[0:8]": "lww", "bytes[8:64]": "local", "port": "max"}}
+    res = _check(_config(tmp_path, [good]))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "bytes[0:8]: lww" in res.stdout
+
+    bad = [{"path": pins("btf"), "name": "overlap",
+            "policy": {"bytes[0:8]": "lww", "bytes[4:64]": "counter"}},
+           {"path": pins("btf"), "name": "filtered", "filter": ["value.nope == 1"]}]
+    res = _check(_config(tmp_path, bad))
+    assert res.returncode == 1, res.stdout + res.stderr
+    out = _flat(res.stdout)
+    assert "bit ranges of 'bytes': bits 4-7 are in two ranges" in out
+    assert "filter 'value.nope == 1': the value" in out and "has no field 'nope'" in out

@@ -5,20 +5,33 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bpfsync.demo.cluster import KEY, VALUE, Cluster, Node, session, wait_for
+from bpfsync.demo.cluster import (
+    KEY,
+    VALUE,
+    Cluster,
+    Node,
+    free_port,
+    session,
+    stop_process,
+    wait_for,
+)
+from bpfsync.kernel.maps import Map
+from bpfsync.layout import prefix_bytes
 
 BPFSYNC = [sys.executable, "-m", "bpfsync.cli.main"]
+MakeMap = Callable[..., Map]
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -82,6 +95,42 @@ def test_dump_decodes_fields(node: Node) -> None:
     assert entry["value_fields"]["backend"] == 7 % 7
 
 
+def test_dump_shows_lpm_keys_as_prefixes_without_btf(make_map: MakeMap, pin_dir: str) -> None:
+    """A trie made like bpftool makes it (no BTF): its keys are prefixes by the map type."""
+    v4, v6 = make_map("lpm_trie", 8, 8, 16), make_map("lpm_trie", 20, 8, 16)
+    v4.update(prefix_bytes("198.51.100.0/24", 8), struct.pack("<Q", 7))
+    v6.update(prefix_bytes("2001:db8::/32", 20), struct.pack("<Q", 8))
+    pin4, pin6 = (os.path.join(pin_dir, f"bst_map-{i}") for i in range(2))
+    out = subprocess.run([*BPFSYNC, "dump", pin4], capture_output=True, text=True,
+                         check=True).stdout
+    assert "198.51.100.0/24 = 0700000000000000" in out.splitlines()
+    out = subprocess.run([*BPFSYNC, "dump", pin6, "--json"], capture_output=True, text=True,
+                         check=True).stdout
+    (entry,) = [json.loads(line) for line in out.splitlines()]
+    assert entry["key_fields"] == "2001:db8::/32"
+    assert entry["key"] == prefix_bytes("2001:db8::/32", 20).hex()
+
+
+def test_watch_shows_lpm_keys_as_prefixes(make_map: MakeMap, pin_dir: str) -> None:
+    make_map("lpm_trie", 8, 8, 16)
+    pin = os.path.join(pin_dir, "bst_map-0")
+    proc = subprocess.Popen([*BPFSYNC, "watch", pin, "--count", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        time.sleep(1.5)  # let it take its baseline scan
+        key = _hex_words(prefix_bytes("198.51.100.0/24", 8))
+        subprocess.run(["bpftool", "map", "update", "pinned", pin, "key", *key, "value",
+                        *_hex_words(struct.pack("<Q", 9))], check=True)  # fmt: skip
+        subprocess.run(["bpftool", "map", "delete", "pinned", pin, "key", *key], check=True)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    lines = out.splitlines()[-2:]  # after "watching ... (syscall+poll)"
+    assert lines == ["update 198.51.100.0/24 = 0900000000000000  (trace)",
+                     "delete 198.51.100.0/24  (trace)"], out  # fmt: skip
+
+
 def test_bad_config_names_the_field(tmp_path: Path) -> None:
     cfg = tmp_path / "bpfsync.yaml"
     cfg.write_text("node_id: a\nlisten: 127.0.0.1:notaport\nmaps:\n  - path: id:3\nextra: 1\n")
@@ -91,13 +140,28 @@ def test_bad_config_names_the_field(tmp_path: Path) -> None:
     assert "Traceback" not in res.stderr
 
 
-def test_missing_map_is_a_clear_error() -> None:
+def test_a_map_not_pinned_yet_is_waited_for_and_a_missing_name_is_an_error(
+    tmp_path: Path,
+) -> None:
+    """A pin path with nothing pinned yet (the data plane is not up): the agent runs and says
+    so. A name: map the kernel does not know is still a clear start-up error."""
+    log = tmp_path / "agent.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*BPFSYNC, "run", "--node-id", "a", "--map", "/sys/fs/bpf/bpfsync-no-such-map",
+             "--listen", f"127.0.0.1:{free_port()}", "--no-state"], stdout=out, stderr=out)
+    try:
+        assert wait_for(lambda: "nothing is pinned at /sys/fs/bpf/bpfsync-no-such-map yet"
+                        in log.read_text(), 30), log.read_text()  # fmt: skip
+        assert proc.poll() is None
+    finally:
+        stop_process(proc)
     res = subprocess.run(
-        [*BPFSYNC, "run", "--node-id", "a", "--map", "/sys/fs/bpf/bpfsync-no-such-map"],
+        [*BPFSYNC, "run", "--node-id", "a", "--map", "name:bpfsync_nosuch", "--no-state"],
         capture_output=True, text=True,
     )
     assert res.returncode == 2
-    assert "bpfsync-no-such-map" in res.stderr and "Traceback" not in res.stderr
+    assert "bpfsync_nosuch" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_status_shows_peers_and_maps() -> None:

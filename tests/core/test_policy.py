@@ -184,3 +184,62 @@ def test_policy_names() -> None:
     assert policy_for(MapSchema("m", 4, 8, "counter")).name == "counter"
     with pytest.raises(ConfigError, match="unknown policy"):
         policy_for(MapSchema("m", 4, 4, "avg"))
+
+
+# --- bit ranges: flags and a counter in one u64 --------------------------------------------------
+
+FLAGS_HITS = FieldPolicy(8, [FieldRule(0, 8, "lww", 0, 8), FieldRule(0, 8, "counter", 8, 56)])
+
+
+def u64(flags: int, hits: int) -> bytes:
+    return (flags | hits << 8).to_bytes(8, "little")
+
+
+def test_bit_ranges_merge_each_by_its_op() -> None:
+    regs = [rec(u64(0x01, 5), 1, "a"), rec(u64(0x03, 7), 2, "b"), rec(u64(0x00, 1), 0, "c")]
+    assert FLAGS_HITS.combine(regs) == u64(0x03, 13)  # latest flags, summed hits
+    assert FLAGS_HITS.combine(list(reversed(regs))) == u64(0x03, 13)
+
+
+def test_a_counter_in_high_bits_wraps_out_of_the_top_not_into_the_flags() -> None:
+    top = (1 << 56) - 1
+    regs = [rec(u64(0x05, top), 1, "a"), rec(u64(0x05, 2), 2, "b")]
+    assert FLAGS_HITS.combine(regs) == u64(0x05, 1)
+
+
+def test_own_part_of_a_bit_range_counter_gives_back_the_kernel_value() -> None:
+    others = [rec(u64(0x01, 10), 1, "b"), rec(u64(0x01, 3), 1, "c")]
+    observed = u64(0x01, 20)
+    own = FLAGS_HITS.own_part(observed, others)
+    assert own == u64(0x01, 7)
+    assert FLAGS_HITS.combine([*others, rec(own, 2, "a")]) == observed
+
+
+def test_bit_range_rules_are_checked_and_named() -> None:
+    assert FLAGS_HITS.name == "fields:lww@0+8[0:8],counter@0+8[8:64]"
+    with pytest.raises(ConfigError, match="overlaps"):
+        FieldPolicy(8, [FieldRule(0, 8, "lww", 0, 8), FieldRule(0, 8, "counter", 4, 60)])
+    with pytest.raises(ConfigError, match="runs past"):
+        FieldPolicy(8, [FieldRule(0, 8, "lww", 60, 8)])
+    with pytest.raises(ConfigError, match="every bit of the value is local"):
+        FieldPolicy(4, [FieldRule(0, 4, "local")])
+
+
+def test_bit_ranges_from_a_layout_and_c_bitfields() -> None:
+    layout = Layout(12, (
+        Field("word", 0, 8, Kind.UINT),
+        Field("lo", 8, 4, Kind.UINT, bit_offset=0, bits=4),  # C bitfields in one u32
+        Field("hi", 8, 4, Kind.UINT, bit_offset=4, bits=28),
+    ))
+    policy = FieldPolicy.from_layout(
+        layout, {"lo": "local", "hi": "max"}, {"word": {"0:1": "lww", "1:64": "counter"}})
+    assert [r.spec for r in policy.rules] == [
+        "lww@0+8[0:1]", "counter@0+8[1:64]", "local@8+4[0:4]", "max@8+4[4:32]"]
+    # bit ranges of a bitfield are counted from its own bit 0
+    split = FieldPolicy.from_layout(layout, {}, {"hi": {"0:8": "lww", "8:28": "counter"}})
+    assert [r.spec for r in split.rules] == ["lww@8+4[4:12]", "counter@8+4[12:32]"]
+    with pytest.raises(ConfigError, match="bits 8-27 are in no range"):
+        FieldPolicy.from_layout(layout, {}, {"hi": {"0:8": "lww"}})
+    with pytest.raises(ConfigError, match="unsigned integer field"):
+        FieldPolicy.from_layout(Layout(8, (Field("f", 0, 8, Kind.FLOAT),)), {},
+                                {"f": {"0:32": "lww", "32:64": "max"}})

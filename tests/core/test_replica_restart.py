@@ -14,6 +14,7 @@ from bpfsync.core.register import Packed
 from bpfsync.core.replica import Replica
 from bpfsync.core.restart import Content, _differences_by_key, differences
 from bpfsync.core.table import records_layout
+from bpfsync.errors import ConfigError
 
 T = 1_700_000_000 * 10**9
 SECOND = 10**9
@@ -207,6 +208,31 @@ def test_a_new_map_object_is_no_delete_and_restore_refills_an_empty_one() -> Non
     plain = reloaded(source)
     assert plain.restart(M.name, content([]), same_object=False).case == "new map"
     assert plain.content(M.name) == {}
+
+
+def test_a_new_map_object_found_while_running_takes_the_same_rule() -> None:
+    """S5 on the running replica's registers (the agent follows its pin): dropped, the new
+    object's entries seeded, keys held back for the old object forgotten; S6 writes them into
+    an empty one. A map added while running starts empty and takes seeds as at start."""
+    r = replica()
+    for i in range(10):
+        r.local_change(M.name, k(i), v(i), T + i)
+    r.restart(M.name, content([(k(i), v(i)) for i in range(10) if i != 4]), same_object=True)
+    assert r.held_keys() == {M.name: [k(4)]}
+    got = r.restart(M.name, content([(k(900), v(900))]), same_object=False)
+    assert (got.case, got.seeded) == ("new map", 1)
+    assert r.content(M.name) == {k(900): v(900)} and r.held_keys() == {}
+    peer = r.receive([remote(900, 1, T + SECOND)], T + SECOND, "b")  # a real stamp beats it
+    assert peer.writes == [(M.name, k(900), v(1))]
+    r.local_change(M.name, k(1), v(1), T + 2 * SECOND)
+    got = r.restart(M.name, content([]), same_object=False, restore=True)
+    assert got.case == "restored" and got.fills[0].entries == 2
+
+    n = MapSchema("late", 4, 8)
+    r.add_map(n)
+    assert r.registers("late") == 0 and r.seed("late", [(k(1), v(1))]) == 1
+    with pytest.raises(ConfigError):
+        r.add_map(n)
 
 
 @settings(max_examples=100, deadline=None)

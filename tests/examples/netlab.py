@@ -47,6 +47,7 @@ from bpfsync.kernel.maps import Map
 from bpfsync.kernel.objects import BpfObject
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+TEST_PROGRAMS = Path(__file__).resolve().parents[2] / "tests" / "bpf"
 BPFFS = Path("/sys/fs/bpf")
 CLONE_NEWNET = 0x40000000
 POLL_INTERVAL = 0.05  # the agents' watch.poll_interval: the dominant part of their sync delay
@@ -234,11 +235,14 @@ class Node:
 
 class Netlab:
     """The client netns and ``names`` nodes running ``examples/<example>/<example>.bpf.o``'s
-    ``program``, with ``rodata`` (if given) as its .rodata; a context manager."""
+    ``program`` (or a test program's: ``tests/bpf/<name>.bpf.o`` for an ``example`` given as
+    ``tests/<name>``), with ``rodata`` (if given) as its .rodata; a context manager."""
 
     def __init__(self, example: str, program: str, names: Sequence[str] = ("a", "b", "c"),
                  rodata: bytes | None = None) -> None:
-        self.object_path = EXAMPLES / example / f"{example}.bpf.o"
+        test_program = example.removeprefix("tests/")
+        self.object_path = (TEST_PROGRAMS / f"{test_program}.bpf.o" if test_program != example
+                            else EXAMPLES / example / f"{example}.bpf.o")
         if not self.object_path.exists():
             raise FileNotFoundError(f"{self.object_path} is missing: run `make bpf`")
         self.program = program

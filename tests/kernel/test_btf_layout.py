@@ -11,7 +11,7 @@ from bpfsync.errors import NotFoundError
 from bpfsync.kernel.btf import map_layouts, map_layouts_or_raw
 from bpfsync.kernel.maps import Map
 from bpfsync.kernel.objects import BpfObject
-from bpfsync.layout import Field, Kind, Layout
+from bpfsync.layout import Field, Kind, Layout, prefix_bytes, prefix_text
 
 STATS_FIELDS = [
     ("packets", 0, 8, Kind.UINT, 0),
@@ -86,6 +86,51 @@ def test_map_without_btf_falls_back_to_raw(make_map: Callable[..., Map]) -> None
     key, value = map_layouts_or_raw(m.info)
     assert key == Layout.raw(6) and value.is_raw
     assert value.decode(b"\x01\x02\xff") == {"": "0102ff"}
+
+
+@pytest.mark.parametrize(("name", "c_name", "size", "text", "length"), [
+    ("t_lpm", "struct lpm_v4", 8, "198.51.100.0/24", 24),
+    ("t_lpm6", "struct lpm_v6", 20, "2001:db8::/32", 32),
+])  # fmt: skip
+def test_lpm_trie_keys_of_prefix_shape_are_prefixes(
+    all_maps: BpfObject, name: str, c_name: str, size: int, text: str, length: int
+) -> None:
+    with all_maps.map(name) as m:
+        key, value = map_layouts(m.info)
+        # the BTF's fields, here the ones a prefix has by default, for filters to name
+        assert key == Layout.prefix(size, c_name) and key.names == ["prefixlen", "addr"]
+        assert value.name == "stats_t"  # values keep their BTF
+        m.update(prefix_bytes(text, size), value.encode(SAMPLE))
+        ((found, _),) = m.items()
+    assert prefix_text(found) == text and key.decode(found)["prefixlen"] == length
+
+
+def test_an_lpm_key_with_an_integer_address_is_a_prefix_too(
+    load_object: Callable[..., BpfObject],
+) -> None:
+    with load_object("trace_writer").map("w_lpm") as m:  # {__u32 prefixlen; __u32 addr}
+        key, _ = map_layouts(m.info)
+    assert key.is_prefix and key.name == "struct lpm_key"
+    assert key.fields == (Field("prefixlen", 0, 4, Kind.UINT), Field("addr", 4, 4, Kind.UINT))
+
+
+def test_lpm_trie_keys_with_more_fields_keep_them(all_maps: BpfObject) -> None:
+    with all_maps.map("t_lpm_dev") as m:
+        key, _ = map_layouts(m.info)
+    assert key.names == ["prefixlen", "ifindex", "addr"] and not key.is_prefix
+
+
+@pytest.mark.parametrize(("key_size", "text"), [
+    (8, "198.51.100.0/24"), (20, "2001:db8::/32"), (7, "0a0b00/16"),
+])  # fmt: skip
+def test_lpm_trie_without_btf_has_prefix_keys(
+    make_map: Callable[..., Map], key_size: int, text: str
+) -> None:
+    m = make_map("lpm_trie", key_size, 8, 16)
+    key, value = map_layouts_or_raw(m.info)
+    assert key == Layout.prefix(key_size) and value == Layout.raw(8)
+    m.update(prefix_bytes(text, key_size), bytes(8))
+    assert [prefix_text(k) for k, _ in m.items()] == [text]
 
 
 def test_layout_rules() -> None:

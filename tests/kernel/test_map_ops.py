@@ -18,9 +18,10 @@ from bpfsync.errors import (
     NotFoundError,
     NotSupportedError,
 )
-from bpfsync.kernel.info import MapType, UpdateFlags, parse_cpu_list, possible_cpus
+from bpfsync.kernel.info import MapFlags, MapType, UpdateFlags, parse_cpu_list, possible_cpus
 from bpfsync.kernel.maps import Map, map_ids, unpin
 from bpfsync.kernel.objects import BpfObject
+from bpfsync.layout import prefix_bytes
 
 VALUE_SIZE = 72  # sizeof(struct stats) in tests/bpf/all_maps.bpf.c
 HASH_MAPS = {
@@ -228,3 +229,37 @@ def test_create_refuses_what_the_kernel_refuses() -> None:
         Map.create(MapType.HASH, 0, 8, 16)
     with pytest.raises(ValueError, match="15 characters"):
         Map.create(MapType.HASH, 4, 8, 16, name="a-name-that-is-too-long")
+
+
+def test_an_lpm_trie_needs_no_prealloc_and_takes_prefixes() -> None:
+    with pytest.raises(InvalidError):  # the kernel refuses a preallocated trie
+        Map.create(MapType.LPM_TRIE, 8, 8, 16)
+    with Map.create(MapType.LPM_TRIE, 8, 8, 16, flags=MapFlags.NO_PREALLOC) as m:
+        assert m.info.flags == MapFlags.NO_PREALLOC
+        m.update(prefix_bytes("198.51.100.0/24", 8), struct.pack("<Q", 1))
+        assert m.lookup(prefix_bytes("198.51.100.0/24", 8)) == struct.pack("<Q", 1)
+
+
+def test_an_lpm_tries_lookup_answers_for_the_key_itself_and_match_as_programs_do() -> None:
+    """The kernel's lookup of a trie is a longest-prefix match: a /16 that is gone would read
+    as the /8 holding it. ``lookup`` answers for the key itself, ``match`` as the kernel does."""
+    with Map.create(MapType.LPM_TRIE, 8, 8, 16, flags=MapFlags.NO_PREALLOC) as m:
+        v8, v16 = struct.pack("<Q", 8), struct.pack("<Q", 16)
+        assert m.lookup(prefix_bytes("10.0.0.0/8", 8)) is None  # empty
+        m.update(prefix_bytes("10.0.0.0/8", 8), v8)
+        m.update(prefix_bytes("10.1.0.0/16", 8), v16)
+        m.update(prefix_bytes("10.2.0.0/16", 8), v16)  # 10.0.0.0/14: an intermediate node now
+        for text, stored, matched in [
+            ("10.0.0.0/8", v8, v8),
+            ("10.1.0.0/16", v16, v16),
+            ("10.2.0.0/16", v16, v16),  # the last key in the trie's order
+            ("10.0.0.0/14", None, v8),  # intermediate: no entry
+            ("10.3.0.0/16", None, v8),
+            ("10.1.2.0/24", None, v16),
+            ("11.0.0.0/8", None, None),
+        ]:
+            key = prefix_bytes(text, 8)
+            assert (m.lookup(key), m.match(key)) == (stored, matched), text
+        assert m.delete(prefix_bytes("10.1.0.0/16", 8))
+        assert m.lookup(prefix_bytes("10.1.0.0/16", 8)) is None
+        assert m.match(prefix_bytes("10.1.0.0/16", 8)) == v8

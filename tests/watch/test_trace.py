@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bpfsync.errors import KernelError, NotSupportedError, PermissionDeniedError
-from bpfsync.kernel.features import tracing_supported
+from bpfsync.kernel.features import function_exists, tracing_supported
 from bpfsync.kernel.info import MapInfo, MapType
 from bpfsync.kernel.maps import Map
 from bpfsync.watch.base import Watcher
@@ -115,6 +115,14 @@ def test_every_traced_type_up_to_the_limits_is_accepted(kind: MapType) -> None:
     check_traceable("m", info(kind, KEY_MAX, VALUE_MAX))
 
 
+def test_lpm_tries_are_traced_through_the_trie_functions() -> None:
+    assert REQUIRED_FUNCTIONS[MapType.LPM_TRIE] == ("trie_update_elem", "trie_delete_elem")
+    # the probe finds them in this host's BTF (the VM's 6.1 attaches them: tests/vm/guest)
+    assert all(function_exists(fn) for fn in REQUIRED_FUNCTIONS[MapType.LPM_TRIE])
+    check_traceable("blocked", info(MapType.LPM_TRIE, 8, 8))  # an IPv4 prefix
+    check_traceable("blocked6", info(MapType.LPM_TRIE, 20, 8))  # an IPv6 prefix
+
+
 def test_a_key_larger_than_the_limit_is_refused_naming_it() -> None:
     with pytest.raises(NotSupportedError, match=r"512-byte keys.*at most 256 bytes"):
         check_traceable("big", info(MapType.HASH, 512, 8))
@@ -129,7 +137,7 @@ def test_per_cpu_values_are_re_read_so_their_size_is_not_limited() -> None:
     check_traceable("pcpu", info(MapType.PERCPU_HASH, 4, 4096))
 
 
-@pytest.mark.parametrize("kind", [MapType.LPM_TRIE, MapType.RINGBUF, MapType.HASH_OF_MAPS])
+@pytest.mark.parametrize("kind", [MapType.QUEUE, MapType.RINGBUF, MapType.HASH_OF_MAPS])
 def test_map_types_without_traced_functions_are_refused(kind: MapType) -> None:
     with pytest.raises(NotSupportedError, match=r"handles .* maps only"):
         check_traceable("other", info(kind, 8, 8))

@@ -7,8 +7,13 @@ whatever the kernel ends up holding is told back to the replica (``note_kernel``
 view of the kernel stays true and the watcher's report of our own write is recognised as an echo.
 
 Counter maps (see synced.py): with the exact layout the writes go to the companion map and hold
-the other nodes' merged value; in place they go to the map itself (the daemon re-reads racing
-keys before merging, see ``Agent._fold_races``).
+the other nodes' merged value; in place they go to the map itself (the pipeline re-reads racing
+keys before merging, see ``Pipeline.merge``).
+
+Maps whose kernel bytes differ from the core's (per-CPU slots, local bits: ``SyncedMap.folds``)
+or that have a filter are written key by key, each after reading the key's current value, which
+the written bytes keep their local bits and per-CPU counts from, and which is not overwritten
+if it does not pass the filter; what the watcher is told is what was written.
 """
 
 from __future__ import annotations
@@ -104,6 +109,8 @@ class Applier:
             log.warning("batch write to %s failed; retrying key by key", job.name)
             want = self._replica.desired if job.note else self._replica.peers_value
             kvs = [(key, want(job.name, key)) for key in job.key_list()]
+            if job.note:
+                kvs = self._kernel_pairs(self._maps[job.name], kvs)
             self._write_keys(job.name, job.map, kvs, stats, job.note)
             if job.note:
                 stats.written.setdefault(job.name, []).extend(kvs)
@@ -119,13 +126,19 @@ class Applier:
             except KernelError:
                 self._refused.append(job)  # read by finish_background() after join()
 
-    def apply(self, writes: Iterable[Write], fills: Iterable[Fill] = ()) -> ApplyStats:
+    def apply(
+        self, writes: Iterable[Write], fills: Iterable[Fill] = (),
+        believed: Mapping[tuple[str, bytes], bytes | None] | None = None,
+    ) -> ApplyStats:
+        """Write what the replica decided. ``believed``: per (map, key) of in-place counters,
+        the folded value the merge started from (``SyncedMap.kernel_value``)."""
         stats = ApplyStats()
         per_map: dict[str, Pairs] = defaultdict(list)
         for name, key, value in writes:
             per_map[name].append((key, value))
         for fill in fills:
-            if self._maps[fill.map].companion is not None:  # fills are lww's: not expected
+            sm = self._maps[fill.map]
+            if sm.companion is not None or sm.rewrites:  # key by key (companions: not expected)
                 per_map[fill.map] += _pairs(fill.keys, fill.values, fill.entries)
                 continue
             ups, dels = stats.asked.get(fill.map, (0, 0))
@@ -139,9 +152,28 @@ class Applier:
                 kvs = [(k, self._replica.peers_value(name, k)) for k, _ in kvs]
                 self._write(name, sm.companion, kvs, stats, note=False)
                 continue
+            if sm.rewrites:
+                kvs = self._kernel_pairs(sm, kvs, believed)
             self._write(name, sm.map, kvs, stats, note=True)
             stats.written[name] = kvs
         return stats
+
+    @staticmethod
+    def _kernel_pairs(
+        sm: SyncedMap, kvs: Pairs, believed: Mapping[tuple[str, bytes], bytes | None] | None = None,
+    ) -> Pairs:
+        """The core's values as the kernel bytes to write (synced.py), each key read first."""
+        if not sm.rewrites:
+            return kvs
+        was = believed or {}
+        out: Pairs = []
+        for key, value in kvs:
+            current = sm.map.lookup(key)
+            if current is not None and not sm.passes(key, current):
+                continue  # the node's own entry, which does not sync, stays (replica.py F2)
+            out.append((key, None if value is None else
+                        sm.kernel_value(value, current, was.get((sm.name, key)))))
+        return out
 
     def _write_keys(
         self, name: str, m: Map, kvs: Sequence[tuple[bytes, bytes | None]], stats: ApplyStats,
@@ -160,7 +192,7 @@ class Applier:
                 stats.failed += 1
                 log.error("cannot write key %s to map %s: %s", key.hex(), name, err)
                 if note:
-                    self._replica.note_kernel(name, key, m.lookup(key))
+                    self._replica.note_kernel(name, key, self._maps[name].fold(m.lookup(key)))
 
     def _write(
         self, name: str, m: Map, kvs: Pairs, stats: ApplyStats, *, note: bool
@@ -206,4 +238,4 @@ class Applier:
             log.error("cannot delete %d keys from map %s: %s", len(keys), name, err)
             if note:
                 for key in keys:
-                    self._replica.note_kernel(name, key, m.lookup(key))
+                    self._replica.note_kernel(name, key, self._maps[name].fold(m.lookup(key)))

@@ -13,6 +13,11 @@ A queue per map, keyed by the key itself (a tuple per change, built and hashed, 
 cost of queueing it); the loop takes from the maps in turn.
 
 The loop is woken once per burst, not once per event.
+
+The watcher moves to other map objects on its own thread, between two reads (``reopen``):
+what waits of the replaced objects is dropped there, and a ``Reopened`` is handed over before
+any change the watcher reports of the new ones, so the loop takes the new objects' content
+in before their first change.
 """
 
 from __future__ import annotations
@@ -21,16 +26,34 @@ import asyncio
 import itertools
 import logging
 import threading
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import TYPE_CHECKING, cast
 
 from bpfsync.model import Change, WatchEvent
 
 if TYPE_CHECKING:
-    from bpfsync.agent.watchers import BatchWatcher
+    from bpfsync.agent.watchers import BatchWatcher, Items
 
 log = logging.getLogger(__name__)
 _KEY = itemgetter(1)  # a Change's key
+
+# moves a watcher to other map objects: the watcher to read from then on, its last events of
+# the maps that stay, and each new object's content (agent/watchers.py reopen_watcher)
+Reopen = Callable[["BatchWatcher"], tuple["BatchWatcher", list[WatchEvent], dict[str, "Items"]]]
+
+
+@dataclass(slots=True)
+class Reopened:
+    """The watcher moved: ``baselines`` holds each new object's content, which every change
+    of it taken after this is relative to (changes of those maps taken before were the old
+    objects'). ``error``: the move failed and nothing changed."""
+
+    fresh: tuple[str, ...]
+    baselines: dict[str, Items] = field(default_factory=dict)
+    watcher: BatchWatcher | None = None
+    error: Exception | None = None
 
 
 class WatchBridge:
@@ -39,19 +62,28 @@ class WatchBridge:
         self._loop = loop
         self._lock = threading.Lock()
         self._pending: dict[str, dict[bytes, Change]] = {}  # map -> key -> its latest change
-        self._other: list[WatchEvent] = []
+        self._other: list[WatchEvent | Reopened] = []
         self._ready = asyncio.Event()
         self._thread = threading.Thread(target=self._run, name="bpfsync-watch", daemon=True)
         self.error: BaseException | None = None
         self.coalesced = 0  # changes replaced by a newer change of their key before being taken
         self._closed = threading.Event()
+        self._moves: list[tuple[Reopen, tuple[str, ...]]] = []  # reopen()s not run yet
 
     def start(self) -> None:
         self._thread.start()
 
+    def reopen(self, move: Reopen, fresh: Collection[str]) -> None:
+        """Run ``move`` on the watcher's thread after its current read (within ~0.5 s); the
+        maps ``fresh`` names are new objects. Its outcome comes out of ``take`` as a
+        ``Reopened``."""
+        with self._lock:
+            self._moves.append((move, tuple(fresh)))
+
     def _run(self) -> None:
         try:
             while not self._closed.is_set():
+                self._move()
                 batch = self._watcher.read(0.5)
                 if batch:
                     self._put(batch)
@@ -60,6 +92,32 @@ class WatchBridge:
                 return  # closing the watcher under a read may fail that read
             log.exception("watcher failed")
             self.error = err
+            self._loop.call_soon_threadsafe(self._ready.set)
+
+    def _move(self) -> None:
+        with self._lock:
+            moves, self._moves = self._moves, []
+        for move, fresh in moves:
+            try:
+                watcher, left, baselines = move(self._watcher)
+            except Exception as err:  # the agent keeps the old objects and tries again
+                log.warning("the watcher could not move to the new maps %s: %s",
+                            ", ".join(fresh), err)
+                self._hand_over(Reopened(fresh, error=err))
+                continue
+            self._watcher = watcher
+            if left:
+                self._put(left)
+            with self._lock:
+                for name in fresh:  # changes of the replaced objects
+                    self._pending.pop(name, None)
+            self._hand_over(Reopened(fresh, baselines, watcher))
+
+    def _hand_over(self, event: Reopened) -> None:
+        with self._lock:
+            wake = not self._pending and not self._other
+            self._other.append(event)
+        if wake:
             self._loop.call_soon_threadsafe(self._ready.set)
 
     def _put(self, batch: list[WatchEvent]) -> None:
@@ -91,9 +149,9 @@ class WatchBridge:
         if wake:
             self._loop.call_soon_threadsafe(self._ready.set)
 
-    async def take(self, limit: int) -> list[WatchEvent]:
-        """Wait for events; return the waiting non-change events and up to ``limit`` changes,
-        oldest-queued first (raises if the watcher died)."""
+    async def take(self, limit: int) -> list[WatchEvent | Reopened]:
+        """Wait for events; return the waiting non-change events (``Reopened`` among them) and
+        up to ``limit`` changes, oldest-queued first (raises if the watcher died)."""
         await self._ready.wait()
         with self._lock:
             events, self._other = self._other, []

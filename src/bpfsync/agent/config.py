@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bpfsync.core.filter import check_syntax
 from bpfsync.core.messages import NODE_ID_RULE, is_node_id
 from bpfsync.errors import ConfigError
 
@@ -56,7 +57,8 @@ class _Strict(BaseModel):
 
 
 WholePolicy = Literal["lww", "counter", "max", "min"]
-FieldOp = Literal["lww", "counter", "max", "min", "epoch"]
+FieldOp = Literal["lww", "counter", "max", "min", "epoch", "local"]
+_RULE_KEY = re.compile(r"^[A-Za-z0-9_.\[\]]*?(\[[0-9]+:[0-9]+\])?$")
 
 
 class MapConfig(_Strict):
@@ -79,9 +81,16 @@ class MapConfig(_Strict):
             "writer wins, by hybrid logical clock), or counter (sum of every node's count), max "
             "or min, which read the value as one unsigned integer of 1, 2, 4 or 8 bytes. Or "
             "{field: op} by the value's BTF field names (nested fields dotted, e.g. "
-            "stats.packets), op one of lww, counter, max, min, epoch: counter/max/min need "
-            "unsigned integer fields; one epoch field at most, a window number whose increase "
-            "resets the counters; fields not named follow lww."),
+            "stats.packets), op one of lww, counter, max, min, epoch, local: counter/max/min "
+            "need unsigned integer fields; one epoch field at most, a window number whose "
+            "increase resets the counters; local fields are this node's alone (never sent, "
+            "kept when a peer's value is written, a change to them alone is no change); fields "
+            "not named follow lww. An unsigned integer field can be split by bits, "
+            "FIELD[LO:HI] for bits LO to HI-1 (bit 0 the least significant), every bit in "
+            "exactly one range: e.g. {\"flags[0:8]\": lww, \"flags[8:64]\": local}; [LO:HI] "
+            "alone splits a value that is one integer, also without BTF. Per-CPU maps take "
+            "every policy: a merged value goes into every CPU's slot, counts are summed over "
+            "the CPUs."),
     )
     counters: Literal["in-place", "exact"] = Field(
         default="in-place",
@@ -92,14 +101,22 @@ class MapConfig(_Strict):
             "(bpfsync_counter_raced counts the races caught). exact: the map holds only this "
             "node's counts and the agent never writes it; the peers' merged value goes into "
             "companion, which the program adds with bpfsync_counter_total() (bpfsync.h). Use "
-            "exact for hot counters; per-CPU maps need it, as their per-CPU slots cannot be "
-            "written back without racing the CPUs."),
+            "exact for hot counters."),
     )
     companion: str | None = Field(default=None, description=(
         "With counters: exact, and only then: the absolute pin path of the map that receives "
         "the other nodes' merged counts. A plain (not per-CPU) map with the same key and value "
         "sizes as the synced map."))
 
+    filter: tuple[str, ...] = Field(default=(), description=(
+        "Which entries sync: conditions on key and value fields that an entry must all meet, "
+        "each TERM OP NUMBER. TERM: key, value (read as one integer), key.FIELD, value.FIELD "
+        "(BTF names, [LO:HI] for bits), or age(value.FIELD) (seconds since the CLOCK_TAI "
+        "nanosecond timestamp in that field); OP: == != < <= > >=. E.g. [\"value.state == 2\", "
+        "\"age(value.created_ns) >= 10\"]. Entries that do not pass stay this node's: not sent, "
+        "and peers' values are not written over them; an entry that stops passing is no longer "
+        "sent, and peers keep the value it last synced (deletes always sync): rules F1-F4 in "
+        "core/replica.py."))
     restore: Literal["never", "on_empty"] = Field(default="never", description=(
         "What a node does with this map's stored state (state.dir) when it finds a new map "
         "object (the data plane recreated the map, or the host rebooted). never: nothing; the "
@@ -132,7 +149,16 @@ class MapConfig(_Strict):
                 raise ValueError("give at least one field: op, or a word such as lww")
             if list(v.values()).count("epoch") > 1:
                 raise ValueError("at most one field can be the epoch (window) field")
+            bad = [k for k in v if not _RULE_KEY.match(k)]
+            if bad:
+                raise ValueError(f"{bad[0]!r} is not FIELD, FIELD[LO:HI] or [LO:HI] (bits LO "
+                                 "to HI-1 of an unsigned integer field)")
         return v
+
+    @field_validator("filter")
+    @classmethod
+    def _filter(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_syntax(text) for text in v)
 
     @field_validator("companion")
     @classmethod

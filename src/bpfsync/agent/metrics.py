@@ -67,6 +67,10 @@ class AgentMetrics:
             "bpfsync_repair_buckets", "Digest buckets found different and pulled", ["map"],
             registry=r,
         )
+        self.filtered = Counter(
+            "bpfsync_filtered", "Changes of entries that do not pass their map's filter: kept on"
+            " this node, not sent", ["map"], registry=r,
+        )
         self.raced = Counter(
             "bpfsync_counter_raced", "In-place counter keys the data plane changed while peers'"
             " counts were being folded in; their increments were kept, not overwritten", ["map"],
@@ -75,12 +79,18 @@ class AgentMetrics:
         self.entries = Gauge(
             "bpfsync_map_entries", "Keys per synced map, tombstones included", ["map"], registry=r
         )
+        self.map_present = Gauge(
+            "bpfsync_map_present", "1 while a map is pinned at the synced map's path (a name:"
+            " map: while it is open), 0 while the pin is empty; the agent syncs the map it"
+            " finds there next", ["map"], registry=r,
+        )
         self.scan_backoff = Gauge(
             "bpfsync_watch_scan_backoff", "How many times its usual period the map's next scan"
             " waits: up to 4 while scans find nothing the tracer does not report", ["map"],
             registry=r,
         )
-        self.ready = Gauge("bpfsync_ready", "1 once the first catch-up is done", registry=r)
+        self.ready = Gauge("bpfsync_ready", "1 once the first catch-up is done and while every"
+                           " present map is caught up", registry=r)
         self.peer_connected = Gauge(
             "bpfsync_peer_connected", "1 while a stream to the peer is up", ["peer"], registry=r,
         )

@@ -33,6 +33,15 @@ Rules of this module (the core's rules are in core/session.py and core/replica.p
   sends urgent digests only (no routine round, no link announcements), so every Answered it
   takes then ends a catch-up answer: a routine answer covers a few buckets and must not make
   the node ready.
+- A map that joins while the node runs (its pin was empty until now, or holds a new map
+  object whose registers were dropped: core/replica.py S5) catches up on its own
+  (``catch_up``): an urgent digest of it to every linked peer, and to each peer that links
+  while it catches up, and no routine digest of it meanwhile, so that an Answered of it
+  ends that catch-up (readiness.py Y5). A configured map this node cannot open yet
+  (``absent``) is none of the peers' fault: their records and Pulls of it are dropped without
+  a word (records counted per map in ``absent_records``), a digest of it is answered with
+  nothing, so that a peer catching up is not held back, and the map is caught up in full
+  once it joins.
 - Input refused as the peer's fault (malformed, unauthenticated) disconnects the peer for a
   while (transport ``disconnect``); so does input that meets a bug here, which is logged with
   its traceback: one member's frames must never stop the agent. A config mismatch (a map the
@@ -133,6 +142,9 @@ class Peering:
         self._asked: dict[str, Counter[str]] = {}
         # repairs owed to one peer at most: an answer (Pull, records, Answered) per map, a Pull's
         self._max_repairs = 3 * len(self.schemas) + 1
+        self.catching: set[str] = set()  # maps catching up on their own (module docstring)
+        self.absent: set[str] = set()  # configured maps not synced here yet (ditto)
+        self.absent_records: Counter[str] = Counter()
 
     # --- what the agent calls ------------------------------------------------------------------
 
@@ -170,6 +182,30 @@ class Peering:
                 if s.peer_incarnation is not None:
                     s.outbox.add(records, newest=True)
             self._flush_soon()
+
+    def add_map(self, schema: MapSchema, outbox_records: int) -> None:
+        """Sync one more map with every peer (the replica syncs it already); ``outbox_records``:
+        the outboxes' new bound."""
+        self.schemas.append(schema)
+        self.absent.discard(schema.name)
+        self._max_repairs = 3 * len(self.schemas) + 1
+        self._outbox_records = outbox_records
+        per_origin = schema.name in self.replica.per_origin_maps
+        for s in self.sessions.values():
+            s.outbox.max_records = outbox_records
+            if per_origin:
+                s.outbox.add_per_origin(schema.name)
+
+    def catch_up(self, name: str) -> None:
+        """Map ``name`` joined while running: ask every linked peer for everything it has of it
+        (an urgent digest), and keep asking those that link until ``caught_up(name)``."""
+        self.catching.add(name)
+        for peer in sorted(self._linked):
+            self._send_digests(peer, urgent=True, only=(name,))
+
+    def caught_up(self, name: str) -> None:
+        """Map ``name``'s catch-up is over: routine digests of it again."""
+        self.catching.discard(name)
 
     def digest_round(self) -> None:
         """The periodic anti-entropy round: a digest of every map to every peer we owe nothing
@@ -259,6 +295,8 @@ class Peering:
         log.info("peer up", extra={"peer": peer, "incarnation": hello.incarnation})
         if s.take_repair() or self._catching_up():
             self._send_digests(peer, urgent=True)  # until ready, any peer may catch us up
+        elif self.catching:
+            self._send_digests(peer, urgent=True, only=tuple(self.catching))
         self._announce_links(but=peer)
         self._flush_soon()
 
@@ -287,11 +325,13 @@ class Peering:
         if isinstance(msg, Batch):
             self.last_batch_at = time.monotonic()
             if s.on_batch(msg, incarnation):
-                res = self._on_records(peer, msg.records, msg.seq == 0)
+                records = self._synced_here(msg.records)
+                res = self._on_records(peer, records, msg.seq == 0) if records else None
                 if res is not None:
                     self._pass_on(peer, res)
             if msg.seq > 0:
                 self._send(peer, s.ack())
+
         elif isinstance(msg, Ack):
             s.on_ack(msg)
             self._flush_soon()  # the window may have opened
@@ -302,7 +342,7 @@ class Peering:
             if not self._repairs_full(peer, msg):
                 self._answer_digest(peer, s, msg)
         elif isinstance(msg, Pull):
-            if not self._repairs_full(peer, msg):
+            if msg.map not in self.absent and not self._repairs_full(peer, msg):
                 self._send_repair(
                     peer, s, [self.replica.answer_pull(self._unsent(peer, msg), peer)])
         elif isinstance(msg, Answered):
@@ -316,6 +356,19 @@ class Peering:
             self._send(peer, s.on_hello(msg))
         if s.take_repair():
             self._send_digests(peer, urgent=True)
+
+    def _synced_here(self, records: Sequence[Record]) -> Sequence[Record]:
+        """``records`` without those of ``absent`` maps (counted)."""
+        if not self.absent:
+            return records
+        packed = Packed.of(records)
+        keep = [i for i, name in enumerate(packed.maps) if name not in self.absent]
+        if len(keep) == len(packed):
+            return records
+        for i in set(range(len(packed))) - set(keep):
+            self.absent_records[packed.maps[i]] += 1
+        return Packed([packed.maps[i] for i in keep], [packed.keys[i] for i in keep],
+                      [packed.packed[i] for i in keep])  # fmt: skip
 
     def _pass_on(self, sender: str, res: ApplyResult) -> None:
         """Relay what changed our state to peers cut off from its origin; reply to the sender
@@ -342,12 +395,20 @@ class Peering:
 
     # --- digests and repair --------------------------------------------------------------------
 
-    def _send_digests(self, peer: str, *, urgent: bool = False) -> None:
+    def _send_digests(
+        self, peer: str, *, urgent: bool = False, only: Iterable[str] | None = None
+    ) -> None:
+        """A digest of every map (of those ``only`` names) to ``peer``."""
         if not urgent and self._catching_up():  # see the module docstring
             return
         linked = tuple(sorted(self._linked))
         asked = self._asked.setdefault(peer, Counter())
+        names = None if only is None else set(only)
         for schema in self.schemas:
+            if names is not None and schema.name not in names:
+                continue
+            if not urgent and schema.name in self.catching:  # see the module docstring
+                continue
             d = self.replica.digest(schema.name)
             if self._send(peer, Digest(d.map, d.buckets, linked, urgent)):
                 asked[d.map] = min(asked[d.map] + 1, _MAX_ASKED)
@@ -387,6 +448,9 @@ class Peering:
         if self.transport.backlog(peer) is None:
             # our link to the peer is not up yet (it dialed us first): answer when it is
             self._unanswered.setdefault(peer, {})[digest.map] = digest
+            return
+        if digest.map in self.absent:  # nothing of it here: the peer's catch-up is not held
+            self._send_repair(peer, s, [], Answered(digest.map, 0))
             return
         only = None
         if not digest.urgent:

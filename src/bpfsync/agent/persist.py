@@ -21,24 +21,25 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from bpfsync.agent.config import StateConfig
 from bpfsync.agent.metrics import AgentMetrics
-from bpfsync.agent.store import MapIdentity, MapShape, StateStore, open_store
+from bpfsync.agent.store import MapIdentity, MapShape, StateStore, StoredMap, open_store
 from bpfsync.agent.synced import SyncedMap
 from bpfsync.agent.watchers import Items
 from bpfsync.core.frozen import seal
 from bpfsync.core.messages import MapSchema, Record
 from bpfsync.core.register import Packed, pack, stamp_of
-from bpfsync.core.replica import Fill, Replica
+from bpfsync.core.replica import Fill, Replica, Restart
 from bpfsync.core.restart import Content
 from bpfsync.core.table import records_layout
 from bpfsync.kernel.dump import MapDump
 from bpfsync.kernel.info import boot_id
 
-__all__ = ["Persister", "resume"]
+__all__ = ["Persister", "resume", "take_map"]
 
 log = logging.getLogger("bpfsync.agent")
 
@@ -76,6 +77,7 @@ class Persister:
         self._maps: dict[str, _MapState] = {}
         self._last_seq = last_seq
         self._errors_seen: dict[str, int] = {}
+        self.set_aside_since_start = False  # the file was set aside since the store was opened
 
     def track(self, schema: MapSchema, identity: MapIdentity, saved: list[int] | None) -> None:
         """Keep ``schema``'s map stored; ``saved``: the digest sums of its stored buckets when
@@ -90,6 +92,28 @@ class Persister:
         """The store was emptied (set aside): every map is to be stored whole again."""
         for state in self._maps.values():
             state.saved = None
+
+    def set_aside(self, why: str) -> Path:
+        """The file cannot be trusted (a map's stored state is damaged): set it aside and go on
+        with a fresh one (store.py D5), where every map tracked so far is stored whole again;
+        where the file went. ``resume`` stores again those tracked later in the same start."""
+        where = self.store.set_aside(why)
+        self.metrics.state_set_aside.inc()
+        self.set_aside_since_start = True
+        self.restart_all()
+        return where
+
+    def stored(self, sm: SyncedMap) -> StoredMap | None:
+        """What the store kept of a map first found while running (its pin was empty at
+        start), to be taken in by ``take_map``; None when nothing, or when the file cannot be
+        trusted (it is then set aside)."""
+        try:
+            return self.store.read_map(_shape(sm))
+        except ValueError as err:
+            where = self.set_aside(f"map {sm.name}: {err}")
+            log.warning("the stored state of map %s cannot be used (%s); the state file was"
+                        " set aside as %s and the map starts without it", sm.name, err, where)
+            return None
 
     # --- the log -------------------------------------------------------------------------------
 
@@ -227,18 +251,14 @@ def resume(
     baselines: Mapping[str, Items], metrics: AgentMetrics, restore: Collection[str] = (),
 ) -> tuple[Persister | None, list[Fill]]:
     """At start, each map's kernel content (``baselines``) with its stored state: taken in and
-    compared (replica.py P2, S4-S6), or seeded (S1) where nothing usable is stored. ``restore``:
-    the maps configured with restore: on_empty. Returns the persister (None without
-    ``cfg.dir``) and the writes that restore maps (S6)."""
-    def folded(name: str) -> Iterator[tuple[bytes, bytes]]:
-        return ((k, synced[name].fold_value(v)) for k, v in baselines[name])
-
+    compared (replica.py P2, S4-S6), or seeded (S1) where nothing usable is stored
+    (``take_map``). ``restore``: the maps configured with restore: on_empty. Returns the
+    persister (None without ``cfg.dir``) and the writes that restore maps (S6)."""
     if cfg.dir is None:
-        for name in baselines:
-            replica.seed(name, folded(name))
+        for name, kvs in baselines.items():
+            take_map(synced[name], kvs, replica, None)
         return None, []
-    shapes = [MapShape(sm.name, sm.schema.key_size, sm.schema.value_size, sm.schema.policy)
-              for sm in synced.values()]  # fmt: skip
+    shapes = [_shape(sm) for sm in synced.values()]
     started = time.perf_counter()
     opened = open_store(cfg.dir, node, shapes)
     read_s = time.perf_counter() - started
@@ -247,58 +267,92 @@ def resume(
     store = opened.store
     last_seq = max((seq for st in opened.maps.values() for seq, _ in st.log), default=0)
     persister = Persister(store, replica, metrics, last_seq)
-    boot = boot_id()
     fills: list[Fill] = []
-    set_aside = False
     for name, kvs in baselines.items():
-        sm = synced[name]
-        identity = MapIdentity(sm.map.info.id, boot, replica.digest_buckets)
-        stored = opened.maps.get(name)
-        if stored is None:
-            replica.seed(name, folded(name))
-            persister.track(sm.schema, identity, None)
-            continue
-        horizon = None if stored.horizon is None else stamp_of(stored.horizon)
-        started = time.perf_counter()
-        try:
-            replica.load(name, [(b, blob) for b, _, blob in stored.buckets],
-                         [blob for _, blob in stored.log], nbuckets=stored.identity.nbuckets,
-                         horizon=horizon, now_ns=time.time_ns())  # fmt: skip
-        except ValueError as err:  # nothing of the map was taken: it starts as without a store
-            # the other maps were read already: they are taken in from memory, and every map
-            # is stored whole again into the fresh file
-            where = store.set_aside(f"map {name}: {err}")
-            metrics.state_set_aside.inc()
-            set_aside = True
-            log.warning("the stored state of map %s is damaged (%s); the state file was set"
-                        " aside as %s and the map starts without it", name, err, where)
-            replica.seed(name, folded(name))
-            persister.track(sm.schema, identity, None)
-            continue
-        loaded = time.perf_counter()
-        same = (stored.identity.map_id, stored.identity.boot_id) == (identity.map_id, boot)
-        plan = replica.restart(name, _content(sm, kvs), same_object=same, restore=name in restore)
-        fills += plan.fills
-        log.info("restarted on stored state", extra={
-            "map": name, "case": plan.case, "registers": replica.registers(name),
-            "held_back": plan.held, "deleted_while_down": plan.deleted, "seeded": plan.seeded,
-            "restored": sum(f.entries for f in plan.fills), "read_s": round(read_s, 3),
-            "load_s": round(loaded - started, 3),
-            "compare_s": round(time.perf_counter() - loaded, 3)})  # fmt: skip
-        resumed = plan.case == "resumed" and stored.identity.nbuckets == replica.digest_buckets
-        saved = [0] * replica.digest_buckets
-        for b, digest_sum, _ in stored.buckets if resumed else ():
-            saved[b] = digest_sum
-        persister.track(sm.schema, identity, saved if resumed else None)
-    if set_aside:
+        fills += take_map(synced[name], kvs, replica, persister, stored=opened.maps.get(name),
+                          restore=name in restore, read_s=read_s).fills  # fmt: skip
+    if persister.set_aside_since_start:
+        # the maps taken before it was set aside were read from the old file: every map is
+        # stored whole again into the fresh one
         persister.restart_all()
     store.start_syncer(cfg.fsync_interval_s)
     return persister, fills
 
 
+def take_map(
+    sm: SyncedMap, kvs: Items, replica: Replica, persister: Persister | None, *,
+    stored: StoredMap | None = None, live: bool = False, restore: bool = False,
+    read_s: float = 0.0,
+) -> Restart:
+    """One kernel map object to sync from now on, and its content ``kvs`` (the watcher's
+    baseline): the map found at start, or one found at the map's pin while the agent runs.
+    Compared by core/replica.py's rules with what the replica holds of the map: the running
+    agent's registers (``live``: another map object was synced until now, S5-S6), else what
+    the store kept (``stored``: S4-S6), else nothing (S1: seeded). The replica must sync the
+    map already (``Replica.add_map`` for one found late). ``persister``: keeps the map stored
+    from now on, as the object ``sm`` holds. Returns what the rules decided; its ``fills`` are
+    to be written to the map (S6)."""
+    name = sm.name
+    identity = MapIdentity(sm.map.info.id, boot_id(), replica.digest_buckets)
+    if live:
+        plan = replica.restart(name, _content(sm, kvs), same_object=False, restore=restore)
+        if persister is not None:  # the stored rows are of the old object
+            persister.track(sm.schema, identity, None)
+        return plan
+    if stored is not None and persister is not None:
+        taken = _take_stored(sm, kvs, replica, persister, stored, identity, restore, read_s)
+        if taken is not None:
+            return taken
+    seeded = replica.seed(name, ((sm.canon_key(k), sm.fold_value(v)) for k, v in kvs))
+    if persister is not None:
+        persister.track(sm.schema, identity, None)
+    return Restart("seeded", seeded=seeded)
+
+
+def _take_stored(
+    sm: SyncedMap, kvs: Items, replica: Replica, persister: Persister, stored: StoredMap,
+    identity: MapIdentity, restore: bool, read_s: float,
+) -> Restart | None:
+    """``take_map`` of a map the store holds; None when its stored state is damaged (the file
+    is then set aside, and the map is to be seeded)."""
+    name = sm.name
+    horizon = None if stored.horizon is None else stamp_of(stored.horizon)
+    started = time.perf_counter()
+    try:
+        replica.load(name, [(b, blob) for b, _, blob in stored.buckets],
+                     [blob for _, blob in stored.log], nbuckets=stored.identity.nbuckets,
+                     horizon=horizon, now_ns=time.time_ns())  # fmt: skip
+    except ValueError as err:  # nothing of the map was taken: it starts as without a store
+        where = persister.set_aside(f"map {name}: {err}")
+        log.warning("the stored state of map %s is damaged (%s); the state file was set"
+                    " aside as %s and the map starts without it", name, err, where)
+        return None
+    loaded = time.perf_counter()
+    same = (stored.identity.map_id, stored.identity.boot_id) == (identity.map_id,
+                                                                 identity.boot_id)
+    plan = replica.restart(name, _content(sm, kvs), same_object=same, restore=restore)
+    log.info("restarted on stored state", extra={
+        "map": name, "case": plan.case, "registers": replica.registers(name),
+        "held_back": plan.held, "deleted_while_down": plan.deleted, "seeded": plan.seeded,
+        "restored": sum(f.entries for f in plan.fills), "read_s": round(read_s, 3),
+        "load_s": round(loaded - started, 3),
+        "compare_s": round(time.perf_counter() - loaded, 3)})  # fmt: skip
+    resumed = plan.case == "resumed" and stored.identity.nbuckets == replica.digest_buckets
+    saved = [0] * replica.digest_buckets
+    for b, digest_sum, _ in stored.buckets if resumed else ():
+        saved[b] = digest_sum
+    persister.track(sm.schema, identity, saved if resumed else None)
+    return plan
+
+
+def _shape(sm: SyncedMap) -> MapShape:
+    return MapShape(sm.name, sm.schema.key_size, sm.schema.value_size, sm.schema.policy)
+
+
 def _content(sm: SyncedMap, kvs: Items) -> Content:
-    """The kernel map's entries as arrays: a dump's own, unless per-CPU values are folded."""
-    if isinstance(kvs, MapDump) and not sm.percpu:
+    """The kernel map's entries as arrays: a dump's own, unless per-CPU values are folded or
+    local bits zeroed, or an LPM trie's keys made canonical."""
+    if isinstance(kvs, MapDump) and not sm.folds and not sm.lpm:
         return Content(kvs.key_array, kvs.value_array)
-    items = [(k, sm.fold_value(v)) for k, v in kvs]
+    items = [(sm.canon_key(k), sm.fold_value(v)) for k, v in kvs]
     return Content.of(items, sm.schema.key_size, sm.schema.value_size)

@@ -65,11 +65,18 @@ class Pipeline:
         self.applier = applier
         self.metrics = metrics
         self.map_stats: dict[str, MapStats] = defaultdict(MapStats)
-        self.in_place = any(sm.in_place_counters for sm in synced.values())
+        # per map: keys whose entry did not pass an age condition of the filter yet (F3)
+        self.waiting: dict[str, set[bytes]] = {}
         self.ready = False
         self.peering: Peering | None = None
         self.watcher: BatchWatcher | None = None
         self.persister: Persister | None = None
+
+    @property
+    def in_place(self) -> bool:
+        """Whether a synced map has in-place counters (merge's key-by-key path); maps may
+        join while the agent runs, so asked each time."""
+        return any(sm.in_place_counters for sm in self.synced.values())
 
     def local(self, events: list[WatchEvent]) -> None:
         """What the watcher saw: stamp what changed and send it to every peer."""
@@ -86,12 +93,17 @@ class Pipeline:
             sm = self.synced[ev.map]
             st = self.map_stats[ev.map]
             st.reported += 1
-            value = sm.fold(ev.value)
+            if sm.lpm:
+                ev = ev._replace(key=sm.canon_key(ev.key))
+            raw = ev.value
+            value = sm.fold(raw)
             if st.last_apply > recent and value != self.replica.kernel_view(ev.map, ev.key):
                 raw = sm.map.lookup(ev.key)  # the report may predate an apply
                 value = sm.fold(raw)
                 if raw != ev.value:  # we now believe another value than the watcher reported
                     reread[ev.map].append((ev.key, raw))
+            if raw is not None and sm.filter is not None and not self._passes(sm, ev.key, raw):
+                continue
             batch = batches.get(ev.map)
             if batch is None:
                 batch = batches[ev.map] = ([], [], [])
@@ -113,6 +125,34 @@ class Pipeline:
         # reported state, would look unchanged to it and never be reported
         self.note_written(reread)
         self.broadcast(records)
+
+    def _passes(self, sm: SyncedMap, key: bytes, raw: bytes) -> bool:
+        """replica.py F1: an entry that does not pass its map's filter is no change; one whose
+        filter has an age condition waits for ``recheck`` to see it pass as time goes by."""
+        if sm.passes(key, raw):
+            self.waiting.get(sm.name, set()).discard(key)
+            return True
+        assert sm.filter is not None
+        if sm.filter.has_age:
+            self.waiting.setdefault(sm.name, set()).add(key)
+        self.metrics.filtered.labels(sm.name).inc()
+        return False
+
+    def recheck(self) -> None:
+        """Entries held back by an age condition that they may meet by now: those that pass
+        are local changes (F3); deleted ones stop waiting."""
+        events: list[WatchEvent] = []
+        for name, keys in self.waiting.items():
+            sm = self.synced[name]
+            for key in list(keys):
+                raw = sm.map.lookup(key)
+                if raw is None:
+                    keys.discard(key)
+                elif sm.passes(key, raw):
+                    keys.discard(key)
+                    events.append(Change(name, key, raw, Seen.POLL))
+        if events:
+            self.local(events)
 
     def broadcast(self, records: list[Record] | Packed) -> None:
         """This node's own records, to every peer: stored first (replica.py P1)."""
@@ -165,10 +205,10 @@ class Pipeline:
                 rest.append(rec)
         mine: list[Record] = []
         for (name, key), recs in per_key.items():
-            own = self._fold_race(self.synced[name], key)
+            own, seen = self._fold_race(self.synced[name], key)
             if own is not None:
                 mine.append(own)
-            self._receive(peer, tuple(recs), res, repair)
+            self._receive(peer, tuple(recs), res, repair, {(name, key): seen})
         self.broadcast(mine)
         if rest:
             self._receive(peer, tuple(rest), res, repair)
@@ -177,15 +217,21 @@ class Pipeline:
                         res.rejected[0][1])
         return res
 
-    def _fold_race(self, sm: SyncedMap, key: bytes) -> Record | None:
-        current = sm.map.lookup(key)
-        if current == self.replica.kernel_view(sm.name, key):
-            return None
+    def _fold_race(self, sm: SyncedMap, key: bytes) -> tuple[Record | None, bytes | None]:
+        """The key's increments since we last looked, as our own record (None if none), and
+        the folded value read."""
+        raw = sm.map.lookup(key)
+        current = sm.fold(raw)
+        if current == self.replica.kernel_view(sm.name, key) or (
+            raw is not None and sm.filter is not None and not self._passes(sm, key, raw)
+        ):
+            return None, current
         self.metrics.raced.labels(sm.name).inc()
-        return self.replica.local_change(sm.name, key, current, _now())
+        return self.replica.local_change(sm.name, key, current, _now()), current
 
     def _receive(
-        self, peer: str, records: Sequence[Record], into: ApplyResult, repair: bool
+        self, peer: str, records: Sequence[Record], into: ApplyResult, repair: bool,
+        believed: Mapping[tuple[str, bytes], bytes | None] | None = None,
     ) -> None:
         res = self.replica.receive(records, _now(), peer, replies=not repair)
         if self.persister is not None and len(res.forward):  # stored before written (P1)
@@ -195,7 +241,7 @@ class Pipeline:
             self.metrics.rejected.labels(type(err).__name__).inc()
         if res.writes or res.fills:
             started = time.perf_counter()
-            applied = self.applier.apply(res.writes, res.fills)
+            applied = self.applier.apply(res.writes, res.fills, believed)
             self.note_written(applied.written, applied.filled)
             self.metrics.apply_seconds.observe(time.perf_counter() - started)
             mono = time.monotonic()

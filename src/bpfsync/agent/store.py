@@ -180,6 +180,22 @@ class StateStore:
         self._stop = threading.Event()
         self._syncer: threading.Thread | None = None
 
+    def read_map(self, shape: MapShape) -> StoredMap | None:
+        """Take ``shape``'s map in from now on (a map first found after the store was opened)
+        and read its rows, as ``open_store`` reads those of the maps it is given: None when it
+        has none. ValueError says why the file cannot be trusted (D5; the caller sets it
+        aside)."""
+        self._shapes[shape.name] = shape
+        conn = self._conn
+        if conn is None:
+            return None
+        try:
+            return _read_rows(conn, self._node_id, [shape]).get(shape.name)
+        except _BadFile as bad:
+            raise ValueError(bad.why) from bad
+        except sqlite3.DatabaseError as err:
+            raise ValueError(f"unreadable: {err}") from err
+
     def append(self, map: str, blob: bytes) -> int | None:
         """Add a row to ``map``'s log; its seq, or None when the write failed."""
 

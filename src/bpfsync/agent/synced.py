@@ -1,7 +1,8 @@
 """A synced map as the agent holds it: the kernel map(s), the merge policy and the value codec.
 
-Policies come from the config by BTF field name (``{packets: counter, last_seen: max}``) or as a
-word for the whole value. Counters have two layouts:
+Policies come from the config by BTF field name (``{packets: counter, last_seen: max}``), by bit
+range of an integer field (``{"flags[0:8]": lww, "flags[8:64]": counter}``; ``[0:8]`` alone for
+a value that is one integer) or as a word for the whole value. Counters have two layouts:
 
 - in-place: the agent writes the merged total into the map itself. Before each such write it
   re-reads the key: increments the data plane made since the agent last looked are taken into
@@ -9,19 +10,33 @@ word for the whole value. Counters have two layouts:
   between that read and the write can be overwritten.
 - exact: the data plane's map holds only this node's counts and is never written by the agent;
   the other nodes' merged value goes into a companion map that the program adds
-  (``bpfsync_counter_total`` in bpfsync.h). Required for per-CPU maps, whose per-CPU slots the
-  agent could not write back without racing every CPU.
+  (``bpfsync_counter_total`` in bpfsync.h).
 
-Per-CPU values are folded into one value before they reach the core (DESIGN §3: a node's slot is
-the sum over its CPUs; never ship per-CPU slots): counters summed, max/min/epoch fields by their
-op, over the CPUs at the newest epoch when the value has an epoch field.
+The core sees one value per key, the kernel may hold another (``fold_value`` one way,
+``kernel_value`` the other):
+
+- Per-CPU values are folded into one before they reach the core (DESIGN §3: a node's slot is the
+  sum over its CPUs; never ship per-CPU slots): counters summed, max/min/epoch fields by their
+  op, over the CPUs at the newest epoch when the value has an epoch field; lww bits from the CPU
+  whose lww bits are largest (user space writes the same into every CPU's slot). A merged value
+  is written into every CPU's slot, as user-space tools do, except counters: every CPU keeps
+  its own count and CPU 0's slot takes the difference to the merged total, so the fold gives the
+  total back. The race with in-place increments is the in-place one above, per CPU.
+- ``local`` bits are zeroed by the fold, so they are never sent, never in a digest, and a change
+  to them alone is no change; a kernel write keeps the kernel's own local bits, per CPU.
+
+Maps whose kernel bytes are the core's (no per-CPU slots, no local bits) skip both.
 """
 
 from __future__ import annotations
 
+import re
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from bpfsync.agent.config import MapConfig
+from bpfsync.core.filter import Filter
 from bpfsync.core.messages import MapSchema
 from bpfsync.core.policy import (
     Companion,
@@ -29,13 +44,14 @@ from bpfsync.core.policy import (
     FieldRule,
     Policy,
     combine_fields,
+    mask_bytes,
     policy_for,
 )
 from bpfsync.errors import ConfigError, NotFoundError
 from bpfsync.kernel.btf import map_layouts, map_layouts_or_raw
 from bpfsync.kernel.info import MapInfo, MapType
 from bpfsync.kernel.maps import Map
-from bpfsync.layout import Layout
+from bpfsync.layout import Field, Kind, Layout, canonical_prefix
 
 _WHOLE_SIZES = (1, 2, 4, 8)
 
@@ -51,7 +67,12 @@ class SyncedMap:
     key_layout: Layout
     companion: Map | None = None
     rules: tuple[FieldRule, ...] = ()
+    filter: Filter | None = None  # which entries sync (core/filter.py; replica.py F1-F4)
     in_place_counters: bool = field(init=False)  # peers' counts folded into the map itself
+    lpm: bool = field(init=False)  # an LPM trie: keys are prefixes (canon_key)
+    folds: bool = field(init=False)  # the kernel's bytes differ from the core's (see above)
+    rewrites: bool = field(init=False)  # ... and the agent writes the map: it reads it first
+    _local: int = field(init=False)  # the local bits, as a mask over one value
 
     @property
     def percpu(self) -> bool:
@@ -62,15 +83,58 @@ class SyncedMap:
         self.in_place_counters = self.companion is None and any(
             r.op == "counter" for r in self.rules
         )
+        local = [r for r in self.rules if r.op == "local"]
+        self._local = int.from_bytes(mask_bytes(local, self.map.value_size), "little")
+        self.lpm = self.map.info.type is MapType.LPM_TRIE
+        self.folds = self.map.percpu or bool(self._local)
+        self.rewrites = (self.folds or self.filter is not None) and self.companion is None
+
+    def canon_key(self, key: bytes) -> bytes:
+        """The key as the core knows it: an LPM trie's with the bits past its prefix length
+        zeroed (the kernel takes both spellings for one entry)."""
+        return canonical_prefix(key) if self.lpm else key
+
+    def passes(self, key: bytes, raw: bytes) -> bool:
+        """Whether the kernel's entry syncs (no filter: all do), read as it is now."""
+        if self.filter is None:
+            return True
+        value = raw
+        if self.map.percpu:
+            value = fold_percpu(raw, self.map.value_size, self.map.ncpus, self.rules)
+        return self.filter.passes(key, value, time.clock_gettime_ns(time.CLOCK_TAI))
 
     def fold(self, raw: bytes | None) -> bytes | None:
-        """The kernel's value as the core sees it: per-CPU values folded into one."""
+        """The kernel's value as the core sees it: per-CPU values folded into one, local bits
+        zeroed."""
         return None if raw is None else self.fold_value(raw)
 
     def fold_value(self, raw: bytes) -> bytes:
-        if not self.map.percpu:
+        if not self.folds:
             return raw
-        return fold_percpu(raw, self.map.value_size, self.map.ncpus, self.rules)
+        size = self.map.value_size
+        value = fold_percpu(raw, size, self.map.ncpus, self.rules) if self.map.percpu else raw
+        if not self._local:
+            return value
+        return (int.from_bytes(value, "little") & ~self._local).to_bytes(size, "little")
+
+    def kernel_value(
+        self, value: bytes, current: bytes | None, believed: bytes | None = None
+    ) -> bytes:
+        """The bytes to write for the core's ``value``, the kernel holding ``current`` (raw,
+        None if absent): every CPU's slot, each keeping its local bits (and counts).
+
+        ``believed``: the folded value the core's merge started from, for in-place counters.
+        CPU 0 then takes the merge's difference on top of the counts read now, so increments
+        the data plane made since that read are kept (and seen by the next scan); without it
+        the slots are set to the merged total."""
+        if not self.folds:
+            return value
+        size = self.map.value_size
+        if not self.map.percpu:
+            own = 0 if current is None else int.from_bytes(current, "little") & self._local
+            return ((int.from_bytes(value, "little") & ~self._local) | own).to_bytes(size, "little")
+        return expand_percpu(value, current, size, self.map.ncpus, self.rules, self._local,
+                             believed)
 
     def close(self) -> None:
         self.map.close()
@@ -115,14 +179,19 @@ def _build(mc: MapConfig, m: Map) -> SyncedMap:
         raise ConfigError(why)
     name = mc.sync_name
     if isinstance(mc.policy, dict):
+        ops, bit_ranges = split_rules(mc.policy)
         try:
             key_layout, layout = map_layouts(m.info)
         except NotFoundError as err:
-            raise ConfigError(
-                f"{where}: per-field policies name BTF fields, but this map has no BTF; give a "
-                "whole-value policy (lww, counter, max, min) or create the map with BTF"
-            ) from err
-        inner: Policy = FieldPolicy.from_layout(layout, mc.policy)
+            if set(ops) | set(bit_ranges) != {""}:
+                raise ConfigError(
+                    f"{where}: per-field policies name BTF fields, but this map has no BTF; give "
+                    "a whole-value policy (lww, counter, max, min), bit ranges of the whole value"
+                    " ([0:8]: lww, ...), or create the map with BTF"
+                ) from err
+            key_layout, layout = map_layouts_or_raw(m.info)
+            layout = _as_integer(layout)
+        inner: Policy = FieldPolicy.from_layout(layout, ops, bit_ranges)
     else:
         key_layout, layout = map_layouts_or_raw(m.info)
         if mc.policy != "lww" and m.value_size not in _WHOLE_SIZES:
@@ -132,11 +201,6 @@ def _build(mc: MapConfig, m: Map) -> SyncedMap:
             )
         inner = policy_for(MapSchema(name, m.key_size, m.value_size, mc.policy))
     rules = inner.rules if isinstance(inner, FieldPolicy) else ()
-    if m.percpu and mc.counters != "exact":
-        raise ConfigError(
-            f"{where} is a per-CPU map: sync it with a counter policy and counters: exact (the "
-            "agent cannot write per-CPU slots back without racing the CPUs)"
-        )
     companion = None
     policy = inner
     if mc.counters == "exact":
@@ -152,7 +216,42 @@ def _build(mc: MapConfig, m: Map) -> SyncedMap:
             )
         policy = Companion(inner)
     schema = MapSchema(name, m.key_size, m.value_size, policy.name)
-    return SyncedMap(name, mc.path, m, policy, schema, layout, key_layout, companion, rules)
+    flt = None
+    if mc.filter:
+        try:
+            flt = Filter.parse(mc.filter, key_layout, layout)
+        except ConfigError as err:
+            if companion is not None:
+                companion.close()
+            raise ConfigError(f"{where}: {err}") from err
+    return SyncedMap(name, mc.path, m, policy, schema, layout, key_layout, companion, rules, flt)
+
+
+_RULE_KEY = re.compile(r"^(?P<field>.*?)(?:\[(?P<bits>[0-9]+:[0-9]+)\])?$")
+
+
+def split_rules(policy: Mapping[str, str]) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """A config's ``{field: op, "field[LO:HI]": op}`` as ({field: op}, {field: {"LO:HI": op}})
+    (``""`` is the whole value)."""
+    ops: dict[str, str] = {}
+    ranges: dict[str, dict[str, str]] = {}
+    for key, op in policy.items():
+        found = _RULE_KEY.match(key)
+        if found is None:
+            raise ConfigError(f"merge rule {key!r}: give FIELD, FIELD[LO:HI] or [LO:HI]")
+        if found["bits"] is None:
+            ops[found["field"]] = op
+        else:
+            ranges.setdefault(found["field"], {})[found["bits"]] = op
+    return ops, ranges
+
+
+def _as_integer(layout: Layout) -> Layout:
+    """A value without BTF, read as one unsigned integer (for bit ranges of the whole value)."""
+    if layout.size not in (1, 2, 4, 8):
+        raise ConfigError(f"bit ranges of the value need a 1, 2, 4 or 8-byte value, not "
+                          f"{layout.size} bytes; create the map with BTF and name fields")
+    return Layout(layout.size, (Field("", 0, layout.size, Kind.UINT),))
 
 
 def fold_percpu(raw: bytes, size: int, ncpus: int, rules: tuple[FieldRule, ...]) -> bytes:
@@ -160,8 +259,43 @@ def fold_percpu(raw: bytes, size: int, ncpus: int, rules: tuple[FieldRule, ...])
     values = [raw[i * stride : i * stride + size] for i in range(ncpus)]
     epoch = next((r for r in rules if r.op == "epoch"), None)
     if epoch is not None:
-        lo, hi = epoch.offset, epoch.offset + epoch.size
-        top = max(int.from_bytes(v[lo:hi], "little") for v in values)
-        values = [v for v in values if int.from_bytes(v[lo:hi], "little") == top]
-    # bytes no counter/max/min rule covers: from the CPU with the largest value, a stable pick
-    return combine_fields(max(values), values, rules)
+        top = max(epoch.get(v) for v in values)
+        values = [v for v in values if epoch.get(v) == top]
+    # lww bits and bits no rule covers: from the CPU where they are largest, a stable pick
+    # that ignores how far each CPU's counts got
+    merged = [r for r in rules if r.op in ("counter", "max", "min", "local")]
+    keep = ~int.from_bytes(mask_bytes(merged, size), "little")
+    base = max(values, key=lambda v: int.from_bytes(v, "little") & keep)
+    return combine_fields(base, values, rules)
+
+
+def expand_percpu(
+    value: bytes, current: bytes | None, size: int, ncpus: int, rules: tuple[FieldRule, ...],
+    local: int, believed: bytes | None = None,
+) -> bytes:
+    """Per-CPU slots for the merged ``value`` (``fold_percpu`` gives it back): ``value`` in every
+    CPU's slot with that CPU's own local bits; each CPU keeps its count (none if it is still
+    in an older window), and CPU 0's takes the difference to the merged total, or with
+    ``believed`` (the folded value the merge started from) the merge's difference on top of
+    the counts as they are."""
+    stride = (size + 7) & ~7
+    blank = bytes(size)
+    slots = [current[i * stride : i * stride + size] if current else blank for i in range(ncpus)]
+    counters = [r for r in rules if r.op == "counter"]
+    epoch = next((r for r in rules if r.op == "epoch"), None)
+    target = int.from_bytes(value, "little") & ~local
+    out = []
+    for slot in slots:
+        own = int.from_bytes(slot, "little") & local
+        buf = bytearray((target | own).to_bytes(size, "little"))
+        stale = epoch is not None and epoch.get(slot) != epoch.get(value)
+        for rule in counters:
+            rule.put(buf, 0 if stale else rule.get(slot))
+        out.append(buf)
+    for rule in counters:
+        if believed is not None and (epoch is None or epoch.get(believed) == epoch.get(value)):
+            rule.put(out[0], rule.get(out[0]) + rule.get(value) - rule.get(believed))
+        else:
+            rule.put(out[0], rule.get(value) - sum(rule.get(b) for b in out[1:]))
+    pad = bytes(stride - size)
+    return b"".join(bytes(b) + pad for b in out)

@@ -4,10 +4,11 @@
  *
  * There is no tracepoint for map writes, so this attaches fexit programs to the kernel functions
  * that implement them: the map ops that both bpf(2) and BPF programs reach
- * (htab_*_update_elem/_delete_elem, array_map_update_elem), and the two syscall-only paths that
- * per-CPU maps take from user space (bpf_percpu_hash_update, bpf_percpu_array_update). fexit sees
- * the return value, so failed ops (-EEXIST, -ENOENT, -E2BIG) are never reported. User space
- * probes the running kernel's BTF and turns autoload off for functions it lacks.
+ * (htab_*_update_elem/_delete_elem, array_map_update_elem, trie_update_elem/_delete_elem), and the
+ * two syscall-only paths that per-CPU maps take from user space (bpf_percpu_hash_update,
+ * bpf_percpu_array_update). fexit sees the return value, so failed ops (-EEXIST, -ENOENT, -E2BIG)
+ * are never reported. User space probes the running kernel's BTF and turns autoload off for
+ * functions it lacks.
  *
  * Not seen, by construction: writes through a pointer returned by a lookup (in-place updates,
  * atomics), LRU evictions, and elements removed by BPF_MAP_LOOKUP_AND_DELETE_BATCH. The poll
@@ -310,6 +311,10 @@ TRACE_UPDATE(htab_lru_percpu_map_update_elem)
 TRACE_UPDATE(array_map_update_elem)
 TRACE_DELETE(htab_map_delete_elem)
 TRACE_DELETE(htab_lru_map_delete_elem)
+/* LPM tries: bpf(2)'s batch commands reach these too, one element at a time (the generic batch
+ * code); lookup-and-delete does not exist for tries */
+TRACE_UPDATE(trie_update_elem)
+TRACE_DELETE(trie_delete_elem)
 /* bpf(2) BPF_MAP_LOOKUP_AND_DELETE_ELEM on hashes (5.14+) */
 TRACE_LOOKUP_AND_DELETE(htab_map_lookup_and_delete_elem)
 TRACE_LOOKUP_AND_DELETE(htab_lru_map_lookup_and_delete_elem)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bpfsync.agent.config import AgentConfig, MapConfig, is_loopback, load_config
 from bpfsync.agent.store import FILE_NAME, MapShape, inspect_store
-from bpfsync.agent.synced import open_synced, unsyncable
+from bpfsync.agent.synced import open_synced, split_rules, unsyncable
 from bpfsync.core.policy import FieldPolicy
 from bpfsync.errors import BpfsyncError, ConfigError, KernelError, NotSupportedError
 from bpfsync.kernel.btf import map_layouts
@@ -177,9 +177,16 @@ def _field_problems(mc: MapConfig, m: Map) -> list[str]:
     except KernelError:  # no BTF, or BTF that does not fit: the agent's verdict says which
         return []
     problems = []
-    for name, op in mc.policy.items():
+    try:
+        ops, bit_ranges = split_rules(mc.policy)
+    except ConfigError as err:
+        return [str(err)]
+    checks: list[tuple[dict[str, str], dict[str, dict[str, str]]]] = [
+        ({name: op}, {}) for name, op in ops.items()]
+    checks += [({}, {name: ranges}) for name, ranges in bit_ranges.items()]  # a field's together
+    for one_op, one_field in checks:
         try:
-            FieldPolicy.from_layout(layout, {name: op})
+            FieldPolicy.from_layout(layout, one_op, one_field)
         except ConfigError as err:
             problems.append(str(err))
     return problems

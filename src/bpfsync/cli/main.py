@@ -88,7 +88,8 @@ def watch(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
     count: Annotated[int, typer.Option(help="stop after this many changes (0: run until ^C)")] = 0,
 ) -> None:
-    """Print every change to a map as it happens, decoded by the map's BTF where it has one.
+    """Print every change to a map as it happens, decoded by the map's BTF where it has one
+    (an LPM trie's keys as prefixes, 198.51.100.0/24, with or without BTF).
 
     Example: bpfsync watch /sys/fs/bpf/xdp/blocklist --json
     """
@@ -120,7 +121,8 @@ def dump(
         str | None, typer.Option(help="the map's sync name at the agent (default: pin name)")
     ] = None,
 ) -> None:
-    """Print every entry of a map, fields decoded by BTF.
+    """Print every entry of a map, fields decoded by BTF (an LPM trie's keys as prefixes,
+    198.51.100.0/24, with or without BTF).
 
     Example: bpfsync dump /sys/fs/bpf/dns_rl/rl_counts --addr key --agent 127.0.0.1:9100
     """
@@ -400,14 +402,32 @@ def status(
             str(p.get("reconnects", 0)), _last_error(p, now),
         )
     out.print(peers)
-    maps = Table("map", "path", "keys (incl. tombstones)", "local changes", "applied",
-                 "rejected")
+    maps = Table("map", "id", "path", "pin", "keys (incl. tombstones)", "local changes",
+                 "applied", "rejected")
+    problems = []
     for m in state.get("maps", []):
         maps.add_row(
-            str(m.get("name")), str(m.get("path")), str(m.get("registers")),
-            str(m.get("local_changes")), str(m.get("applied")), str(m.get("rejected")),
+            str(m.get("name")), str(m.get("id") or "-"), str(m.get("path")), _pin_state(m),
+            str(m.get("registers")), str(m.get("local_changes", "-")),
+            str(m.get("applied", "-")), str(m.get("rejected", "-")),
         )
+        if m.get("problem"):
+            problems.append(f"map {m.get('name')}: {m['problem']}")
     out.print(maps)
+    for line in problems:
+        out.print(Text(line, style="red"))
+
+
+def _pin_state(row: dict[str, Any]) -> Text:
+    """What the map's pin holds and how far the map is (agent/readiness.py Y5, Y6): ready,
+    catching up, or missing (while the map object open until now is still synced, if any)."""
+    if not row.get("present", True):
+        if row.get("id") is None:
+            return Text("missing", style="red")
+        return Text("missing (syncing the map open until now)", style="yellow")
+    if row.get("ready", True):
+        return Text("ready", style="green")
+    return Text("catching up", style="yellow")
 
 
 def _ago(seconds: float) -> str:

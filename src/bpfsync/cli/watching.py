@@ -1,4 +1,5 @@
-"""`bpfsync watch` and `bpfsync dump`: a map's changes and entries, decoded by its BTF."""
+"""`bpfsync watch` and `bpfsync dump`: a map's changes and entries, decoded by its BTF (and an
+LPM trie's keys by its type)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from rich.console import Console
 from bpfsync.errors import ConfigError
 from bpfsync.kernel.btf import map_layouts_or_raw
 from bpfsync.kernel.maps import Map
-from bpfsync.layout import Layout
+from bpfsync.layout import Layout, prefix_text
 from bpfsync.model import Change, Overflow
 from bpfsync.watch.auto import AutoWatcher
 from bpfsync.watch.trace import Hooks, TraceWatcher
@@ -33,6 +34,7 @@ class Decoder:
 
     IPv4/IPv6 fields (4 or 16 bytes, named like an address or listed in ``addr``) are shown as
     addresses; ``addr`` may name ``key`` for a whole raw key (a map keyed by ``__u32`` saddr).
+    An LPM trie's key is one prefix, shown as such (``198.51.100.0/24``), BTF or not.
     """
 
     def __init__(self, m: Map, addr: Sequence[str] = ()) -> None:
@@ -59,6 +61,8 @@ class Decoder:
     def _fields(self, layout: Layout, raw: bytes) -> Any:
         if layout.is_raw:
             return raw.hex()
+        if layout.is_prefix:  # one value, not fields: as a whole-key address reads
+            return prefix_text(raw)
         out = layout.decode(raw)
         for f in layout.fields:
             if f.size in (4, 16) and not f.count and (

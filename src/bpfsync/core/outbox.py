@@ -79,6 +79,13 @@ class Outbox:
         self._per_origin = frozenset(per_origin_maps)
         self._queues: dict[str, dict[Register, bytes]] = {}  # map -> register -> packed
 
+    def add_per_origin(self, name: str) -> None:
+        """Coalesce map ``name``'s records per (key, origin) from now on (a per-origin map
+        synced since this outbox was made). Its queued records, keyed by key alone, go: none
+        is queued for a map the node did not sync."""
+        self._queues.pop(name, None)
+        self._per_origin = self._per_origin | {name}
+
     def add(self, records: Iterable[Record] | Packed, *, newest: bool = False) -> None:
         """Queue records; a newer record of a queued register replaces it in place.
         ``newest``: the records outrank any queued record of their registers (this node's own,

@@ -30,7 +30,7 @@ from typing import ClassVar
 
 from bpfsync.core.messages import MapSchema, Record
 from bpfsync.errors import ConfigError
-from bpfsync.layout import Kind, Layout
+from bpfsync.layout import Field, Kind, Layout
 
 
 def newer(a: Record, b: Record) -> bool:
@@ -87,21 +87,72 @@ class LastWriterWins(Policy):
 
 LWW = LastWriterWins()
 
-OPS = frozenset({"counter", "max", "min", "lww", "epoch"})
+OPS = frozenset({"counter", "max", "min", "lww", "epoch", "local"})
 
 
 @dataclass(frozen=True, slots=True)
 class FieldRule:
-    """How one little-endian unsigned field of a value merges.
+    """How one little-endian unsigned field of a value, or a range of its bits, merges.
 
-    ``counter`` sums the origins' slots (mod 2**bits, as the kernel's u32/u64 would wrap);
-    ``max``/``min`` take the extreme; ``lww`` takes the latest origin's bytes; ``epoch`` marks a
-    window number: only the origins at the highest epoch count, so a new window resets the rest.
+    The field is the ``size``-byte integer at ``offset``; a rule with ``bits`` covers only bits
+    ``shift`` to ``shift + bits - 1`` of it (bit 0 the least significant), so flag bits and a
+    counter sharing one u64 merge each by their own op.
+
+    ``counter`` sums the origins' slots (mod 2**width, as the kernel's integers wrap: a counter
+    in the high bits of a u64 wraps out of the top, never into its neighbours); ``max``/``min``
+    take the extreme; ``lww`` takes the latest origin's bits; ``epoch`` marks a window number:
+    only the origins at the highest epoch count, so a new window resets the rest. ``local``
+    bits belong to each node alone: the agent zeroes them before values reach the core and
+    keeps the kernel's own when it writes (agent/synced.py), so here they are always zero.
     """
 
     offset: int
     size: int
     op: str
+    shift: int = 0
+    bits: int = 0  # 0: the whole field
+
+    @property
+    def width(self) -> int:
+        return self.bits or 8 * self.size
+
+    @property
+    def bit_range(self) -> tuple[int, int]:
+        """[start, stop) in bits from the start of the value."""
+        start = 8 * self.offset + self.shift
+        return start, start + self.width
+
+    @property
+    def spec(self) -> str:
+        """``op@offset+size``, with ``[lo:hi]`` for a bit range (the policy's name uses it)."""
+        bits = f"[{self.shift}:{self.shift + self.bits}]" if self.bits else ""
+        return f"{self.op}@{self.offset}+{self.size}{bits}"
+
+    def get(self, value: bytes | bytearray) -> int:
+        n = int.from_bytes(value[self.offset : self.offset + self.size], "little")
+        return (n >> self.shift) & ((1 << self.width) - 1) if self.bits else n
+
+    def put(self, buf: bytearray, n: int) -> None:
+        """Write ``n`` (mod 2**width) into these bits of ``buf``; the field's other bits stay."""
+        lo, hi = self.offset, self.offset + self.size
+        mask = (1 << self.width) - 1
+        if self.bits:
+            word = int.from_bytes(buf[lo:hi], "little") & ~(mask << self.shift)
+            n = word | ((n & mask) << self.shift)
+        buf[lo:hi] = (n & ((1 << (8 * self.size)) - 1)).to_bytes(self.size, "little")
+
+    def mask(self, size: int) -> int:
+        """These bits as an integer mask over a ``size``-byte little-endian value."""
+        start, stop = self.bit_range
+        return ((1 << (stop - start)) - 1) << start if stop <= 8 * size else 0
+
+
+def mask_bytes(rules: Iterable[FieldRule], size: int) -> bytes:
+    """The bits of ``rules``, as a ``size``-byte little-endian mask."""
+    m = 0
+    for rule in rules:
+        m |= rule.mask(size)
+    return m.to_bytes(size, "little")
 
 
 class FieldPolicy(Policy):
@@ -118,19 +169,26 @@ class FieldPolicy(Policy):
         self, value_size: int, rules: Iterable[FieldRule], name: str | None = None
     ) -> None:
         self.value_size = value_size
-        self.rules = tuple(sorted(rules, key=lambda r: r.offset))
-        spec = ",".join(f"{r.op}@{r.offset}+{r.size}" for r in self.rules)
+        self.rules = tuple(sorted(rules, key=lambda r: r.bit_range))
+        spec = ",".join(r.spec for r in self.rules)
         self.name = name or f"fields:{spec}"
         end = 0
         for rule in self.rules:
             if rule.op not in OPS:
                 raise ConfigError(f"unknown merge op {rule.op!r}; choose one of {sorted(OPS)}")
-            if rule.size <= 0 or rule.offset < end or rule.offset + rule.size > value_size:
+            start, stop = rule.bit_range
+            if rule.size <= 0 or start < end or rule.offset + rule.size > value_size or (
+                rule.bits < 0 or rule.shift < 0 or rule.shift + rule.bits > 8 * rule.size
+            ):
                 raise ConfigError(
-                    f"field at offset {rule.offset} size {rule.size} overlaps another field or"
-                    f" runs past the {value_size}-byte value"
+                    f"field at offset {rule.offset} size {rule.size} (bits {start}-{stop - 1} of"
+                    f" the value) overlaps another field or runs past the {value_size}-byte value"
                 )
-            end = rule.offset + rule.size
+            end = stop
+        if self.rules and all(r.op == "local" for r in self.rules) and (
+            sum(r.width for r in self.rules) == 8 * value_size
+        ):
+            raise ConfigError("every bit of the value is local: nothing of it would sync")
         epochs = [r for r in self.rules if r.op == "epoch"]
         if len(epochs) > 1:
             raise ConfigError("a value can have at most one epoch field")
@@ -138,30 +196,35 @@ class FieldPolicy(Policy):
         self.seed_as_own = all(r.op != "counter" for r in self.rules)
 
     @classmethod
-    def from_layout(cls, layout: Layout, ops: Mapping[str, str]) -> FieldPolicy:
+    def from_layout(
+        cls, layout: Layout, ops: Mapping[str, str], bit_ranges: Mapping[str, Mapping[str, str]]
+        | None = None,
+    ) -> FieldPolicy:
         """Rules from a value's layout and ``{field name: op}``; other fields follow lww.
 
-        Numeric ops need a plain unsigned integer field (not signed, float, array or bitfield).
+        ``bit_ranges`` splits fields by bits: ``{field name: {"LO:HI": op}}`` (bits LO to HI-1,
+        bit 0 the least significant of the little-endian integer), covering every bit of the
+        field exactly once. Numeric ops (and bit ranges) need a plain unsigned integer field
+        (not signed, float or array); a C bitfield is its bits of the integer holding it.
         """
         rules = []
         for name, op in ops.items():
-            try:
-                f = layout.field(name)
-            except KeyError as err:
-                raise ConfigError(f"merge rule for {name!r}: {err.args[0]}") from err
-            if op != "lww" and (f.kind not in (Kind.UINT, Kind.BOOL) or f.count or f.bits):
-                raise ConfigError(
-                    f"merge rule {name}: {op} needs an unsigned integer field;"
-                    f" {name!r} is {f.kind}{' array' if f.count else ''}"
-                    f"{' bitfield' if f.bits else ''}"
-                )
-            rules.append(FieldRule(f.offset, f.size, op))
+            f = _field(layout, name)
+            if op not in ("lww", "local"):
+                _check_unsigned(f, f"merge rule {name}: {op}")
+            rules.append(_whole_rule(f, op))
+        for name, ranges in (bit_ranges or {}).items():
+            f = _field(layout, name)
+            if name in ops:
+                raise ConfigError(f"merge rule {name!r} gives both an op and bit ranges")
+            _check_unsigned(f, f"bit ranges of {name or 'the value'}")
+            rules += _bit_rules(f, name, ranges)
         return cls(layout.size, rules)
 
     def _epoch_of(self, value: bytes) -> int:
         rule = self._epoch
         assert rule is not None
-        return int.from_bytes(value[rule.offset : rule.offset + rule.size], "little")
+        return rule.get(value)
 
     def _current(self, values: list[Record]) -> list[Record]:
         """The live contributions of the newest window (all of them without an epoch field)."""
@@ -192,10 +255,7 @@ class FieldPolicy(Policy):
             live = [v for v in live if self._epoch_of(v) == epoch]
         out = bytearray(observed)
         for rule in counters:
-            lo, hi = rule.offset, rule.offset + rule.size
-            rest = sum(int.from_bytes(v[lo:hi], "little") for v in live)
-            mine = (int.from_bytes(observed[lo:hi], "little") - rest) % (1 << (8 * rule.size))
-            out[lo:hi] = mine.to_bytes(rule.size, "little")
+            rule.put(out, rule.get(observed) - sum(rule.get(v) for v in live))
         return bytes(out)
 
 
@@ -223,20 +283,67 @@ class Companion(Policy):
 
 
 def combine_fields(base: bytes, values: Sequence[bytes], rules: Iterable[FieldRule]) -> bytes:
-    """``base`` with each counter/max/min field replaced by the sum/max/min over ``values``;
-    lww and epoch fields, and bytes no rule covers, stay as in ``base``."""
+    """``base`` with each counter/max/min field (or bit range) replaced by the sum/max/min over
+    ``values``; lww, epoch and local ones, and bits no rule covers, stay as in ``base``."""
     out = bytearray(base)
     for rule in rules:
-        if rule.op in ("lww", "epoch"):
+        if rule.op in ("lww", "epoch", "local"):
             continue
-        lo, hi = rule.offset, rule.offset + rule.size
-        nums = [int.from_bytes(v[lo:hi], "little") for v in values]
-        if rule.op == "counter":
-            n = sum(nums) % (1 << (8 * rule.size))  # wraps like the kernel's u32/u64
-        else:
-            n = max(nums) if rule.op == "max" else min(nums)
-        out[lo:hi] = n.to_bytes(rule.size, "little")
+        nums = [rule.get(v) for v in values]
+        # a sum is wrapped by put() like the kernel's integers
+        pick_n = sum if rule.op == "counter" else max if rule.op == "max" else min
+        rule.put(out, pick_n(nums))
     return bytes(out)
+
+
+def _field(layout: Layout, name: str) -> Field:
+    try:
+        return layout.field(name)
+    except KeyError as err:
+        raise ConfigError(f"merge rule for {name!r}: {err.args[0]}") from err
+
+
+def _check_unsigned(f: Field, what: str) -> None:
+    if f.kind not in (Kind.UINT, Kind.BOOL) or f.count or f.size not in (1, 2, 4, 8):
+        raise ConfigError(
+            f"{what} needs an unsigned integer field of 1, 2, 4 or 8 bytes;"
+            f" {f.name or 'the value'!r} is a {f.size}-byte {f.kind}"
+            f"{' array' if f.count else ''}"
+        )
+
+
+def _whole_rule(f: Field, op: str) -> FieldRule:
+    if f.bits:  # a C bitfield: its bits of the integer that holds it
+        return FieldRule(f.offset, f.size, op, f.bit_offset, f.bits)
+    return FieldRule(f.offset, f.size, op)
+
+
+def _bit_rules(f: Field, name: str, ranges: Mapping[str, str]) -> list[FieldRule]:
+    """The rules of ``{"LO:HI": op}`` over field ``f``: in range, disjoint, covering it."""
+    what = f"bit ranges of {name!r}" if name else "bit ranges of the value"
+    width = f.bits or 8 * f.size
+    spans = []
+    for text, op in ranges.items():
+        lo_s, sep, hi_s = text.partition(":")
+        if not sep or not lo_s.isdigit() or not hi_s.isdigit():
+            raise ConfigError(f"{what}: {text!r} is not LO:HI (bits LO to HI-1, e.g. 0:8)")
+        lo, hi = int(lo_s), int(hi_s)
+        if not lo < hi <= width:
+            raise ConfigError(f"{what}: bits {lo}-{hi - 1} do not fit the {width}-bit field"
+                              " (give LO:HI with LO < HI <= the field's width)")
+        spans.append((lo, hi, op))
+    spans.sort()
+    at = 0
+    for lo, hi, _ in spans:
+        if lo < at:
+            raise ConfigError(f"{what}: bits {lo}-{min(at, hi) - 1} are in two ranges")
+        if lo > at:
+            raise ConfigError(f"{what}: bits {at}-{lo - 1} are in no range; cover every bit")
+        at = hi
+    if at < width:
+        raise ConfigError(f"{what}: bits {at}-{width - 1} are in no range; cover every bit")
+    base = f.bit_offset if f.bits else 0
+    return [FieldRule(f.offset, f.size, op, base + lo, hi - lo) for lo, hi, op in spans]
 
 
 def policy_for(schema: MapSchema) -> Policy:

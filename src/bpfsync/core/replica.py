@@ -70,16 +70,21 @@ Persisted state (the agent's state store keeps what these rules need; ``load``, 
   P2  ``load`` takes a map's stored state in before anything else, checked first (a damaged
       blob is ValueError, and nothing of the map is taken); the clock observes the highest
       stored stamp, so a new local change outranks this node's writes of its previous run.
-Restart (``restart``: after ``load``, the kernel map's entries as found at start)
+Restart (``restart``: after ``load``, the kernel map's entries as found at start; or, while the
+agent runs, those of a new map object found at the map's pin: the data plane restarted)
   S4  The same map object (same map id, same boot): an entry equal to the registers' value
       keeps its stored stamp; an entry that is new or differs, and a key the registers hold
       that the kernel does not, were changed by the data plane while the agent was down. Such
       keys are held back (H1), then stamped as local changes once the catch-up has shown the
       clock every peer's stamp (``take_held``): the data plane's last word wins.
   S5  A new map object (another id, or another boot: the data plane recreated its map) is no
-      cluster-wide delete: the stored registers are dropped and the kernel's entries seeded
-      (S1, S2); peers refill the map.
-  S6  ``restore`` (opt-in per map) takes the stored registers back into a new map object found
+      cluster-wide delete: the registers (stored, or those of the running agent) are dropped
+      and the kernel's entries seeded (S1, S2); peers refill the map. So an entry the data
+      plane wrote into the new map is kept and sent where no peer has its key, and takes the
+      peers' value where one has: its age is unknown, as a seeded entry's is. Found at start
+      or while running, the rule is the same: the registers are written back only where S6
+      asks, so a map emptied on purpose is as empty as its peers leave it.
+  S6  ``restore`` (opt-in per map) takes the registers back into a new map object found
       empty: their values are written to it, so a cluster whose every node lost its maps (a
       power loss) comes back to its last stored state; a map emptied on purpose is restored
       only where this was asked for.
@@ -89,6 +94,18 @@ Restart (``restart``: after ``load``, the kernel map's entries as found at start
       this node's contribution what the value holds beyond the other origins' registers *as
       stored* (own_part at restart), so increments counted while down are added and the peers'
       increments since are not taken for ours; the key then gets the registers' value.
+Filters (core/filter.py; the agent checks them, on the kernel's entries as they are, before
+anything reaches these rules: agent/pipeline.py and agent/applier.py)
+  F1  A local value that does not pass its map's filter is no change: not stamped, not sent. The
+      registers keep what the key last synced, so peers keep it too: an entry that stops
+      passing stays on the other nodes as it last passed (their own data planes, LRU or a delete
+      remove it), and is not taken for a delete.
+  F2  A peer's value or delete is not written over a local entry that does not pass: that entry
+      is the node's own. The registers still merge the record (the replica stays convergent).
+  F3  An entry that starts passing is a local change like any other, seen at its next change;
+      one held back by an age condition is looked at again every timer tick until it passes or
+      is deleted.
+  F4  Deletes are not filtered: deleting a key the cluster holds is a delete (T1).
   C1  The clock observes the highest stamp accepted in each batch (every stamp is checked
       for drift), so a local write made after seeing a record outranks it.
 """
@@ -181,7 +198,7 @@ class ApplyResult:
 class Restart:
     """What ``Replica.restart`` found (S4-S6) and the kernel writes it asks for."""
 
-    case: str  # "resumed" (S4), "new map" (S5), "restored" (S6)
+    case: str  # "resumed" (S4), "new map" (S5), "restored" (S6); "seeded" (S1: nothing held)
     held: int = 0  # keys the data plane changed while the agent was down (H1)
     deleted: int = 0  # ... of them, deleted
     seeded: int = 0  # S5: entries seeded
@@ -225,27 +242,32 @@ class Replica:
         self._held: dict[str, dict[bytes, tuple[Record, ...] | None]] = {}
         policies = dict(policies or {})
         for schema in maps:
-            if schema.name in self._tables:
-                raise ConfigError(f"map {schema.name!r} is listed twice")
-            if schema.key_size <= 0 or schema.value_size <= 0:
-                raise ConfigError(f"map {schema.name!r}: key and value sizes must be > 0")
-            policy = policies.pop(schema.name, None) or policy_for(schema)
-            if policy.name != schema.policy:
-                raise ConfigError(
-                    f"map {schema.name!r}: the schema says policy {schema.policy!r} but"
-                    f" {policy.name!r} was given; peers compare the schema's name"
-                )
-            if isinstance(policy, FieldPolicy) and policy.value_size != schema.value_size:
-                raise ConfigError(
-                    f"map {schema.name!r}: policy is for {policy.value_size}-byte values,"
-                    f" the map's are {schema.value_size} bytes"
-                )
-            table = SlotTable if policy.per_origin else LwwTable  # the shape the policy needs
-            self._tables[schema.name] = table(schema, policy, digest_buckets)
-            self._deviations[schema.name] = {}
-            self._held[schema.name] = {}
+            self.add_map(schema, policies.pop(schema.name, None))
         if policies:
             raise ConfigError(f"policies given for maps that are not synced: {sorted(policies)}")
+
+    def add_map(self, schema: MapSchema, policy: Policy | None = None) -> None:
+        """Sync one more map, from now on (a map the agent could not open at start). Its
+        table starts empty: ``seed`` or ``load`` it next."""
+        if schema.name in self._tables:
+            raise ConfigError(f"map {schema.name!r} is listed twice")
+        if schema.key_size <= 0 or schema.value_size <= 0:
+            raise ConfigError(f"map {schema.name!r}: key and value sizes must be > 0")
+        policy = policy or policy_for(schema)
+        if policy.name != schema.policy:
+            raise ConfigError(
+                f"map {schema.name!r}: the schema says policy {schema.policy!r} but"
+                f" {policy.name!r} was given; peers compare the schema's name"
+            )
+        if isinstance(policy, FieldPolicy) and policy.value_size != schema.value_size:
+            raise ConfigError(
+                f"map {schema.name!r}: policy is for {policy.value_size}-byte values,"
+                f" the map's are {schema.value_size} bytes"
+            )
+        table = SlotTable if policy.per_origin else LwwTable  # the shape the policy needs
+        self._tables[schema.name] = table(schema, policy, self.digest_buckets)
+        self._deviations[schema.name] = {}
+        self._held[schema.name] = {}
 
     # --- what the caller may ask ---------------------------------------------------------------
 
@@ -681,9 +703,10 @@ class Replica:
     def restart(
         self, map: str, content: Content, *, same_object: bool, restore: bool = False
     ) -> Restart:
-        """S4-S6, after ``load``: ``content``, the kernel map's entries as found at start.
-        ``same_object``: the stored state is of this very map object (its id, this boot);
-        ``restore``: the map's configuration asks for S6."""
+        """S4-S6: ``content``, the kernel map's entries as found at start (after ``load``), or
+        those of a new map object found while running (the registers are then the running
+        agent's). ``same_object``: the registers are of this very map object (its id, this
+        boot); ``restore``: the map's configuration asks for S6."""
         table = self._local_table(map)
         if not same_object:
             if restore and not len(content) and len(table):
@@ -692,6 +715,7 @@ class Replica:
                 return Restart("restored", fills=[Fill(map, keys, values, n)] if n else [])
             self._tables[map] = type(table)(table.schema, table.policy, table.nbuckets)
             self._deviations[map].clear()
+            self._held[map].clear()  # H1's keys were the old object's
             return Restart("new map", seeded=self.seed(map, content.pairs()))
         held, deviations = self._held[map], self._deviations[map]
         changed = differences(table, content)

@@ -170,11 +170,20 @@ class Node(AgentProcess):
 
     def recreate_map(self) -> None:
         """The data plane restarts: its map is made anew (empty, another map id) and pinned
-        where the old one was. The agent must not be running."""
+        where the old one was. A running agent follows it to the new map."""
+        self.remove_map()
+        self.load_map()
+
+    def remove_map(self) -> None:
+        """The data plane goes away: its program and map are freed (but for an agent's
+        reference) and the pin removed."""
         self.map.close()
         self.obj.close()
         with contextlib.suppress(OSError):
             self.pin.unlink()
+
+    def load_map(self) -> None:
+        """The data plane comes up (after ``remove_map``): a new map, empty, pinned."""
         self._load()
 
     @property

@@ -124,6 +124,23 @@ class BpfProgInfo(Structure):
     ]
 
 
+class BpfMapCreateOpts(Structure):
+    """``struct bpf_map_create_opts`` (bpf/bpf.h, libbpf 1.1), 48 bytes."""
+
+    _fields_ = [
+        ("sz", c_size_t),
+        ("btf_fd", c_uint32),
+        ("btf_key_type_id", c_uint32),
+        ("btf_value_type_id", c_uint32),
+        ("btf_vmlinux_value_type_id", c_uint32),
+        ("inner_map_fd", c_uint32),
+        ("map_flags", c_uint32),
+        ("map_extra", c_uint64),
+        ("numa_node", c_uint32),
+        ("map_ifindex", c_uint32),
+    ]
+
+
 class BpfMapBatchOpts(Structure):
     """``struct bpf_map_batch_opts`` (bpf/bpf.h), 24 bytes."""
 
@@ -190,7 +207,9 @@ _VA_LIST_SIZE = {"x86_64": 24, "aarch64": 32}.get(platform.machine(), 0)
 
 _PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     # bpf.h: low-level syscall wrappers
-    "bpf_map_create": (c_int, [c_int, c_char_p, c_uint32, c_uint32, c_uint32, c_void_p]),
+    "bpf_map_create": (
+        c_int, [c_int, c_char_p, c_uint32, c_uint32, c_uint32, POINTER(BpfMapCreateOpts)],
+    ),
     "bpf_map_get_fd_by_id": (c_int, [c_uint32]),
     "bpf_map_get_next_id": (c_int, [c_uint32, POINTER(c_uint32)]),
     "bpf_obj_get": (c_int, [c_char_p]),
@@ -358,10 +377,12 @@ def _str(raw: bytes | None) -> str:
 # --- ids, pins, info ---------------------------------------------------------------------------
 
 
-def map_create(map_type: int, name: str, key_size: int, value_size: int, entries: int) -> int:
+def map_create(map_type: int, name: str, key_size: int, value_size: int, entries: int,
+               flags: int = 0) -> int:
     what = f"create map {name or '(unnamed)'} (type {map_type}, {key_size}/{value_size} bytes)"
+    opts = BpfMapCreateOpts(sz=ctypes.sizeof(BpfMapCreateOpts), map_flags=flags)
     return check(lib().bpf_map_create(map_type, _s(name) if name else None, key_size,
-                                      value_size, entries, None), what)
+                                      value_size, entries, ctypes.byref(opts)), what)
 
 
 def map_get_fd_by_id(map_id: int) -> int:

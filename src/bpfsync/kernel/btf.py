@@ -7,12 +7,21 @@ types: struct members become fields with dotted names, arrays of numbers become 
 better reading become opaque bytes. A map created without BTF (``bpftool map create``, old
 loaders) raises ``NotFoundError``; ``map_layouts_or_raw`` falls back to ``Layout.raw``.
 
+An LPM trie's key is a prefix (``Layout.is_prefix``, read whole as ``198.51.100.0/24``): the
+kernel reads every such key as a ``__u32`` prefix length and address bytes. Without BTF that
+follows from the map type (fields ``prefixlen`` and ``addr``); with BTF, a key struct of exactly
+that shape (``{__u32 prefixlen; __u8 addr[4];}``, ``{__u32 prefixlen; __be32 addr;}``) is a
+prefix with its own field names, ``struct bpf_lpm_trie_key_u8`` (a flexible array: no size) one
+with the default names, and a struct with more fields after the length (an ifindex, then an
+address) is no prefix: its fields say more than one prefix would.
+
 ``Btf`` is also the handle on vmlinux BTF used by the feature probes (``find``).
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import functools
 import threading
@@ -20,8 +29,8 @@ import threading
 from bpfsync.errors import InvalidError, NotFoundError
 from bpfsync.kernel import _libbpf
 from bpfsync.kernel._closing import Closing
-from bpfsync.kernel.info import MapInfo
-from bpfsync.layout import Field, Kind, Layout
+from bpfsync.kernel.info import MapInfo, MapType
+from bpfsync.layout import PREFIXLEN_SIZE, Field, Kind, Layout
 
 # enum btf_kind (linux/btf.h)
 KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_UNION, KIND_ENUM = 1, 2, 3, 4, 5, 6
@@ -241,33 +250,59 @@ def _scalar_kind(t: BtfType) -> Kind:
 def map_layouts(info: MapInfo) -> tuple[Layout, Layout]:
     """(key layout, value layout) of a map, from its BTF. NotFoundError if it has none.
 
+    An LPM trie's key is a prefix unless its BTF names more fields (see the module text).
     For per-CPU maps the value layout describes one CPU's value (``info.value_size`` bytes)."""
     if not info.btf_id or not info.btf_value_type_id:
         raise NotFoundError(
             f"map {info.describe()} was created without BTF type information: "
-            "its keys and values can only be shown as raw bytes (Layout.raw)",
+            "its keys and values can only be shown as raw bytes (Layout.raw; an LPM trie's "
+            "keys as prefixes, map_layouts_or_raw)",
             errno.ENOENT,
         )
     with Btf.load_by_id(info.btf_id) as btf:
         value = btf.layout(info.btf_value_type_id)
         key = btf.layout(info.btf_key_type_id) if info.btf_key_type_id else None
-    if key is None or key.size != info.key_size:
-        key = Layout.raw(info.key_size)
     if value.size != info.value_size:
         raise InvalidError(
             f"map {info.describe()}: BTF value type is {value.size} bytes, "
             f"the map's values {info.value_size}",
             errno.EINVAL,
         )
-    return key, value
+    return _key_layout(info, key), value
 
 
 def map_layouts_or_raw(info: MapInfo) -> tuple[Layout, Layout]:
-    """``map_layouts``, or raw byte layouts for a map without BTF."""
+    """``map_layouts``, or raw byte layouts for a map without BTF (an LPM trie's key: a
+    prefix, which its type implies)."""
     try:
         return map_layouts(info)
     except NotFoundError:
-        return Layout.raw(info.key_size), Layout.raw(info.value_size)
+        return _key_layout(info, None), Layout.raw(info.value_size)
+
+
+def _key_layout(info: MapInfo, btf_key: Layout | None) -> Layout:
+    """The key's layout from its BTF (None: none), raw where that does not fit the map; an LPM
+    trie's a prefix where the BTF says no more than the map type does."""
+    key = btf_key if btf_key is not None and btf_key.size == info.key_size else None
+    if info.type != MapType.LPM_TRIE or info.key_size <= PREFIXLEN_SIZE:
+        return key if key is not None else Layout.raw(info.key_size)
+    if key is None or key.is_raw:
+        return Layout.prefix(info.key_size, key.name if key is not None else "")
+    return dataclasses.replace(key, is_prefix=True) if _is_prefix_struct(key) else key
+
+
+def _is_prefix_struct(key: Layout) -> bool:
+    """{u32 prefix length; one address field up to the end}: an LPM key with nothing else.
+    The length may be typed as a union (of ``struct bpf_lpm_trie_key_hdr`` and a ``__u32``)."""
+    if len(key.fields) != 2 or key.size <= PREFIXLEN_SIZE:
+        return False
+    length, addr = sorted(key.fields, key=lambda f: f.offset)
+    return (
+        (length.offset, length.size, length.bits, length.count) == (0, PREFIXLEN_SIZE, 0, 0)
+        and length.kind in (Kind.UINT, Kind.INT, Kind.BYTES)
+        and (addr.offset, addr.end, addr.bits) == (PREFIXLEN_SIZE, key.size, 0)
+        and addr.kind in (Kind.BYTES, Kind.UINT)
+    )
 
 
 _vmlinux_lock = threading.Lock()

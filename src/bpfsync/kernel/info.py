@@ -91,6 +91,13 @@ _PERCPU = frozenset(
 )
 
 
+class MapFlags(enum.IntFlag):
+    """``map_flags`` of BPF_MAP_CREATE (the ones bpfsync uses)."""
+
+    NONE = 0
+    NO_PREALLOC = 1  # BPF_F_NO_PREALLOC: allocate elements on update (LPM tries require it)
+
+
 class UpdateFlags(enum.IntFlag):
     """``flags`` of BPF_MAP_UPDATE_ELEM (and ``elem_flags`` of the batch form)."""
 

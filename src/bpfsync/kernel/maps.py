@@ -85,12 +85,15 @@ class Map(Closing):
 
     @classmethod
     def create(
-        cls, map_type: MapType, key_size: int, value_size: int, max_entries: int, name: str = ""
+        cls, map_type: MapType, key_size: int, value_size: int, max_entries: int, name: str = "",
+        flags: int = 0,
     ) -> Map:
-        """A new map without BTF (like ``bpftool map create``); pin it to keep it past close."""
+        """A new map without BTF (like ``bpftool map create``); pin it to keep it past close.
+        ``flags`` are its ``map_flags`` (``MapFlags``; an LPM trie needs ``NO_PREALLOC``)."""
         if len(name) > 15:
             raise ValueError(f"map names are at most 15 characters, {name!r} is {len(name)}")
-        return cls(_libbpf.map_create(int(map_type), name, key_size, value_size, max_entries))
+        return cls(_libbpf.map_create(int(map_type), name, key_size, value_size, max_entries,
+                                      int(flags)))
 
     @classmethod
     def open_by_id(cls, map_id: int) -> Map:
@@ -157,7 +160,20 @@ class Map(Closing):
     # --- single elements -----------------------------------------------------------------------
 
     def lookup(self, key: bytes) -> bytes | None:
-        """The value for ``key`` (``value_stride`` bytes), or None if absent."""
+        """The value stored under ``key`` (``value_stride`` bytes), or None if absent.
+
+        Of an LPM trie too: the kernel answers a trie's lookup with the longest prefix it holds
+        that contains ``key`` (``match``), so ``10.1.0.0/16`` would find ``10.0.0.0/8``'s value
+        where the /16 is gone; here a key the trie does not hold itself is absent."""
+        value = self.match(key)
+        if value is not None and self.info.type == MapType.LPM_TRIE and not self._holds(key):
+            return None
+        return value
+
+    def match(self, key: bytes) -> bytes | None:
+        """BPF_MAP_LOOKUP_ELEM as the kernel answers it: ``lookup`` for every type but an LPM
+        trie, whose answer is the value of the longest prefix holding ``key`` (what a BPF
+        program's lookup finds), or None."""
         self._check_key(key)
         value = ctypes.create_string_buffer(self.value_stride)
         ret = _libbpf.map_lookup_elem(self.fd, key, value)
@@ -165,6 +181,12 @@ class Map(Closing):
             return None
         self._check(ret, "lookup")
         return value.raw
+
+    def _holds(self, key: bytes) -> bool:
+        """Whether an LPM trie holds ``key`` itself. The trie's get_next_key walks in postorder
+        and starts over at the first key for a key it does not hold; for one it holds it answers
+        the key after it (None after the last), never the first."""
+        return self.next_key(key) != self.next_key(None)
 
     def update(self, key: bytes, value: bytes, flags: int = UpdateFlags.ANY) -> None:
         """Create or replace (``flags``: ``UpdateFlags.NOEXIST`` / ``EXIST`` restrict that)."""
@@ -322,6 +344,23 @@ def map_ids() -> Iterator[int]:
     map_id: int | None = 0
     while (map_id := _libbpf.map_get_next_id(map_id or 0)) is not None:
         yield map_id
+
+
+def pinned_map_id(path: str) -> int | None:
+    """The id of the map pinned at ``path`` now, None when nothing is pinned there: two
+    syscalls and no ``Map``, cheap enough to ask several times a second. Another kind of
+    object pinned there raises ``InvalidError``, as ``Map.open_pinned`` does."""
+    try:
+        fd = _libbpf.obj_get(path)
+    except NotFoundError:
+        return None
+    try:
+        kind = _fd_kind(fd)
+        if kind != "bpf-map":
+            raise InvalidError(f"{path} is a pinned {kind or 'object'}, not a map", errno.EINVAL)
+        return int(_libbpf.map_info(fd).id)
+    finally:
+        os.close(fd)
 
 
 def unpin(path: str) -> None:

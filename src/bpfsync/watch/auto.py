@@ -28,6 +28,10 @@ scan with the overlay applied. The overlay is taken *before* the dump: whatever 
 written before the dump began, so the dump holds that value or a newer one, and no report is
 ever older than what the consumer was told; a value reported during the dump waits in the next
 overlay. This also keeps the periodic poll from repeating what the tracer already reported.
+
+Other map objects: ``reopen`` moves the watcher to a new set of maps (a data plane recreated
+its map at its pin, or pinned one for the first time) without losing a write to the maps
+that stay: see there.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ _SCAN_SHARE = 0.25
 # write after a quiet spell waits up to _IDLE_BACKOFF scan periods to be found.
 _IDLE_BACKOFF = 4
 _IDLE_MAX_S = 5.0
+# reopen() reads the old tracer at most this many times before closing it (see there)
+_DRAIN_READS = 16
 _KEY, _VALUE = itemgetter(1), itemgetter(2)  # a Change's key, value
 
 
@@ -116,9 +122,7 @@ class AutoWatcher:
     ) -> None:
         if poll_interval <= 0 or repair_interval <= 0:
             raise ValueError("poll intervals must be positive")
-        if not maps:
-            raise ValueError("nothing to watch")
-        self.maps = dict(maps)
+        self.maps = dict(maps)  # none is fine: ``reopen`` may bring some
         self.poll_interval = poll_interval
         self.repair_interval = repair_interval
         self.tracing = tracing
@@ -150,6 +154,9 @@ class AutoWatcher:
         # held: no periodic scan until release_scans() (a catching-up agent, see there)
         self._scans_held = hold_scans
         self._wake_scanner = threading.Event()
+        # held by the scanner while it scans a map, by reopen() while it swaps maps: a scan of
+        # an object no longer watched never finishes after the swap (taken before _overlay_lock)
+        self._scan_lock = threading.Lock()
         self._scanner = threading.Thread(target=self._scan_loop, name="bpfsync-scan", daemon=True)
         self._stop = threading.Event()
         self._started = False
@@ -168,65 +175,142 @@ class AutoWatcher:
         if self._started:
             raise ValueError("AutoWatcher.start() called twice")
         self._started = True
-        traceable, refused = self._split() if self.tracing else ({}, {})
-        if not self.tracing:
-            self.why_not_traced = "tracing switched off"
-        elif traceable:
-            tracer = self.tracer_factory(traceable)
-            try:
-                tracer.start()
-            except KernelError as e:
-                self.why_not_traced = str(e).splitlines()[0]
-            else:
-                self.trace, self.traced = tracer, frozenset(traceable)
-        if refused and not self.why_not_traced:
-            self.why_not_traced = "; ".join(refused.values())
-        if self.why_not_traced:
-            polled = sorted(set(self.maps) - self.traced)
-            log.warning(
-                "trace watcher not used for %s (%s): polling every %g s instead",
-                ", ".join(polled), self.why_not_traced, self.poll_interval,
-            )  # fmt: skip
-        elif self.trace is not None and not self.trace.sees_programs:
-            log.warning(
-                "fexit refused (%s): writes to %s from user space are traced at bpf(2), writes"
-                " by BPF programs are polled every %g s",
-                self.trace.refused or "not available", ", ".join(sorted(self.traced)),
-                self.poll_interval,
-            )  # fmt: skip
-        now = time.monotonic()
-        for name in self.maps:
-            # the poll is the only eye on BPF programs' writes where the hooks are bpf(2)'s
-            seen = self.trace is not None and self.trace.sees_programs
-            slow = name in self.traced and name not in self.in_place and seen
-            self._interval[name] = self.repair_interval if slow else self.poll_interval
-            if name in self.traced and name not in self.in_place:
-                self._backoff[name] = 1
-            self._due[name] = now + self._interval[name]
-            self._earliest[name] = now
-            self._pollers[name].emit_initial = self.emit_initial
+        self.trace, self.traced, self.why_not_traced = self._attach(self.maps)
+        self._schedule(self.maps, time.monotonic())
+        for poller in self._pollers.values():
+            poller.emit_initial = self.emit_initial
         try:
             self._initial = [c for p in self._pollers.values() for c in p.poll()]
         except BaseException:
             self.close()
             raise
         self._scanner.start()
-        if self.trace is not None:
-            log.info(
-                "watching %s by trace (%s)",
-                ", ".join(sorted(self.traced)),
-                ", ".join(self.trace.attached),
-            )
+
+    def reopen(
+        self, maps: Mapping[str, Map], in_place: Iterable[str] | None = None
+    ) -> tuple[list[WatchEvent], dict[str, MapDump]]:
+        """Watch ``maps`` from now on: names whose ``Map`` is another object than before (the
+        data plane recreated its map), names not watched before, and no longer those left
+        out. Call it from the thread that calls ``read()``, between two reads.
+
+        A new tracer is attached before the old one is drained and closed, and the maps that
+        stay keep their scans' state (baseline, overlay, back-off) and are rescanned once
+        (what the old ring still held past the drain is found so): no write to them is lost.
+        Each new object is dumped after the attach: its baseline, which every later report
+        is relative to. Returns the old tracer's last events of the maps that stay (to pass
+        on before anything a later ``read()`` returns) and the new objects' baselines, for
+        seeding. What the replaced objects still reported is dropped: they are not watched
+        any more. ``in_place``: as for the constructor, when it changes. If a baseline dump
+        fails, nothing has changed."""
+        if not self._started:
+            raise ValueError("AutoWatcher.reopen() before start()")
+        maps = dict(maps)
+        fresh = [n for n, m in maps.items() if self.maps.get(n) is not m]
+        stale = set(fresh) | (set(self.maps) - set(maps))  # names whose old object goes
+        if in_place is not None:
+            self.in_place = frozenset(in_place)
+        tracer, traced, why = self._attach(maps)
+        pollers = {n: MapPoller(n, maps[n]) for n in fresh}
+        try:
+            for poller in pollers.values():
+                poller.poll()  # after the attach: no write between the two goes unseen
+        except BaseException:
+            if tracer is not None:
+                tracer.close()
+            raise
+        old, left = self.trace, []
+        if old is not None:
+            # bounded: under a flood the old ring fills as fast as it is read; the rescan
+            # below finds what is left in it
+            for _ in range(_DRAIN_READS):
+                batch = old.read(0.0)
+                if not batch:
+                    break
+                left += batch
+            old.close()
+        left = [e for e in left if e.map not in stale]
+        kept_traced = self.traced - stale
+        with self._scan_lock, self._overlay_lock:
+            self.trace, self.traced, self.why_not_traced = tracer, traced, why
+            self.maps = maps
+            for name in stale:
+                self._pollers.pop(name, None)
+                self._overlay.pop(name, None)
+                for table in (self._interval, self._backoff, self._usual_due, self._due,
+                              self._earliest):  # fmt: skip
+                    table.pop(name, None)
+            self._rescan -= stale
+            self._scanned = [scan for scan in self._scanned if scan[0] not in stale]
+            self._pollers.update(pollers)
+            self._schedule(maps, None)
+            self._schedule(fresh, time.monotonic())
+            self._rescan |= kept_traced
+            self._note_locked(left)
+        self._wake_scanner.set()
+        return left, {n: p.baseline.dump for n, p in pollers.items() if p.baseline is not None}
+
+    def _attach(self, maps: Mapping[str, Map]) -> tuple[Tracer | None, frozenset[str], str]:
+        """A tracer for those of ``maps`` it can trace, started (None where none starts), the
+        maps it traces, and why the others are not traced ("" when all are); logged."""
+        traceable, refused = self._split(maps) if self.tracing else ({}, {})
+        tracer: Tracer | None = None
+        why = ""
+        if not self.tracing:
+            why = "tracing switched off"
+        elif traceable:
+            candidate = self.tracer_factory(traceable)
+            try:
+                candidate.start()
+            except KernelError as e:
+                why = str(e).splitlines()[0]
+            else:
+                tracer = candidate
+        if refused and not why:
+            why = "; ".join(refused.values())
+        traced = frozenset(traceable) if tracer is not None else frozenset()
+        polled = sorted(set(maps) - traced)
+        if why and polled:
+            log.warning(
+                "trace watcher not used for %s (%s): polling every %g s instead",
+                ", ".join(polled), why, self.poll_interval,
+            )  # fmt: skip
+        elif tracer is not None and not tracer.sees_programs:
+            log.warning(
+                "fexit refused (%s): writes to %s from user space are traced at bpf(2), writes"
+                " by BPF programs are polled every %g s",
+                tracer.refused or "not available", ", ".join(sorted(traced)),
+                self.poll_interval,
+            )  # fmt: skip
+        if tracer is not None:
+            log.info("watching %s by trace (%s)", ", ".join(sorted(traced)),
+                     ", ".join(tracer.attached))  # fmt: skip
+        return tracer, traced, why
+
+    def _schedule(self, names: Iterable[str], now: float | None) -> None:
+        """Each map's scan period, for the tracer in use; with ``now``, its first scan from
+        then (under the lock once the scanner runs)."""
+        # the poll is the only eye on BPF programs' writes where the hooks are bpf(2)'s
+        seen = self.trace is not None and self.trace.sees_programs
+        for name in names:
+            slow = name in self.traced and name not in self.in_place and seen
+            self._interval[name] = self.repair_interval if slow else self.poll_interval
+            if name in self.traced and name not in self.in_place:
+                self._backoff.setdefault(name, 1)
+            else:
+                self._backoff.pop(name, None)
+            if now is not None:
+                self._due[name] = now + self._interval[name]
+                self._earliest[name] = now
 
     def _trace_watcher(self, maps: Mapping[str, Map]) -> Tracer:
         return TraceWatcher(
             maps, agent_tgid=self.agent_tgid, ring_size=self.ring_size, hooks=self.hooks
         )
 
-    def _split(self) -> tuple[dict[str, Map], dict[str, str]]:
+    def _split(self, maps: Mapping[str, Map]) -> tuple[dict[str, Map], dict[str, str]]:
         traceable: dict[str, Map] = {}
         refused: dict[str, str] = {}
-        for name, m in self.maps.items():
+        for name, m in maps.items():
             try:
                 check_traceable(name, m.info)
             except NotSupportedError as e:
@@ -404,7 +488,9 @@ class AutoWatcher:
                     due = [n for n, t in next_at.items()
                            if t <= now and n not in waiting and not self._scans_held]
                     self._rescan.difference_update(due)
-                    wait = _RESULT_CHECK if waiting else min(next_at.values()) - now
+                    # no map at all: reopen() wakes us when it brings some
+                    soonest = min(next_at.values(), default=now + 1.0)
+                    wait = _RESULT_CHECK if waiting else soonest - now
                     if self._scans_held:
                         wait = 1.0  # release_scans() wakes us
                 if not due:
@@ -412,22 +498,9 @@ class AutoWatcher:
                     self._wake_scanner.clear()
                     continue
                 for name in due:
-                    started = time.monotonic()
-                    changes, since = self._scan(name)
-                    # at most _SCAN_SHARE of the time dumping a map (the diff is not counted)
-                    p = self._pollers[name]
-                    budget = p.last_scan_seconds / _SCAN_SHARE
-                    with self._overlay_lock:
-                        self._earliest[name] = started + budget
-                        period = max(self._interval[name], budget)
-                        self._usual_due[name] = started + period
-                        if not changes and name in self._backoff:
-                            self._quiet(name)
-                        idle = period * self._backoff.get(name, 1)
-                        self._due[name] = started + min(idle, max(period, _IDLE_MAX_S))
-                        if changes:  # whether they are new is up to _take_scanned
-                            self._scanned.append((name, since, changes))
-                            self._scanned_ready.set()
+                    with self._scan_lock:
+                        if name in self._pollers:  # not left out by reopen() meanwhile
+                            self._scan_due(name)
         except BaseException as err:  # a reader must not wait forever on a dead scanner
             if self._stop.is_set():
                 return
@@ -435,6 +508,25 @@ class AutoWatcher:
             with self._overlay_lock:
                 self._failure = err
             self._scanned_ready.set()
+
+    def _scan_due(self, name: str) -> None:
+        """Scan ``name``, hand its changes over and schedule its next scan."""
+        started = time.monotonic()
+        changes, since = self._scan(name)
+        # at most _SCAN_SHARE of the time dumping a map (the diff is not counted)
+        p = self._pollers[name]
+        budget = p.last_scan_seconds / _SCAN_SHARE
+        with self._overlay_lock:
+            self._earliest[name] = started + budget
+            period = max(self._interval[name], budget)
+            self._usual_due[name] = started + period
+            if not changes and name in self._backoff:
+                self._quiet(name)
+            idle = period * self._backoff.get(name, 1)
+            self._due[name] = started + min(idle, max(period, _IDLE_MAX_S))
+            if changes:  # whether they are new is up to _take_scanned
+                self._scanned.append((name, since, changes))
+                self._scanned_ready.set()
 
     def _scan(self, name: str) -> tuple[list[Change], Notes]:
         """Changes between what the consumer was told about ``name`` and its content now, and

@@ -102,6 +102,8 @@ REQUIRED_FUNCTIONS: dict[MapType, tuple[str, ...]] = {
     ),
     MapType.ARRAY: ("array_map_update_elem",),
     MapType.PERCPU_ARRAY: ("array_map_update_elem", "bpf_percpu_array_update"),
+    # batch commands on a trie go through the generic batch code, which calls these per element
+    MapType.LPM_TRIE: ("trie_update_elem", "trie_delete_elem"),
 }  # fmt: skip
 
 
