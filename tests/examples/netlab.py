@@ -43,7 +43,7 @@ import yaml
 from bpfsync.demo.cluster import AgentProcess, free_port
 from bpfsync.demo.cluster import wait_for as cluster_wait_for
 from bpfsync.kernel.links import Link
-from bpfsync.kernel.maps import Map
+from bpfsync.kernel.maps import Map, unpin
 from bpfsync.kernel.objects import BpfObject
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -196,7 +196,11 @@ class Node:
         ip("-n", self.netns, "addr", "add", f"{self.address}/30", "dev", "eth0")
         ip("-n", self.netns, "link", "set", "eth0", "up")
         ip("-n", self.netns, "route", "add", "default", "via", self.gateway)  # to the sources
+        self.start_data_plane(lab)
 
+    def start_data_plane(self, lab: Netlab) -> None:
+        """Load the program and its maps, pin the maps, attach it: what the data plane's
+        loader does at its start (new map objects each time)."""
         obj = self.obj = BpfObject.open(lab.object_path)
         if lab.rodata is not None:
             spec = obj.map_spec(".rodata")
@@ -206,7 +210,7 @@ class Node:
                                  f"{len(lab.rodata)}: the header and the test disagree")
             spec.set_initial_value(lab.rodata)
         obj.load()
-        self.pin_dir.mkdir(parents=True)
+        self.pin_dir.mkdir(parents=True, exist_ok=True)
         for name in obj.maps:
             if "." not in name:  # not .rodata/.bss/.data
                 m = self.maps[name] = obj.map(name)
@@ -217,6 +221,19 @@ class Node:
 
     def pin(self, name: str) -> str:
         return str(self.pin_dir / name)
+
+    def stop_data_plane(self) -> None:
+        """Detach the program, unpin and close its maps: a data plane that stopped."""
+        if self.link is not None:
+            self.link.destroy()
+            self.link = None
+        for name, m in self.maps.items():
+            unpin(self.pin(name))
+            m.close()
+        self.maps = {}
+        if self.obj is not None:
+            self.obj.close()
+            self.obj = None
 
     def close(self) -> None:
         """Agent, link, maps, object, netns (its veth goes with it): each step runs anyway."""

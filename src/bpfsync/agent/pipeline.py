@@ -15,6 +15,7 @@ report that is neither an echo nor consistent is checked against the kernel by o
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import Counter, defaultdict
@@ -43,6 +44,11 @@ def _now() -> int:
     return time.time_ns()
 
 
+# entries of filtered maps looked at again per timer tick (F3): a lookup each, so a map with a
+# million young entries is gone through in minutes without taking the loop's time
+RECHECK_PER_TICK = 4096
+
+
 @dataclass(slots=True)
 class MapStats:
     reported: int = 0  # changes the watcher reported (echoes of our own writes included)
@@ -65,8 +71,9 @@ class Pipeline:
         self.applier = applier
         self.metrics = metrics
         self.map_stats: dict[str, MapStats] = defaultdict(MapStats)
-        # per map: keys whose entry did not pass an age condition of the filter yet (F3)
-        self.waiting: dict[str, set[bytes]] = {}
+        # per map, oldest first: keys whose entry did not pass an age condition of the
+        # filter yet (F3); at most the map's entries
+        self.waiting: dict[str, dict[bytes, None]] = {}
         self.ready = False
         self.peering: Peering | None = None
         self.watcher: BatchWatcher | None = None
@@ -130,27 +137,31 @@ class Pipeline:
         """replica.py F1: an entry that does not pass its map's filter is no change; one whose
         filter has an age condition waits for ``recheck`` to see it pass as time goes by."""
         if sm.passes(key, raw):
-            self.waiting.get(sm.name, set()).discard(key)
+            self.waiting.get(sm.name, {}).pop(key, None)
             return True
         assert sm.filter is not None
         if sm.filter.has_age:
-            self.waiting.setdefault(sm.name, set()).add(key)
+            self.waiting.setdefault(sm.name, {})[key] = None
         self.metrics.filtered.labels(sm.name).inc()
         return False
 
-    def recheck(self) -> None:
-        """Entries held back by an age condition that they may meet by now: those that pass
-        are local changes (F3); deleted ones stop waiting."""
+    def recheck(self, budget: int = RECHECK_PER_TICK) -> None:
+        """Entries held back by an age condition that they may meet by now, ``budget`` of them
+        a call, oldest first: those that pass are local changes (F3), deleted ones stop
+        waiting, the others wait at the back."""
         events: list[WatchEvent] = []
         for name, keys in self.waiting.items():
             sm = self.synced[name]
-            for key in list(keys):
+            for key in list(itertools.islice(keys, budget)):
+                budget -= 1
+                del keys[key]
                 raw = sm.map.lookup(key)
                 if raw is None:
-                    keys.discard(key)
-                elif sm.passes(key, raw):
-                    keys.discard(key)
+                    continue
+                if sm.passes(key, raw):
                     events.append(Change(name, key, raw, Seen.POLL))
+                else:
+                    keys[key] = None
         if events:
             self.local(events)
 

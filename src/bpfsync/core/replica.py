@@ -103,8 +103,8 @@ anything reaches these rules: agent/pipeline.py and agent/applier.py)
   F2  A peer's value or delete is not written over a local entry that does not pass: that entry
       is the node's own. The registers still merge the record (the replica stays convergent).
   F3  An entry that starts passing is a local change like any other, seen at its next change;
-      one held back by an age condition is looked at again every timer tick until it passes or
-      is deleted.
+      one held back by an age condition is looked at again on the agent's timer (a bounded
+      number a tick, oldest first) until it passes or is deleted.
   F4  Deletes are not filtered: deleting a key the cluster holds is a delete (T1).
   C1  The clock observes the highest stamp accepted in each batch (every stamp is checked
       for drift), so a local write made after seeing a record outranks it.
