@@ -166,3 +166,25 @@ def test_summed_hits_count_every_nodes_drops(netlab: Callable[..., Netlab]) -> N
     assert wait_for(lambda: all(passed(lab)[n] - before[n] >= 10 for n in before), 2), (
         before, passed(lab))
     assert dropped(lab) == blocked
+
+
+def test_an_unblock_holds_while_the_other_nodes_count_hits(
+    netlab: Callable[..., Netlab],
+) -> None:
+    """With summed hits, the other nodes' counts move all along: their records must not undo
+    a newer flag change with the flags they held (pipeline.py: counts alone are not stamped
+    ahead of a peer's record)."""
+    lab, src = _lab(netlab, FLAGS_SUMMED_HITS)
+    key = ipv4(src)
+    write_all_cpus(lab, "a", key, DROP)
+    assert wait_for(lambda: all(f == {DROP} for f in flags(lab, key).values()), 2)
+    with lab.sending(src, [lab["b"].address, lab["c"].address], PROBE_RATE, 9, b"probe"):
+        assert wait_for(lambda: hits(lab, "a", key) > 50, 5)  # b's and c's hits reach a
+        write_all_cpus(lab, "a", key, 0)  # unblocked through a while b and c drop
+        assert wait_for(lambda: all(f == {0} for f in flags(lab, key).values()), 2), (
+            flags(lab, key))
+        before = passed(lab)
+        time.sleep(1.0)
+        assert all(f == {0} for f in flags(lab, key).values()), flags(lab, key)
+        after = passed(lab)
+        assert after["b"] > before["b"] and after["c"] > before["c"], (before, after)

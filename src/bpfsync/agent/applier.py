@@ -110,7 +110,7 @@ class Applier:
             want = self._replica.desired if job.note else self._replica.peers_value
             kvs = [(key, want(job.name, key)) for key in job.key_list()]
             if job.note:
-                kvs = self._kernel_pairs(self._maps[job.name], kvs)
+                kvs, _ = self._kernel_pairs(self._maps[job.name], kvs)
             self._write_keys(job.name, job.map, kvs, stats, job.note)
             if job.note:
                 stats.written.setdefault(job.name, []).extend(kvs)
@@ -152,28 +152,42 @@ class Applier:
                 kvs = [(k, self._replica.peers_value(name, k)) for k, _ in kvs]
                 self._write(name, sm.companion, kvs, stats, note=False)
                 continue
-            if sm.rewrites:
-                kvs = self._kernel_pairs(sm, kvs, believed)
+            noted = kvs
+            if sm.rewrites or believed:
+                kvs, noted = self._kernel_pairs(sm, kvs, believed)
             self._write(name, sm.map, kvs, stats, note=True)
-            stats.written[name] = kvs
+            stats.written[name] = noted
         return stats
 
     @staticmethod
     def _kernel_pairs(
         sm: SyncedMap, kvs: Pairs, believed: Mapping[tuple[str, bytes], bytes | None] | None = None,
-    ) -> Pairs:
-        """The core's values as the kernel bytes to write (synced.py), each key read first."""
-        if not sm.rewrites:
-            return kvs
+    ) -> tuple[Pairs, Pairs]:
+        """The core's values as the kernel bytes to write (synced.py), each key read first,
+        and what to tell the watcher: the bytes without the increments the data plane made
+        since ``believed`` (kept in the write), so that its next scan reports them."""
+        if not (sm.rewrites or believed):
+            return kvs, kvs
         was = believed or {}
         out: Pairs = []
+        noted: Pairs = []
         for key, value in kvs:
+            since = was.get((sm.name, key))
+            if not sm.rewrites and since is None:
+                out.append((key, value))
+                noted.append((key, value))
+                continue
             current = sm.map.lookup(key)
             if current is not None and not sm.passes(key, current):
                 continue  # the node's own entry, which does not sync, stays (replica.py F2)
-            out.append((key, None if value is None else
-                        sm.kernel_value(value, current, was.get((sm.name, key)))))
-        return out
+            if value is None:
+                out.append((key, None))
+                noted.append((key, None))
+                continue
+            raw = sm.kernel_value(value, current, since)
+            out.append((key, raw))
+            noted.append((key, raw if since is None else sm.kernel_value(value, current)))
+        return out, noted
 
     def _write_keys(
         self, name: str, m: Map, kvs: Sequence[tuple[bytes, bytes | None]], stats: ApplyStats,

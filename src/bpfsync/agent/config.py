@@ -122,7 +122,8 @@ class MapConfig(_Strict):
         "object (the data plane recreated the map, or the host rebooted). never: nothing; the "
         "map is seeded from what it holds and the peers refill it, so a map emptied on purpose "
         "stays empty. on_empty: if the new map is empty, the agent writes the stored content "
-        "back into it, so a cluster whose every node lost its maps (a power loss) comes back "
+        "(found while it runs: the content it holds) back into it, so a cluster whose every "
+        "node lost its maps (a power loss) comes back "
         "to its last stored state, losing at most state.fsync_interval_s of writes; the peers' "
         "newer records still win."))
 

@@ -195,10 +195,10 @@ class Pipeline:
         """Peer records: merge, write what changed to the kernel, return what to pass on
         (``repair``: records of a digest exchange, which answers the sender with ours already).
 
-        In-place counters go key by key: re-read the key, take the increments the data plane
-        made since we last looked into our own slot, merge the peers' records of that key and
-        write the new total at once. The data plane's increments can then only be lost in the
-        few microseconds between that read and that write (synced.py; `exact` has no window).
+        In-place counters go key by key: re-read the key (``_fold_race``), merge the peers'
+        records of that key and write the merge's difference on top of the counts the key
+        holds now. The data plane's increments can then only be lost between the applier's
+        read of the key and its write (synced.py; `exact` has no window).
         """
         res = ApplyResult()
         if not (self.ready and self.in_place):
@@ -229,15 +229,24 @@ class Pipeline:
         return res
 
     def _fold_race(self, sm: SyncedMap, key: bytes) -> tuple[Record | None, bytes | None]:
-        """The key's increments since we last looked, as our own record (None if none), and
-        the folded value read."""
+        """What the data plane changed in the key since we last looked, before the peers'
+        records of it merge: as our own record (None if nothing), and the folded value the
+        merge's write starts from (``SyncedMap.kernel_value``'s ``believed``).
+
+        Counts alone are left in the kernel: the write adds the merge's difference on top of
+        them, and the next scan takes them into our slot. Stamped now, they would carry the
+        lww bits this node holds with a stamp above the peer record being merged, undoing a
+        peer's newer flags (policy.py: a per-origin record's lww bits are its origin's)."""
         raw = sm.map.lookup(key)
         current = sm.fold(raw)
-        if current == self.replica.kernel_view(sm.name, key) or (
+        view = self.replica.kernel_view(sm.name, key)
+        if current == view or (
             raw is not None and sm.filter is not None and not self._passes(sm, key, raw)
         ):
             return None, current
         self.metrics.raced.labels(sm.name).inc()
+        if current is not None and view is not None and sm.counts_only(current, view):
+            return None, view
         return self.replica.local_change(sm.name, key, current, _now()), current
 
     def _receive(

@@ -25,7 +25,10 @@ The core sees one value per key, the kernel may hold another (``fold_value`` one
 - ``local`` bits are zeroed by the fold, so they are never sent, never in a digest, and a change
   to them alone is no change; a kernel write keeps the kernel's own local bits, per CPU.
 
-Maps whose kernel bytes are the core's (no per-CPU slots, no local bits) skip both.
+Maps whose kernel bytes are the core's (no per-CPU slots, no local bits) skip both. Keys are
+the kernel's, except an LPM trie's: ``canon_key`` zeroes the bits past the prefix length, since
+the kernel takes both spellings for one entry. ``passes`` is the map's filter (replica.py
+F1-F4), read on the kernel's entry as it is (per-CPU values folded, local bits kept).
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ class SyncedMap:
     folds: bool = field(init=False)  # the kernel's bytes differ from the core's (see above)
     rewrites: bool = field(init=False)  # ... and the agent writes the map: it reads it first
     _local: int = field(init=False)  # the local bits, as a mask over one value
+    _counters: list[FieldRule] = field(init=False)
+    _counted: int = field(init=False)  # the counters' bits, as a mask over one value
 
     @property
     def percpu(self) -> bool:
@@ -85,9 +90,16 @@ class SyncedMap:
         )
         local = [r for r in self.rules if r.op == "local"]
         self._local = int.from_bytes(mask_bytes(local, self.map.value_size), "little")
+        self._counters = [r for r in self.rules if r.op == "counter"]
+        self._counted = int.from_bytes(mask_bytes(self._counters, self.map.value_size), "little")
         self.lpm = self.map.info.type is MapType.LPM_TRIE
         self.folds = self.map.percpu or bool(self._local)
         self.rewrites = (self.folds or self.filter is not None) and self.companion is None
+
+    def counts_only(self, value: bytes, other: bytes) -> bool:
+        """Whether two folded values differ in counters' bits alone."""
+        a, b = int.from_bytes(value, "little"), int.from_bytes(other, "little")
+        return (a ^ b) & ~self._counted == 0
 
     def canon_key(self, key: bytes) -> bytes:
         """The key as the core knows it: an LPM trie's with the bits past its prefix length
@@ -124,17 +136,29 @@ class SyncedMap:
         None if absent): every CPU's slot, each keeping its local bits (and counts).
 
         ``believed``: the folded value the core's merge started from, for in-place counters.
-        CPU 0 then takes the merge's difference on top of the counts read now, so increments
-        the data plane made since that read are kept (and seen by the next scan); without it
-        the slots are set to the merged total."""
-        if not self.folds:
+        The counters then take the merge's difference on top of the counts read now (CPU 0's
+        slot, per CPU), so increments the data plane made since are kept, for the next scan to
+        take into this node's slot; without it they are set to the merged total."""
+        if not self.folds and (believed is None or current is None or not self._counted):
             return value
         size = self.map.value_size
         if not self.map.percpu:
+            out = bytearray(value)
+            if believed is not None and current is not None and self._same_window(
+                believed, value
+            ):
+                for rule in self._counters:
+                    rule.put(out, rule.get(current) + rule.get(value) - rule.get(believed))
+            if not self._local:
+                return bytes(out)
             own = 0 if current is None else int.from_bytes(current, "little") & self._local
-            return ((int.from_bytes(value, "little") & ~self._local) | own).to_bytes(size, "little")
+            return ((int.from_bytes(out, "little") & ~self._local) | own).to_bytes(size, "little")
         return expand_percpu(value, current, size, self.map.ncpus, self.rules, self._local,
                              believed)
+
+    def _same_window(self, a: bytes, b: bytes) -> bool:
+        epoch = next((r for r in self.rules if r.op == "epoch"), None)
+        return epoch is None or epoch.get(a) == epoch.get(b)
 
     def close(self) -> None:
         self.map.close()
