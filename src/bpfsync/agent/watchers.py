@@ -16,7 +16,7 @@ from typing import Protocol
 from bpfsync.agent.config import WatchConfig
 from bpfsync.kernel.maps import Map
 from bpfsync.model import WatchEvent
-from bpfsync.watch.auto import AutoWatcher
+from bpfsync.watch.auto import AutoWatcher, drain
 from bpfsync.watch.trace import Hooks, TraceWatcher
 
 Items = Iterable[tuple[bytes, bytes]]
@@ -76,11 +76,6 @@ def open_watcher(
     return auto, {name: auto.baseline(name) for name in maps}
 
 
-# reopen_watcher() reads a replaced tracer at most this many times: under a flood its ring fills
-# as fast as it is read, with writes the new tracer reports too
-_DRAIN_READS = 16
-
-
 def reopen_watcher(
     cfg: WatchConfig, watcher: BatchWatcher, maps: Mapping[str, Map], fresh: Collection[str],
     in_place: Iterable[str] = (),
@@ -104,12 +99,7 @@ def reopen_watcher(
     except BaseException:
         tracer.close()
         raise
-    left: list[WatchEvent] = []
-    for _ in range(_DRAIN_READS):
-        batch = watcher.read(0.0)
-        if not batch:
-            break
-        left += batch
+    left = drain(watcher)  # bounded (auto.DRAIN_READS): the new tracer reports what follows
     watcher.close()
     stale = set(fresh)
     kept = [e for e in left if e.map is None or (e.map in maps and e.map not in stale)]

@@ -70,9 +70,25 @@ _SCAN_SHARE = 0.25
 # write after a quiet spell waits up to _IDLE_BACKOFF scan periods to be found.
 _IDLE_BACKOFF = 4
 _IDLE_MAX_S = 5.0
-# reopen() reads the old tracer at most this many times before closing it (see there)
-_DRAIN_READS = 16
+# a replaced tracer is read at most this many times before it is closed: under a flood its ring
+# fills as fast as it is read, with writes the new tracer (or the rescan after a move) reports
+DRAIN_READS = 16
 _KEY, _VALUE = itemgetter(1), itemgetter(2)  # a Change's key, value
+
+
+class _Readable(Protocol):
+    def read(self, timeout: float) -> list[WatchEvent]: ...
+
+
+def drain(watcher: _Readable, reads: int = DRAIN_READS) -> list[WatchEvent]:
+    """What ``watcher`` holds now, read at most ``reads`` times without waiting."""
+    out: list[WatchEvent] = []
+    for _ in range(reads):
+        batch = watcher.read(0.0)
+        if not batch:
+            break
+        out += batch
+    return out
 
 
 class Tracer(Protocol):
@@ -220,13 +236,8 @@ class AutoWatcher:
             raise
         old, left = self.trace, []
         if old is not None:
-            # bounded: under a flood the old ring fills as fast as it is read; the rescan
-            # below finds what is left in it
-            for _ in range(_DRAIN_READS):
-                batch = old.read(0.0)
-                if not batch:
-                    break
-                left += batch
+            # bounded: the rescan below finds what is left in the old ring
+            left = drain(old)
             old.close()
         left = [e for e in left if e.map not in stale]
         kept_traced = self.traced - stale
