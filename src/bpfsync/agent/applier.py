@@ -152,9 +152,7 @@ class Applier:
                 kvs = [(k, self._replica.peers_value(name, k)) for k, _ in kvs]
                 self._write(name, sm.companion, kvs, stats, note=False)
                 continue
-            noted = kvs
-            if sm.rewrites or believed:
-                kvs, noted = self._kernel_pairs(sm, kvs, believed)
+            kvs, noted = self._kernel_pairs(sm, kvs, believed)
             self._write(name, sm.map, kvs, stats, note=True)
             stats.written[name] = noted
         return stats

@@ -4,10 +4,11 @@ Policies come from the config by BTF field name (``{packets: counter, last_seen:
 range of an integer field (``{"flags[0:8]": lww, "flags[8:64]": counter}``; ``[0:8]`` alone for
 a value that is one integer) or as a word for the whole value. Counters have two layouts:
 
-- in-place: the agent writes the merged total into the map itself. Before each such write it
-  re-reads the key: increments the data plane made since the agent last looked are taken into
-  this node's slot first (and counted as ``raced``), so only those landing in the microseconds
-  between that read and the write can be overwritten.
+- in-place: the agent writes the merged counts into the map itself. Before each such write it
+  re-reads the key, and the write adds the merge's difference on top of the counts read: the
+  data plane's increments since the agent last looked stay in the map (counted as ``raced``)
+  for the next scan to take into this node's slot, so only those landing between that read and
+  the write can be overwritten.
 - exact: the data plane's map holds only this node's counts and is never written by the agent;
   the other nodes' merged value goes into a companion map that the program adds
   (``bpfsync_counter_total`` in bpfsync.h).
@@ -85,12 +86,10 @@ class SyncedMap:
 
     def __post_init__(self) -> None:
         # asked once per received record: computed once
-        self.in_place_counters = self.companion is None and any(
-            r.op == "counter" for r in self.rules
-        )
+        self._counters = [r for r in self.rules if r.op == "counter"]
+        self.in_place_counters = self.companion is None and bool(self._counters)
         local = [r for r in self.rules if r.op == "local"]
         self._local = int.from_bytes(mask_bytes(local, self.map.value_size), "little")
-        self._counters = [r for r in self.rules if r.op == "counter"]
         self._counted = int.from_bytes(mask_bytes(self._counters, self.map.value_size), "little")
         self.lpm = self.map.info.type is MapType.LPM_TRIE
         self.folds = self.map.percpu or bool(self._local)
@@ -144,8 +143,8 @@ class SyncedMap:
         size = self.map.value_size
         if not self.map.percpu:
             out = bytearray(value)
-            if believed is not None and current is not None and self._same_window(
-                believed, value
+            if believed is not None and current is not None and same_window(
+                self.rules, believed, value
             ):
                 for rule in self._counters:
                     rule.put(out, rule.get(current) + rule.get(value) - rule.get(believed))
@@ -155,10 +154,6 @@ class SyncedMap:
             return ((int.from_bytes(out, "little") & ~self._local) | own).to_bytes(size, "little")
         return expand_percpu(value, current, size, self.map.ncpus, self.rules, self._local,
                              believed)
-
-    def _same_window(self, a: bytes, b: bytes) -> bool:
-        epoch = next((r for r in self.rules if r.op == "epoch"), None)
-        return epoch is None or epoch.get(a) == epoch.get(b)
 
     def close(self) -> None:
         self.map.close()
@@ -278,6 +273,13 @@ def _as_integer(layout: Layout) -> Layout:
     return Layout(layout.size, (Field("", 0, layout.size, Kind.UINT),))
 
 
+def same_window(rules: tuple[FieldRule, ...], a: bytes, b: bytes) -> bool:
+    """Whether two values are of one counting window (always, without an epoch field): only
+    then is a difference of their counts a count of increments."""
+    epoch = next((r for r in rules if r.op == "epoch"), None)
+    return epoch is None or epoch.get(a) == epoch.get(b)
+
+
 def fold_percpu(raw: bytes, size: int, ncpus: int, rules: tuple[FieldRule, ...]) -> bytes:
     stride = (size + 7) & ~7
     values = [raw[i * stride : i * stride + size] for i in range(ncpus)]
@@ -317,7 +319,7 @@ def expand_percpu(
             rule.put(buf, 0 if stale else rule.get(slot))
         out.append(buf)
     for rule in counters:
-        if believed is not None and (epoch is None or epoch.get(believed) == epoch.get(value)):
+        if believed is not None and same_window(rules, believed, value):
             rule.put(out[0], rule.get(out[0]) + rule.get(value) - rule.get(believed))
         else:
             rule.put(out[0], rule.get(value) - sum(rule.get(b) for b in out[1:]))
