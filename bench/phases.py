@@ -292,11 +292,8 @@ def _thr_brief(r: dict[str, Any]) -> str:
             f"{cpu['a']:.1f}/{cpu['b']:.1f}/{cpu['c']:.1f} s (a/b/c)")
 
 
-# b's sync.catchup_timeout_s in the restart phase: the agent's default, not the 1 s the other
-# phases start with. Y3 (agent/readiness.py) counts three of them from the agent's construction,
-# before its map is seeded or its stored state loaded (~2-3 s at 1M entries): with 1 s, a node
-# became ready by "did not answer the catch-up digest" ~0.6 s after it started listening,
-# before its peer had answered, which is no catch-up at all
+# b's sync.catchup_timeout_s in the restart phase: the agent's default, as an operator's
+# restart has it, not the 1 s of the other phases (whose nodes start together, empty)
 RESTART_CATCHUP_S = 10.0
 _RESTART_EVENTS = ("restarted on stored state", "agent started", "peer up", "caught up", "ready")
 _EVENT_FIELDS = ("at_s", "msg", "case", "registers", "held_back", "seeded", "why", "after_s",

@@ -8,9 +8,15 @@ settling by last writer wins.
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
+import pytest
 from aio import eventually, run
 from inprocess import InProcessCluster, InProcessNode
 
+from bpfsync.agent import daemon
+from bpfsync.agent.persist import read_state
 from bpfsync.demo.cluster import KEY, MAP_NAME, session
 
 LABELS = {"map": MAP_NAME}
@@ -144,3 +150,29 @@ def test_writes_on_both_sides_of_a_partition_settle_by_last_writer_wins() -> Non
                              "every agent holding a's write of key 1 and c's of key 2")
 
     run(body, timeout=60)
+
+
+def test_the_catch_up_timeout_counts_from_when_the_node_can_be_dialed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Y2: a node whose start is slow (here its stored state takes 1 s to read, as a large
+    map's does) still gives its peers the whole catch-up timeout (0.5 s) once it listens: it
+    does not come up alone the moment it listens because the clock ran while it loaded."""
+    read_done: list[float] = []
+
+    def slow_read(*args: Any) -> Any:
+        time.sleep(1.0)
+        try:
+            return read_state(*args)
+        finally:
+            read_done.append(time.monotonic())
+
+    monkeypatch.setattr(daemon, "read_state", slow_read)
+
+    async def body() -> None:
+        async with InProcessCluster(("a", "b")) as cl:  # b never starts: a is alone
+            await cl.start(["a"])
+            ready_at = time.monotonic()
+            assert read_done and ready_at - read_done[0] >= 0.45
+
+    run(body)

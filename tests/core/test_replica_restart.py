@@ -250,3 +250,31 @@ def test_the_array_comparison_is_the_key_by_key_one(
     items = [(k(i), v(x)) for i, x in kernel.items()]
     assert sorted(differences(table, content(items)), key=repr) == sorted(
         _differences_by_key(table, items), key=repr)  # fmt: skip
+
+
+def test_the_fingerprint_is_of_the_content_whatever_its_order() -> None:
+    items = [(k(i), v(i * 7)) for i in range(500)]
+    first = content(items)
+    assert content(reversed(items)).fingerprint() == first.fingerprint()
+    assert first.fingerprint()[0] == 500
+    one_bit = [*items[:-1], (items[-1][0], bytes([items[-1][1][0] ^ 1]) + items[-1][1][1:])]
+    swapped = [*items[:-2], (items[-2][0], items[-1][1]), (items[-1][0], items[-2][1])]
+    for other in (one_bit, swapped, items[:-1], [*items, (k(9999), v(0))]):
+        assert content(other).fingerprint() != first.fingerprint()
+
+
+def test_the_live_rows_taken_at_load_give_the_restart_its_answer() -> None:
+    r = busy()
+    fresh = reloaded(r)
+    live = fresh.live_rows(M.name)
+    assert live is not None and fresh.live_rows(C.name) is None  # per-origin: key by key
+    table = r._tables[M.name]
+    held = sorted((key, value) for key in table.all_keys()
+                  if (value := table.kernel_value(key)) is not None)  # fmt: skip
+    kernel = content(held)
+    assert live.fingerprint() == kernel.fingerprint()
+    plan = fresh.restart(M.name, kernel, same_object=True, live=live)
+    assert (plan.case, plan.held) == ("resumed", 0)
+    changed = content([*held[1:], (k(4242), v(1))])  # one deleted while down, one new
+    plan = reloaded(r).restart(M.name, changed, same_object=True, live=live)
+    assert (plan.case, plan.held, plan.deleted) == ("resumed", 2, 1)

@@ -23,6 +23,7 @@ the map catches up from its peers on its own (readiness.py Y5). A pin that is em
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import math
@@ -30,6 +31,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from bpfsync.agent import status
@@ -39,7 +41,7 @@ from bpfsync.agent.config import AgentConfig, MapConfig, TlsConfig
 from bpfsync.agent.http import StatusServer
 from bpfsync.agent.metrics import AgentMetrics
 from bpfsync.agent.peering import Peering
-from bpfsync.agent.persist import Persister, resume, take_map
+from bpfsync.agent.persist import Persister, read_state, resume, take_map
 from bpfsync.agent.pipeline import Pipeline
 from bpfsync.agent.readiness import CatchUp
 from bpfsync.agent.runtime import tune_process
@@ -177,13 +179,29 @@ class Agent:
     async def run(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         in_place = [name for name, sm in self.synced.items() if sm.policy.per_origin]
-        # no scans while catching up: the agent fills its maps and takes no local change yet
-        watcher, baselines = open_watcher(self.cfg.watch, self.maps, in_place, hold_scans=True)
+        # the stored state is read in a thread while the watcher dumps the maps: the dump
+        # waits in the kernel, the read mostly in SQLite and numpy, and each takes a few
+        # tenths of a second at a million entries
+        with ThreadPoolExecutor(1, thread_name_prefix="state") as pool:
+            reading = pool.submit(read_state, self.cfg.state, self.node, self.synced,
+                                  self.replica, self.metrics)  # fmt: skip
+            try:
+                # no scans while catching up: the agent fills its maps, takes no local change
+                watcher, baselines = open_watcher(self.cfg.watch, self.maps, in_place,
+                                                  hold_scans=True)  # fmt: skip
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    reading.result().close()
+                raise
+            try:
+                state = reading.result()
+            except BaseException:
+                watcher.close()
+                raise
         self._watcher = self.pipeline.watcher = watcher
         # the stored state, compared with what the maps hold (core/replica.py S4-S6)
         restore = {mc.sync_name for mc in self.cfg.maps if mc.restore == "on_empty"}
-        self.persister, fills = resume(self.cfg.state, self.node, self.synced, self.replica,
-                                       baselines, self.metrics, restore)  # fmt: skip
+        self.persister, fills = resume(state, self.synced, self.replica, baselines, restore)
         self.pipeline.persister = self.persister
         if fills:  # restored maps: their stored content goes back into the kernel
             applied = self.applier.apply([], fills)
@@ -211,6 +229,7 @@ class Agent:
         # merges its next batch while the kernel takes the last
         self.applier.start_background()
         await self.transport.start()
+        self.catchup.listening(time.monotonic())
         if self.cfg.tls is None:
             log.warning(
                 "TLS is off: peers are not authenticated, and whoever reaches %s can claim a"

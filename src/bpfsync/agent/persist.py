@@ -39,7 +39,7 @@ from bpfsync.core.table import records_layout
 from bpfsync.kernel.dump import MapDump
 from bpfsync.kernel.info import boot_id
 
-__all__ = ["Persister", "resume", "take_map"]
+__all__ = ["Persister", "State", "read_state", "resume", "take_map"]
 
 log = logging.getLogger("bpfsync.agent")
 
@@ -246,43 +246,96 @@ class Persister:
         }
 
 
-def resume(
+@dataclass(slots=True)
+class _Loaded:
+    """A stored map taken into the replica by ``read_state``, to be compared by ``resume``."""
+
+    stored: StoredMap
+    live: Content | None  # an lww map's live rows (restart.live_rows), with their fingerprint
+    read_s: float
+    load_s: float
+
+
+@dataclass(slots=True)
+class State:
+    """What ``read_state`` found: the persister (None without a state dir) and the maps whose
+    stored state the replica took in. A stored map not in ``loaded`` was damaged (the file
+    was then set aside) or is of no synced map: it is seeded."""
+
+    persister: Persister | None
+    loaded: dict[str, _Loaded]
+    fsync_interval_s: float = 1.0
+
+    def close(self) -> None:
+        """The start failed before ``resume``: close the store."""
+        if self.persister is not None:
+            self.persister.store.close()
+
+
+def read_state(
     cfg: StateConfig, node: str, synced: Mapping[str, SyncedMap], replica: Replica,
-    baselines: Mapping[str, Items], metrics: AgentMetrics, restore: Collection[str] = (),
-) -> tuple[Persister | None, list[Fill]]:
-    """At start, each map's kernel content (``baselines``) with its stored state: taken in and
-    compared (replica.py P2, S4-S6), or seeded (S1) where nothing usable is stored
-    (``take_map``). ``restore``: the maps configured with restore: on_empty. Returns the
-    persister (None without ``cfg.dir``) and the writes that restore maps (S6)."""
+    metrics: AgentMetrics,
+) -> State:
+    """The first half of a start: the state file read and each map's stored state taken into
+    the replica (P2), with what the comparison needs of it. It touches neither the kernel nor
+    the maps' watcher, so the agent runs it beside the watcher's baseline dump (a thread):
+    at a million entries each takes a few tenths of a second. ``resume`` does the rest."""
     if cfg.dir is None:
-        for name, kvs in baselines.items():
-            take_map(synced[name], kvs, replica, None)
-        return None, []
+        return State(None, {})
     shapes = [_shape(sm) for sm in synced.values()]
     started = time.perf_counter()
     opened = open_store(cfg.dir, node, shapes)
     read_s = time.perf_counter() - started
     if opened.set_aside is not None:
         metrics.state_set_aside.inc()
-    store = opened.store
     last_seq = max((seq for st in opened.maps.values() for seq, _ in st.log), default=0)
-    persister = Persister(store, replica, metrics, last_seq)
+    persister = Persister(opened.store, replica, metrics, last_seq)
+    loaded: dict[str, _Loaded] = {}
+    for name, sm in synced.items():
+        stored = opened.maps.get(name)
+        if stored is None:
+            continue
+        started = time.perf_counter()
+        if not _load(sm, replica, persister, stored):
+            continue
+        live = replica.live_rows(name)
+        if live is not None:
+            live.fingerprint()
+        loaded[name] = _Loaded(stored, live, read_s, time.perf_counter() - started)
+    return State(persister, loaded, cfg.fsync_interval_s)
+
+
+def resume(
+    state: State, synced: Mapping[str, SyncedMap], replica: Replica,
+    baselines: Mapping[str, Items], restore: Collection[str] = (),
+) -> tuple[Persister | None, list[Fill]]:
+    """The second half of a start: each map's kernel content (``baselines``) compared with
+    the stored state ``read_state`` took in (replica.py S4-S6), or seeded (S1) where nothing
+    usable is stored (``take_map``); the store's syncer started. ``restore``: the maps
+    configured with restore: on_empty. Returns the persister (None without a state dir) and
+    the writes that restore maps (S6)."""
+    persister = state.persister
     fills: list[Fill] = []
     for name, kvs in baselines.items():
-        fills += take_map(synced[name], kvs, replica, persister, stored=opened.maps.get(name),
-                          restore=name in restore, read_s=read_s).fills  # fmt: skip
+        loaded = state.loaded.get(name)
+        if persister is None or loaded is None:
+            fills += take_map(synced[name], kvs, replica, persister).fills
+        else:
+            fills += _compare(synced[name], kvs, replica, persister, loaded,
+                              restore=name in restore).fills  # fmt: skip
+    if persister is None:
+        return None, fills
     if persister.set_aside_since_start:
         # the maps taken before it was set aside were read from the old file: every map is
         # stored whole again into the fresh one
         persister.restart_all()
-    store.start_syncer(cfg.fsync_interval_s)
+    persister.store.start_syncer(state.fsync_interval_s)
     return persister, fills
 
 
 def take_map(
     sm: SyncedMap, kvs: Items, replica: Replica, persister: Persister | None, *,
     stored: StoredMap | None = None, live: bool = False, restore: bool = False,
-    read_s: float = 0.0,
 ) -> Restart:
     """One kernel map object to sync from now on, and its content ``kvs`` (the watcher's
     baseline): the map found at start, or one found at the map's pin while the agent runs.
@@ -300,43 +353,52 @@ def take_map(
             persister.track(sm.schema, identity, None)
         return plan
     if stored is not None and persister is not None:
-        taken = _take_stored(sm, kvs, replica, persister, stored, identity, restore, read_s)
-        if taken is not None:
-            return taken
+        started = time.perf_counter()
+        if _load(sm, replica, persister, stored):
+            loaded = _Loaded(stored, None, 0.0, time.perf_counter() - started)
+            return _compare(sm, kvs, replica, persister, loaded, restore=restore)
     seeded = replica.seed(name, ((sm.canon_key(k), sm.fold_value(v)) for k, v in kvs))
     if persister is not None:
         persister.track(sm.schema, identity, None)
     return Restart("seeded", seeded=seeded)
 
 
-def _take_stored(
-    sm: SyncedMap, kvs: Items, replica: Replica, persister: Persister, stored: StoredMap,
-    identity: MapIdentity, restore: bool, read_s: float,
-) -> Restart | None:
-    """``take_map`` of a map the store holds; None when its stored state is damaged (the file
-    is then set aside, and the map is to be seeded)."""
+def _load(sm: SyncedMap, replica: Replica, persister: Persister, stored: StoredMap) -> bool:
+    """P2: the stored state of ``sm``'s map taken into the replica; False when it is damaged
+    (nothing of it was taken, and the file is set aside: the map is to be seeded)."""
     name = sm.name
     horizon = None if stored.horizon is None else stamp_of(stored.horizon)
-    started = time.perf_counter()
     try:
         replica.load(name, [(b, blob) for b, _, blob in stored.buckets],
                      [blob for _, blob in stored.log], nbuckets=stored.identity.nbuckets,
                      horizon=horizon, now_ns=time.time_ns())  # fmt: skip
-    except ValueError as err:  # nothing of the map was taken: it starts as without a store
+    except ValueError as err:
         where = persister.set_aside(f"map {name}: {err}")
         log.warning("the stored state of map %s is damaged (%s); the state file was set"
                     " aside as %s and the map starts without it", name, err, where)
-        return None
-    loaded = time.perf_counter()
+        return False
+    return True
+
+
+def _compare(
+    sm: SyncedMap, kvs: Items, replica: Replica, persister: Persister, loaded: _Loaded, *,
+    restore: bool,
+) -> Restart:
+    """S4-S6 for a map whose stored state the replica took in: its kernel content compared
+    with it, and the map tracked by the persister as resumed or to be stored whole."""
+    name, stored = sm.name, loaded.stored
+    identity = MapIdentity(sm.map.info.id, boot_id(), replica.digest_buckets)
+    started = time.perf_counter()
     same = (stored.identity.map_id, stored.identity.boot_id) == (identity.map_id,
                                                                  identity.boot_id)
-    plan = replica.restart(name, _content(sm, kvs), same_object=same, restore=restore)
+    plan = replica.restart(name, _content(sm, kvs), same_object=same, restore=restore,
+                           live=loaded.live)
     log.info("restarted on stored state", extra={
         "map": name, "case": plan.case, "registers": replica.registers(name),
         "held_back": plan.held, "deleted_while_down": plan.deleted, "seeded": plan.seeded,
-        "restored": sum(f.entries for f in plan.fills), "read_s": round(read_s, 3),
-        "load_s": round(loaded - started, 3),
-        "compare_s": round(time.perf_counter() - loaded, 3)})  # fmt: skip
+        "restored": sum(f.entries for f in plan.fills), "read_s": round(loaded.read_s, 3),
+        "load_s": round(loaded.load_s, 3),
+        "compare_s": round(time.perf_counter() - started, 3)})  # fmt: skip
     resumed = plan.case == "resumed" and stored.identity.nbuckets == replica.digest_buckets
     saved = [0] * replica.digest_buckets
     for b, digest_sum, _ in stored.buckets if resumed else ():

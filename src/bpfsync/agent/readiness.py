@@ -7,7 +7,10 @@ what peering.py tells us (``answered``) and the clock:
       stream, so Answered means "caught up with that peer". Only the answer to a digest this
       node sent counts (peering.py): a peer cannot declare us caught up unasked.
   Y2  Alone: when no peer is linked ``catchup_timeout`` after start, the node comes up alone:
-      the first node of a cluster must still come up.
+      the first node of a cluster must still come up. "Start" is when the node can be dialed
+      (``listening``), not when the agent was built: seeding or loading a million entries
+      takes seconds, and a clock that ran meanwhile would give the peers less than the
+      timeout to link and answer.
   Y3  Silent peers: linked peers that send nothing (not even a repair batch) for three times
       ``catchup_timeout`` do not hold the node back for ever.
   Y4  Until ready, local changes wait in the bridge (one per key, bridge.py) and the watcher's
@@ -43,6 +46,10 @@ class CatchUp:
     started: float = field(default_factory=time.monotonic)
     done_at: float | None = None
     joined: dict[str, float] = field(default_factory=dict)
+
+    def listening(self, now: float) -> None:
+        """The node can be dialed from ``now`` on: Y2's and Y3's clock starts."""
+        self.started = now
 
     def answer(self, map: str, peer: str) -> None:
         """``peer`` answered our urgent digest of ``map``."""

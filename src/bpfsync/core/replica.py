@@ -136,7 +136,7 @@ from bpfsync.core.register import (
     unpack,
     value_of,
 )
-from bpfsync.core.restart import Content, differences, live_content
+from bpfsync.core.restart import Content, differences, live_content, live_rows
 from bpfsync.core.table import QUIET_CALLS, MapTable, SlotTable
 from bpfsync.errors import (
     ConfigError,
@@ -701,12 +701,14 @@ class Replica:
             table.offer_packed(key, packed)
 
     def restart(
-        self, map: str, content: Content, *, same_object: bool, restore: bool = False
+        self, map: str, content: Content, *, same_object: bool, restore: bool = False,
+        live: Content | None = None,
     ) -> Restart:
         """S4-S6: ``content``, the kernel map's entries as found at start (after ``load``), or
         those of a new map object found while running (the registers are then the running
         agent's). ``same_object``: the registers are of this very map object (its id, this
-        boot); ``restore``: the map's configuration asks for S6."""
+        boot); ``restore``: the map's configuration asks for S6; ``live``: ``live_rows(map)``
+        taken since the registers last changed (after ``load``), if it was."""
         table = self._local_table(map)
         if not same_object:
             if restore and not len(content) and len(table):
@@ -718,7 +720,7 @@ class Replica:
             self._held[map].clear()  # H1's keys were the old object's
             return Restart("new map", seeded=self.seed(map, content.pairs()))
         held, deviations = self._held[map], self._deviations[map]
-        changed = differences(table, content)
+        changed = differences(table, content, live)
         for key, value in changed:
             others = table.others(key, self.node) if isinstance(table, SlotTable) else None
             held[key] = None if others is None else tuple(others)
@@ -726,6 +728,12 @@ class Replica:
         deleted = sum(value is None for _, value in changed)
         self.stats["restart.held"] += len(changed)
         return Restart("resumed", held=len(changed), deleted=deleted)
+
+    def live_rows(self, map: str) -> Content | None:
+        """An lww map's live registers as rows (for ``restart``'s comparison); None for a
+        per-origin map, which is compared key by key."""
+        table = self._local_table(map)
+        return live_rows(table) if isinstance(table, LwwTable) else None
 
     def held_keys(self) -> dict[str, list[bytes]]:
         """H1: per map, the keys held back since the restart (their kernel values are to be

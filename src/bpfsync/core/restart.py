@@ -2,15 +2,25 @@
 stored (replica.py, rules S4-S6), and the stored content it writes back when it restores.
 
 A restart on an unchanged million-entry map must be ready within a second, so an lww map is
-compared by array operations: the registers' live keys and the kernel's sorted together, equal
-neighbours paired, their values compared row by row. Per-origin maps (counters, max, min)
-imply a value per key from several registers: compared key by key, as such maps are small.
+compared by array operations, in two steps:
+
+- its fingerprint first: the number of entries and the 64-bit sum of a hash of each entry's
+  key and value (``Content.fingerprint``), for the kernel's entries and for the registers'
+  live ones. Equal fingerprints: no entry differs, and nothing is sorted. The hash chains
+  the entry's 64-bit words through bijective steps, so entries that differ in one word never
+  collide, and a set of changes leaves the sum as it was with odds of about 2^-64. The content
+  is this node's own kernel map and registers, not a peer's input.
+- otherwise, the keys: the registers' live keys and the kernel's sorted together, equal
+  neighbours paired, their values compared row by row.
+
+Per-origin maps (counters, max, min) imply a value per key from several registers: compared
+key by key, as such maps are small.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -18,15 +28,20 @@ from bpfsync.core.frozen import live_values
 from bpfsync.core.lww_table import LwwTable
 from bpfsync.core.table import MapTable
 
-__all__ = ["Content", "differences", "live_content"]
+__all__ = ["Content", "differences", "live_content", "live_rows"]
 
-@dataclass(frozen=True, slots=True)
+# the fingerprint's hash: its seed, and the odd multiplier each word is mixed in with
+_SEED = 0x243F6A8885A308D3
+_WORD = 0x9E3779B97F4A7C15
+
+@dataclass(slots=True)
 class Content:
-    """A kernel map's entries as two arrays of rows: keys (n, key size) and values (n, value
-    size), as a dump reads them (no Python object per entry)."""
+    """A map's entries as two arrays of rows: keys (n, key size) and values (n, value size), as
+    a dump reads them (no Python object per entry)."""
 
     keys: np.ndarray
     values: np.ndarray
+    _print: tuple[int, int] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def of(cls, items: Sequence[tuple[bytes, bytes]], key_size: int, value_size: int) -> Content:
@@ -39,6 +54,14 @@ class Content:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def fingerprint(self) -> tuple[int, int]:
+        """(entries, the sum modulo 2^64 of every entry's hash); computed once. Equal content
+        gives equal fingerprints in any row order."""
+        if self._print is None:
+            words = np.concatenate([_words(self.keys), _words(self.values)], axis=1)
+            self._print = (len(self), int(_row_hashes(words).sum(dtype=np.uint64)))
+        return self._print
+
     def pairs(self) -> list[tuple[bytes, bytes]]:
         ks, vs = self.keys.shape[1], self.values.shape[1]
         keys, values = self.keys.tobytes(), self.values.tobytes()
@@ -46,21 +69,22 @@ class Content:
                 for i in range(len(self))]  # fmt: skip
 
 
-def differences(table: MapTable, content: Content) -> list[tuple[bytes, bytes | None]]:
+def differences(
+    table: MapTable, content: Content, live: Content | None = None
+) -> list[tuple[bytes, bytes | None]]:
     """The keys whose kernel value (``content``) is not the value the registers imply, each
     with the kernel's value (None: the registers imply a value, the kernel holds none). Keys
-    are listed once, in no particular order."""
+    are listed once, in no particular order. ``live``: an lww table's ``live_rows``, when
+    taken already (they must be of the table as it is now)."""
     ks, vs = table.schema.key_size, table.schema.value_size
     if content.keys.shape[1:] != (ks,) or content.values.shape[1:] != (vs,):
         raise ValueError(f"map {table.name!r}: kernel entries of other sizes than {ks}/{vs}")
     if not isinstance(table, LwwTable):
         return _differences_by_key(table, content.pairs())
-    stored_keys, stored_values = [np.empty((0, ks), np.uint8)], [np.empty((0, vs), np.uint8)]
-    for keys, records in table.bucket_columns():
-        live, values = live_values(records, vs)
-        stored_keys.append(np.ascontiguousarray(keys[live]).view(np.uint8).reshape(-1, ks))
-        stored_values.append(values[live])
-    sk, sv = np.concatenate(stored_keys), np.concatenate(stored_values)
+    registers = live_rows(table) if live is None else live
+    if registers.fingerprint() == content.fingerprint():
+        return []
+    sk, sv = registers.keys, registers.values
     kk, kv = content.keys, content.values
     m = len(sk)
     if ks <= 8:  # one word a key: the kernel's sorted, the registers' looked up in them
@@ -78,6 +102,35 @@ def differences(table: MapTable, content: Content) -> list[tuple[bytes, bytes | 
     for i in np.concatenate([differ, np.flatnonzero(~matched_kernel)]).tolist():
         out.append((kk[i].tobytes(), kv[i].tobytes()))
     return out
+
+
+def live_rows(table: LwwTable) -> Content:
+    """Every key the registers of an lww table hold a live value for, and that value."""
+    ks, vs = table.schema.key_size, table.schema.value_size
+    stored_keys, stored_values = [np.empty((0, ks), np.uint8)], [np.empty((0, vs), np.uint8)]
+    for keys, records in table.bucket_columns():
+        live, values = live_values(records, vs)
+        stored_keys.append(np.ascontiguousarray(keys[live]).view(np.uint8).reshape(-1, ks))
+        stored_values.append(values[live])
+    return Content(np.concatenate(stored_keys), np.concatenate(stored_values))
+
+
+def _row_hashes(words: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each row of words: the words chained, first to last, by
+    ``h = g((h ^ w) * _WORD)`` from ``_SEED``, then splitmix64's finaliser. For a given ``h``
+    each step is a bijection of ``w`` (an odd multiplier; ``g(x) = x ^ x >> 32`` is one too),
+    and for a given ``w`` one of ``h``: rows that differ in one word differ in their hash."""
+    h = np.full(len(words), _SEED, np.uint64)
+    for j in range(words.shape[1]):
+        h ^= words[:, j]
+        h *= np.uint64(_WORD)
+        h ^= h >> np.uint64(32)
+    h ^= h >> np.uint64(30)
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(27)
+    h *= np.uint64(0x94D049BB133111EB)
+    h ^= h >> np.uint64(31)
+    return h
 
 
 def _words(rows: np.ndarray) -> np.ndarray:
@@ -139,12 +192,5 @@ def live_content(table: MapTable) -> tuple[bytes, bytes, int]:
         pairs = [(key, table.kernel_value(key)) for key in table.all_keys()]
         kept = [(key, value) for key, value in pairs if value is not None]
         return b"".join(k for k, _ in kept), b"".join(v for _, v in kept), len(kept)
-    keys_out: list[bytes] = []
-    values_out: list[bytes] = []
-    count = 0
-    for keys, records in table.bucket_columns():
-        live, values = live_values(records, table.schema.value_size)
-        keys_out.append(keys[live].tobytes())
-        values_out.append(values[live].tobytes())
-        count += int(live.sum())
-    return b"".join(keys_out), b"".join(values_out), count
+    rows = live_rows(table)
+    return rows.keys.tobytes(), rows.values.tobytes(), len(rows)
