@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from natslab import nats_cluster, nats_server
 
 from bpfsync.demo.cluster import Cluster
+
+__all__ = ["cluster", "nats_cluster", "nats_server"]
 
 
 @pytest.fixture

@@ -7,7 +7,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from natslab import nats_server
 from netlab import Netlab
+
+__all__ = ["nats_server", "netlab"]
 
 
 @pytest.fixture

@@ -154,8 +154,11 @@ class Agent(AgentProcess):
         return f"127.0.0.1:{self.port}"
 
     def configure(self, peers: Sequence[str], maps: Sequence[Mapping[str, Any]],
-                  watch_mode: str) -> None:
-        cfg = {
+                  watch_mode: str, nats: Mapping[str, Any] | None = None,
+                  members: Sequence[str] = ()) -> None:
+        """``nats``: the config's nats section, to sync through NATS instead of ``peers``
+        (``members``: the cluster's node ids)."""
+        cfg: dict[str, Any] = {
             "node_id": self.node,
             "listen": self.address,
             "peers": list(peers),
@@ -163,6 +166,9 @@ class Agent(AgentProcess):
             "watch": {"mode": watch_mode, "poll_interval": POLL_INTERVAL},
             "maps": [dict(m) for m in maps],
         }
+        if nats is not None:
+            del cfg["peers"]
+            cfg.update(transport="nats", nats=dict(nats), allowed_nodes=list(members))
         self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
     def start(self) -> None:
@@ -349,15 +355,17 @@ class Netlab:
     # --- the agents ----------------------------------------------------------------------------
 
     def start_agents(self, maps: Sequence[Mapping[str, Any]], watch_mode: str = "auto",
-                     timeout: float = 30.0) -> None:
+                     timeout: float = 30.0, nats: Sequence[str] | None = None) -> None:
         """Start every node's agent syncing ``maps`` and wait until all report ready. Map paths
         (``path``, ``companion``) that are bare names mean the node's own pin of that map.
-        ``watch_mode`` as in the example's bpfsync.yaml: poll for maps written in place."""
+        ``watch_mode`` as in the example's bpfsync.yaml: poll for maps written in place.
+        ``nats``: the agents sync through the NATS servers at these URLs, not a mesh."""
+        section = None if nats is None else {"servers": list(nats), "cluster": self.prefix}
         for node in self:
             own = [{k: (node.pin(v) if k in ("path", "companion") and "/" not in v else v)
                     for k, v in m.items()} for m in maps]
             peers = [o.agent.address for o in self if o is not node]
-            node.agent.configure(peers, own, watch_mode)
+            node.agent.configure(peers, own, watch_mode, section, [n.name for n in self])
         for node in self:
             node.agent.start()
         if not wait_for(lambda: all(n.agent.is_ready() or not n.agent.running for n in self),

@@ -81,9 +81,13 @@ def run_queries(lab: Netlab, src: str) -> tuple[int, dict[str, tuple[int, int]]]
     return window, delta()
 
 
+@pytest.mark.parametrize("transport", ["mesh", "nats"])
 def test_limit_holds_cluster_wide_only_with_bpfsync(
-    netlab: Callable[..., Netlab],
+    netlab: Callable[..., Netlab], transport: str, request: pytest.FixtureRequest,
 ) -> None:
+    """Over the gRPC mesh and over NATS (a real nats-server: the agents' counts reach the
+    others through its JetStream stream)."""
+    nats = [request.getfixturevalue("nats_server").url] if transport == "nats" else None
     lab = netlab("dns_ratelimit", "dns_ratelimit", rodata=RL_CONFIG.pack(LIMIT, WINDOW_NS))
     lone_src, synced_src = lab.add_source("198.18.0.1"), lab.add_source("198.18.0.2")
 
@@ -92,7 +96,7 @@ def test_limit_holds_cluster_wide_only_with_bpfsync(
     print(f"without bpfsync: admitted {sum(p for p, _ in alone.values())} of {QUERIES} {alone}")
     assert alone == {n.name: (LIMIT, QUERIES // 3 - LIMIT) for n in lab}
 
-    lab.start_agents(SYNC_RL_COUNTS, watch_mode="poll")
+    lab.start_agents(SYNC_RL_COUNTS, watch_mode="poll", nats=nats)
     window, synced = run_queries(lab, synced_src)
     admitted = sum(p for p, _ in synced.values())
     print(f"with bpfsync: admitted {admitted} of {QUERIES} (limit {LIMIT}, bound {BOUND}) "

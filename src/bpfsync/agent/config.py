@@ -35,6 +35,56 @@ def _check_node_id(value: str, what: str) -> str:
     return value
 
 
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def _nats_server(url: str) -> tuple[str, int]:
+    """(host, port) of ``nats://HOST:PORT`` or ``tls://HOST:PORT`` (an IPv6 host in brackets);
+    a ValueError that says what is wrong with anything else."""
+    form = "give each server as nats://HOST:PORT, or tls://HOST:PORT to require TLS"
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"{url!r} has no scheme: {form}")
+    if scheme not in ("nats", "tls"):
+        raise ValueError(f"{url!r} has the scheme {scheme!r}: {form}")
+    if "@" in rest:
+        # a URL's user:password would sit beside nats.user/token/creds as a second kind
+        raise ValueError(f"{url!r} holds credentials: give them as nats.user and nats.password "
+                         "(or nats.token, nats.creds, nats.nkey_seed), not in the URL")
+    if rest.startswith("["):
+        end = rest.find("]")
+        if end < 0:
+            raise ValueError(f"{url!r}: the IPv6 address has no closing ]")
+        host, after = rest[1:end], rest[end + 1:]
+        if after and not after.startswith(":"):
+            raise ValueError(f"{url!r}: give :PORT right after the ], e.g. nats://[::1]:4222")
+        port = after[1:]
+    else:
+        host, colon, port = rest.rpartition(":")
+        if not colon:
+            host, port = rest, ""
+        if ":" in host:
+            raise ValueError(f"{url!r}: put an IPv6 address in brackets, e.g. "
+                             "nats://[2001:db8::1]:4222")
+    if not host:
+        raise ValueError(f"{url!r} has no host: {form}")
+    if not port:
+        raise ValueError(f"{url!r} has no port: {form} (NATS servers listen on 4222 unless "
+                         "told otherwise)")
+    if not _PORT.fullmatch(port) or not 0 < int(port) < 65536:
+        raise ValueError(f"{url!r}: the port must be a number in 1-65535, got {port!r} "
+                         "(nothing may follow it)")
+    if rest.startswith("["):
+        try:
+            host = ipaddress.IPv6Address(host).compressed
+        except ValueError:
+            raise ValueError(f"{url!r}: {host!r} in brackets is not an IPv6 address") from None
+    elif not _HOSTNAME.fullmatch(host):
+        raise ValueError(f"{url!r}: {host!r} is not a host name or IP address")
+    return host.lower().rstrip("."), int(port)
+
+
 def split_peer(peer: str) -> tuple[str | None, str]:
     """``ID@HOST:PORT`` or ``HOST:PORT`` as (node id or None, address)."""
     node, at, address = peer.rpartition("@")
@@ -319,6 +369,142 @@ class TlsConfig(_Strict):
             "instead of HOST. Peers given as ID@HOST:PORT are checked against their id."))
 
 
+class NatsTlsConfig(_Strict):
+    """TLS to the NATS servers (transport: nats): PEM files."""
+
+    ca: Path = Field(description=(
+        "The CA certificate(s), PEM, that signed the NATS servers' certificates: a server "
+        "whose certificate it did not sign is not spoken to. Several certificates in the file "
+        "are all trusted."))
+    cert: Path | None = Field(default=None, description=(
+        "A client certificate (chain), PEM, for NATS servers that verify their clients' "
+        "certificates (verify: true in the server's tls block); with key. Unset: no client "
+        "certificate."))
+    key: Path | None = Field(default=None, description=(
+        "The private key of cert, unencrypted PEM. Give cert and key together, or neither."))
+
+    @model_validator(mode="after")
+    def _pair(self) -> NatsTlsConfig:
+        if (self.cert is None) != (self.key is None):
+            given, missing = ("cert", "key") if self.key is None else ("key", "cert")
+            raise ValueError(f"{given} is set without {missing}: a client certificate needs "
+                             "both (for servers that verify clients); give both, or neither")
+        return self
+
+
+# The kinds of NATS credentials, each by its fields. A node has one identity on the servers, so
+# a config gives one kind at most: with two, which one a client presents would be the client
+# library's choice, not the operator's.
+NATS_CREDENTIALS: tuple[tuple[str, ...], ...] = (
+    ("user", "password"), ("token",), ("creds",), ("nkey_seed",),
+)
+_NATS_CLUSTER = re.compile(r"[A-Za-z0-9_-]{1,32}")
+
+
+class NatsConfig(_Strict):
+    """The NATS JetStream transport (transport: nats): the servers, the names this cluster uses
+    on them, the node's credentials, and the change stream's retention (docs/scaling.md)."""
+
+    servers: tuple[str, ...] = Field(description=(
+        "The NATS servers to connect to, at least one, each nats://HOST:PORT, or "
+        "tls://HOST:PORT to require TLS (see nats.tls); an IPv6 host in brackets. List several "
+        "servers of one NATS cluster, so that the node moves to another when one fails: e.g. "
+        "[nats://10.0.0.5:4222, nats://10.0.0.6:4222]. Credentials go in their own fields, "
+        "not in the URLs."))
+    cluster: str = Field(default="bpfsync", description=(
+        "The prefix of every subject, stream and bucket name this cluster uses, so that "
+        "several bpfsync clusters can share NATS servers: the same on every node of a cluster, "
+        "different for each cluster on the same servers. 1-32 letters, digits, _ or -."))
+    user: str | None = Field(default=None, description=(
+        "A NATS user name, with password. Credentials are of one kind at most: user and "
+        "password, token, creds or nkey_seed. None of them: for servers that ask for no "
+        "credentials."))
+    password: str | None = Field(default=None, repr=False, description=(
+        "The password of user (give both, or neither). It stands in the config file in "
+        "clear: keep the file readable by root alone, or prefer creds."))
+    token: str | None = Field(default=None, repr=False, description=(
+        "A NATS authentication token, instead of the other kinds of credentials; in clear in "
+        "the config file, like password."))
+    creds: Path | None = Field(default=None, description=(
+        "A NATS .creds file: a user JWT and its nkey seed, as `nsc` makes them for accounts "
+        "run by an operator; instead of the other kinds of credentials. Keep it readable by "
+        "root alone: the seed is the node's secret."))
+    nkey_seed: Path | None = Field(default=None, description=(
+        "A file holding a user's nkey seed (a line starting SU; `nk -gen user` makes one), "
+        "for servers that list the user's public nkey; instead of the other kinds of "
+        "credentials."))
+    tls: NatsTlsConfig | None = Field(default=None, description=(
+        "TLS to the NATS servers: the CA that signed their certificates and, for servers that "
+        "verify clients, a client certificate. Give it with tls:// servers: over nats:// "
+        "without TLS every change, and any password or token, crosses the network in clear."))
+    stream_max_age_s: Annotated[float, Field(gt=0, le=30 * 86400, description=(
+        "Seconds the change stream keeps a change (retention by age, at most 30 days). A node "
+        "away for longer (stopped, cut off) catches up from the snapshots and the digests "
+        "instead of the stream, as does one that missed changes the stream dropped."))] = 3600.0
+    stream_max_bytes: Annotated[int, Field(ge=1 << 20, description=(
+        "Bytes the change stream keeps at most (1 GiB by default, at least 1 MiB), the oldest "
+        "changes dropped first: retention by size, beside stream_max_age_s, so that a burst "
+        "of writes cannot fill the servers' disks."))] = 1 << 30
+    replicas: Annotated[int, Field(ge=1, le=5, description=(
+        "JetStream replicas of the change stream and of the snapshot bucket: 1 keeps them on "
+        "one server, lost with it; 3 on a 3-server NATS cluster survives the loss of any one. "
+        "At most the number of JetStream servers (JetStream's own limit is 5)."))] = 1
+    snapshot_interval_s: Annotated[float, Field(gt=0, le=3600, description=(
+        "Seconds between two rounds in which a node stores the buckets of its maps that moved "
+        "since the last round as snapshots in JetStream; a starting node catches up from them "
+        "without a live peer (any node's snapshot is valid: the merge is state-based). "
+        "Shorter: fresher snapshots, more writes to the servers."))] = 10.0
+    connect_timeout_s: Annotated[float, Field(gt=0, le=300, description=(
+        "Seconds a connection attempt to a NATS server may take before it counts as "
+        "failed."))] = 5.0
+
+    @field_validator("servers")
+    @classmethod
+    def _servers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("give at least one NATS server, e.g. [nats://10.0.0.5:4222]")
+        seen: dict[tuple[str, int], str] = {}
+        for url in v:
+            where = _nats_server(url)
+            if where in seen:
+                same = "is listed twice" if seen[where] == url else f"is {seen[where]!r} again"
+                raise ValueError(f"{url!r} {same}: list each server once")
+            seen[where] = url
+        return v
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster(cls, v: str) -> str:
+        if not _NATS_CLUSTER.fullmatch(v):
+            raise ValueError(f"must be 1-32 letters, digits, _ or -, got {v!r}: it begins "
+                             "NATS subject, stream and bucket names, which cannot hold . * > "
+                             "or spaces")
+        return v
+
+    @field_validator("user", "password", "token")
+    @classmethod
+    def _not_empty(cls, v: str | None) -> str | None:
+        # an empty value reads as no credential: a node would connect unauthenticated
+        if v == "":
+            raise ValueError("is empty, which is no credential: give its value, or remove "
+                             "the field")
+        return v
+
+    @model_validator(mode="after")
+    def _credentials(self) -> NatsConfig:
+        if (self.user is None) != (self.password is None):
+            given, missing = ("user", "password") if self.password is None else (
+                "password", "user")
+            raise ValueError(f"{given} is set without {missing}: give both, or neither")
+        kinds = ["/".join(kind) for kind in NATS_CREDENTIALS if getattr(self, kind[0]) is not None]
+        if len(kinds) > 1:
+            named = ", ".join(kinds[:-1]) + " and " + kinds[-1]
+            raise ValueError(f"{named} are set, but a node connects with one kind of "
+                             "credentials: keep the one the NATS servers expect of this node, "
+                             "and remove the other" + ("s" if len(kinds) > 2 else ""))
+        return self
+
+
 class AgentConfig(_Strict):
     """One node's configuration: who it is, whom it talks to, and which maps it keeps in sync."""
 
@@ -326,25 +512,33 @@ class AgentConfig(_Strict):
         f"This node's id, unique in the cluster: {NODE_ID_RULE}. Records are stamped with it, "
         "ties between equal clocks are broken by it, and with TLS the node's certificate must "
         "name it."))
+    transport: Literal["grpc", "nats"] = Field(default="grpc", description=(
+        "How the nodes reach each other. grpc: the embedded full mesh, each node streaming to "
+        "every other (listen, peers, peers_dns, tls), fine to ~30 nodes. nats: each node "
+        "publishes its changes once through NATS JetStream, whose servers fan them out "
+        "(nats, and allowed_nodes as the member list), for larger clusters. See "
+        "docs/scaling.md."))
     listen: str = Field(default="127.0.0.1:7001", description=(
         "HOST:PORT where peers connect (gRPC). An address other hosts can reach needs tls, or "
-        "insecure: true, as anyone who reaches a plaintext port can change your maps."))
+        "insecure: true, as anyone who reaches a plaintext port can change your maps. Not "
+        "used with transport: nats, which starts no listener."))
     peers: tuple[str, ...] = Field(
         default=(), description=(
             "Every other node of the cluster (a full mesh: each node lists all the others), as "
             "HOST:PORT, or ID@HOST:PORT to bind the address to a node id: the peer must then "
             "announce that id and, with TLS, its certificate must name it. Ids given here are "
-            "members (see allowed_nodes)."))
+            "members (see allowed_nodes). transport: grpc only."))
     allowed_nodes: tuple[str, ...] | None = Field(
         default=None, description=(
             "The cluster's node ids (this node's is added): only these may connect, and only "
             "their records count; with ids given in peers, the union of both. Unset and no ids "
             "in peers: with tls, every node the CA signs a certificate for; without, the nodes "
-            "that answer at the peer addresses (docs/security.md)."))
+            "that answer at the peer addresses (docs/security.md). Required with transport: "
+            "nats, which has no peer addresses."))
     tls: TlsConfig | None = Field(default=None, description=(
         "Mutual TLS between the nodes (PEM files; `bpfsync certs` makes them). Unset: "
         "plaintext, which authenticates nothing, so the agent then listens on loopback only, "
-        "unless insecure: true."))
+        "unless insecure: true. transport: grpc only (TLS to NATS servers is nats.tls)."))
     insecure: bool = Field(
         default=False, description=(
             "Run without TLS on a listen address other hosts can reach. Whoever reaches the "
@@ -354,7 +548,10 @@ class AgentConfig(_Strict):
         "HOST:PORT whose name resolves to the cluster's nodes (a Kubernetes headless service, "
         "say): every address it resolves to is dialed, in addition to peers, and the name is "
         "re-resolved periodically, so nodes can come and go without a config change. This "
-        "node's own address among them is recognised and skipped."))
+        "node's own address among them is recognised and skipped. transport: grpc only."))
+    nats: NatsConfig | None = Field(default=None, description=(
+        "The NATS JetStream transport's settings: required with transport: nats, and an error "
+        "with transport: grpc, which would ignore them."))
     http_listen: str | None = Field(default=None, description=(
         "HOST:PORT for the HTTP endpoints /metrics (Prometheus), /healthz, /readyz and "
         "/status (what `bpfsync status` reads). Unset: no HTTP server. They are read-only but "
@@ -399,6 +596,37 @@ class AgentConfig(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _transport(self) -> AgentConfig:
+        # each transport's settings are an error under the other one, not ignored: a node
+        # configured for one while running the other would sync with nobody, silently
+        if self.transport == "grpc":
+            if self.nats is not None:
+                raise ValueError(
+                    "nats: given, but transport is grpc (the default), which does not use it: "
+                    "set transport: nats (--transport nats) to sync through NATS, or remove "
+                    "nats to keep the gRPC mesh")
+            return self
+        if self.nats is None:
+            raise ValueError(
+                "transport: nats needs the NATS servers to connect to: give nats: {servers: "
+                "[nats://HOST:4222, ...]} (--nats nats://HOST:4222, once per server)")
+        mesh = [name for name, value in (("peers", self.peers), ("peers_dns", self.peers_dns),
+                                         ("tls", self.tls)) if value]
+        if mesh:
+            one = len(mesh) == 1
+            raise ValueError(
+                f"{', '.join(mesh)}: {'a setting' if one else 'settings'} of the gRPC mesh, but "
+                f"transport is nats: remove {'it' if one else 'them'} (the nodes meet through "
+                "the NATS servers; TLS to those is nats.tls)")
+        if self.allowed_nodes is None:
+            # the mesh learns ids from ID@HOST:PORT peers and certificates; NATS has neither
+            raise ValueError(
+                "allowed_nodes: required with transport: nats, as the cluster's member list, "
+                "e.g. allowed_nodes: [a, b, c] (--allow-node ID for each node): there are no "
+                "peer addresses to bind ids to, and only members' records count")
+        return self
+
+    @model_validator(mode="after")
     def _whole(self) -> AgentConfig:
         if not self.maps:
             raise ValueError("maps: give at least one map to sync, e.g. /sys/fs/bpf/app/m")
@@ -413,7 +641,9 @@ class AgentConfig(_Strict):
             raise ValueError(f"peers: a peer is given this node's own id {self.node_id!r}")
         if self.tls is not None and self.insecure:
             raise ValueError("insecure: true turns TLS off, but tls is set: give one of them")
-        if self.tls is None and not self.insecure and not is_loopback(self.listen):
+        # the gRPC listener alone takes connections: transport nats starts none
+        if (self.transport == "grpc" and self.tls is None and not self.insecure
+                and not is_loopback(self.listen)):
             raise ValueError(
                 f"listen: {self.listen} is reachable from other hosts and TLS is off, so anyone "
                 "who can reach it could change your maps. Give tls: {ca, cert, key} (flags "

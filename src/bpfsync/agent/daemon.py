@@ -54,7 +54,7 @@ from bpfsync.core.replica import Replica
 from bpfsync.errors import BpfsyncError, NotFoundError
 from bpfsync.kernel.maps import Map, pinned_map_id
 from bpfsync.model import WatchEvent
-from bpfsync.transport.base import Transport
+from bpfsync.transport.base import Publisher, Transport
 from bpfsync.transport.eventloop import GrpcEventLoop
 from bpfsync.transport.grpc_mesh import GrpcMesh
 from bpfsync.transport.options import MeshOptions
@@ -132,7 +132,8 @@ class Agent:
         self.pipeline = Pipeline(self.synced, self.replica, self.applier, self.metrics)
         self.map_stats = self.pipeline.map_stats
         self.hello = Hello(self.node, self.incarnation, tuple(schemas))
-        self._transport_factory = transport_factory or self._grpc
+        self._transport_factory = transport_factory or (
+            self._nats if cfg.transport == "nats" else self._grpc)
         self.transport: Transport | None = None
         self.peering: Peering | None = None
         self.persister: Persister | None = None
@@ -161,6 +162,24 @@ class Agent:
         )
         return GrpcMesh(hello, self.cfg.listen, self.cfg.peers, peers_dns=self.cfg.peers_dns,
                         options=opts, members=self.members)
+
+    def _nats(self, hello: Hello) -> Transport:
+        # nats-py is an optional dependency: imported only by the nodes that use it
+        from bpfsync.transport.natsbus import NatsBus, NatsOptions
+
+        nc = self.cfg.nats
+        assert nc is not None  # config.py: transport nats needs it
+        opts = NatsOptions(
+            servers=nc.servers, cluster=nc.cluster, user=nc.user, password=nc.password,
+            token=nc.token, creds=nc.creds, nkey_seed=nc.nkey_seed,
+            tls_ca=nc.tls.ca if nc.tls else None, tls_cert=nc.tls.cert if nc.tls else None,
+            tls_key=nc.tls.key if nc.tls else None, stream_max_age_s=nc.stream_max_age_s,
+            stream_max_bytes=nc.stream_max_bytes, replicas=nc.replicas,
+            connect_timeout_s=nc.connect_timeout_s,
+        )
+        # a node that took nothing from a state file reads the stream from its first message
+        fresh = self.replica.stats["restart.loaded"] == 0
+        return NatsBus(hello, opts, self.members, fresh=fresh)
 
     @staticmethod
     def _tls_files(tls: TlsConfig) -> TlsFiles:
@@ -215,6 +234,7 @@ class Agent:
             on_records=self.pipeline.merge,
             on_caught_up=self._caught_up,
             catching_up=lambda: not self.ready,
+            snapshot_every=self.cfg.nats.snapshot_interval_s if self.cfg.nats else None,
         )
         self.peering.absent = {name for name in self.presence if name not in self.synced}
         self.pipeline.peering = self.peering
@@ -230,7 +250,7 @@ class Agent:
         self.applier.start_background()
         await self.transport.start()
         self.catchup.listening(time.monotonic())
-        if self.cfg.tls is None:
+        if self.cfg.tls is None and self.cfg.transport == "grpc":
             log.warning(
                 "TLS is off: peers are not authenticated, and whoever reaches %s can claim a"
                 " member's id (see docs/security.md)", self.cfg.listen,
@@ -367,6 +387,8 @@ class Agent:
                 self.persister.tick()
             if self.ready and self.pipeline.waiting:  # filters' age conditions (replica.py F3)
                 self.pipeline.recheck()
+            if self.peering is not None and self.ready:  # the bus's snapshots, if any
+                self.peering.snapshot_round(mono)
             if mono >= next_digest:
                 next_digest = mono + sync.anti_entropy_interval_s
                 self.replica.expire(_now())
@@ -514,6 +536,10 @@ class Agent:
             "replica": dict(self.replica.stats),
             "transport": dict(self.transport.stats) if self.transport else {},
         }
+        if isinstance(self.transport, Publisher):  # the NATS bus: the stream's state
+            self._status["stream"] = dict(self.transport.describe())
+            self.metrics.stream_connected.set(self.transport.connected)
+            self.metrics.stream_backlog.set(self.transport.publish_backlog())
 
     def _slots_threadsafe(self, name: str) -> dict[str, Any]:
         """Every node's register per key of map ``name``: computed on the loop (the replica is

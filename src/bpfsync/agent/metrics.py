@@ -94,6 +94,15 @@ class AgentMetrics:
         self.peer_connected = Gauge(
             "bpfsync_peer_connected", "1 while a stream to the peer is up", ["peer"], registry=r,
         )
+        self.stream_connected = Gauge(
+            "bpfsync_stream_connected", "With transport nats: 1 while the NATS servers are"
+            " reached, 0 while none is", registry=r,
+        )
+        self.stream_backlog = Gauge(
+            "bpfsync_stream_backlog_bytes", "With transport nats: bytes of this node's batches"
+            " waiting to be stored by the change stream (they grow while NATS is away)",
+            registry=r,
+        )
         self.peer_lag = Gauge(
             "bpfsync_peer_lag_records", "Records for the peer not yet acknowledged by it: queued"
             " in its outbox or in batches it has not acked", ["peer"], registry=r,

@@ -52,7 +52,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import random
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -80,7 +82,15 @@ from bpfsync.errors import (
     PeerError,
     UnauthenticatedPeerError,
 )
-from bpfsync.transport.base import PeerDown, PeerUp, Received, Transport
+from bpfsync.transport.base import (
+    PeerDown,
+    PeerUp,
+    Publisher,
+    Received,
+    Streamed,
+    StreamRead,
+    Transport,
+)
 
 log = logging.getLogger("bpfsync.agent")
 
@@ -90,6 +100,9 @@ _REPAIR_BACKLOG = 8 << 20  # bytes queued on a link before repair answers wait f
 _SEND_BACKLOG = 16 << 20  # ... before new batches wait (the link resets past 64 MiB)
 _CROSSED_S = 5.0  # a peer's Pull this soon after our answer to its digest answers the same
 _MAX_ASKED = 8  # digests of one map counted as awaiting an answer, at most, per peer
+STREAM = "stream"  # who answered a catch-up from the stream (readiness.py counts it as a peer)
+_PUBLISH_BACKLOG = 8 << 20  # bytes of batches waiting for the stream before more wait here
+_SNAPSHOT_BYTES = 4 << 20  # snapshots one round stores at most (a 40 MB map: ten rounds)
 
 # (peer, records, whether they are a repair: a digest's or a pull's answer) -> what merging them
 # asks of us; None when the records were not merged
@@ -110,7 +123,10 @@ class Peering:
         on_records: OnRecords,
         on_caught_up: Callable[[str, str, int], None],
         catching_up: Callable[[], bool],
+        snapshot_every: float | None = None,
     ) -> None:
+        """``snapshot_every``: on the bus, seconds between two rounds of snapshots (see
+        ``snapshot_round``)."""
         self.node = node
         self.replica = replica
         self.schemas = list(schemas)
@@ -145,15 +161,29 @@ class Peering:
         self.catching: set[str] = set()  # maps catching up on their own (module docstring)
         self.absent: set[str] = set()  # configured maps not synced here yet (ditto)
         self.absent_records: Counter[str] = Counter()
+        # a transport that publishes to a stream every node reads (the bus; module docstring)
+        self.bus: Publisher | None = transport if isinstance(transport, Publisher) else None
+        self._bus_outbox = Outbox(max_records=outbox_records,
+                                  per_origin_maps=replica.per_origin_maps)
+        self._stream_read = False
+        self._stream_peer: str | None = None  # the peer asked to close the stream's gaps
+        self._snapshot_every = snapshot_every
+        self._next_snapshot = 0.0
+        self._snapshotted: dict[str, dict[int, int]] = defaultdict(dict)  # map -> bucket -> sum
 
     # --- what the agent calls ------------------------------------------------------------------
 
     async def run(self) -> None:
         """Handle the transport's events until it closes."""
         async for ev in self.transport.events():
+            if isinstance(ev, StreamRead):
+                self._streamed_all()
+                continue
             try:
                 if isinstance(ev, Received):
                     self._received(ev.peer, ev.message, ev.incarnation)
+                elif isinstance(ev, Streamed):
+                    self._streamed(ev.peer, ev.message)
                 elif isinstance(ev, PeerUp):
                     self._peer_up(ev.peer, ev.hello)
                 elif isinstance(ev, PeerDown):
@@ -177,11 +207,15 @@ class Peering:
         reached (a member that only dials us, one still down since we started) gets everything
         by the first-contact repair when our link comes up: queueing for it meanwhile would
         hold a record per key of every map for nothing."""
-        if records:
+        if not records:
+            return
+        if self.bus is not None:  # published once, for every node
+            self._bus_outbox.add(records, newest=True)
+        else:
             for s in self.sessions.values():
                 if s.peer_incarnation is not None:
                     s.outbox.add(records, newest=True)
-            self._flush_soon()
+        self._flush_soon()
 
     def add_map(self, schema: MapSchema, outbox_records: int) -> None:
         """Sync one more map with every peer (the replica syncs it already); ``outbox_records``:
@@ -191,10 +225,10 @@ class Peering:
         self._max_repairs = 3 * len(self.schemas) + 1
         self._outbox_records = outbox_records
         per_origin = schema.name in self.replica.per_origin_maps
-        for s in self.sessions.values():
-            s.outbox.max_records = outbox_records
+        for outbox in [self._bus_outbox, *(s.outbox for s in self.sessions.values())]:
+            outbox.max_records = outbox_records
             if per_origin:
-                s.outbox.add_per_origin(schema.name)
+                outbox.add_per_origin(schema.name)
 
     def catch_up(self, name: str) -> None:
         """Map ``name`` joined while running: ask every linked peer for everything it has of it
@@ -206,6 +240,35 @@ class Peering:
     def caught_up(self, name: str) -> None:
         """Map ``name``'s catch-up is over: routine digests of it again."""
         self.catching.discard(name)
+
+    def snapshot_round(self, now: float) -> None:
+        """On the bus, every ``snapshot_every`` seconds: the snapshots this node keeps up to
+        date, of the buckets whose digest sum moved since it last stored them, at most
+        ``_SNAPSHOT_BYTES`` a round (the rest waits for the next). Each bucket is kept by one
+        of the nodes up (rendezvous hashing over this node and the peers whose Hellos
+        arrive), so the servers store each change once, not once per node; while two nodes
+        see different peers up, both may store a bucket, which is harmless (any node's
+        snapshot is valid). A node takes over the buckets of one that went away."""
+        if self.bus is None or self._snapshot_every is None or now < self._next_snapshot:
+            return
+        if not self.bus.connected:
+            return
+        self._next_snapshot = now + self._snapshot_every
+        up = sorted({self.node, *self._linked})
+        budget = _SNAPSHOT_BYTES
+        for schema in self.schemas:
+            if schema.name in self.absent:
+                continue
+            sums = self.replica.bucket_sums(schema.name)
+            stored = self._snapshotted[schema.name]
+            moved = [b for b, digest_sum in enumerate(sums)
+                     if stored.get(b) != digest_sum and _keeper(schema.name, b, up) == self.node]
+            for b in moved:  # one at a time: the budget may end the round before the last
+                ((_, digest_sum, blob),) = self.replica.snapshot(schema.name, [b])
+                if budget <= 0 or not self.bus.put_snapshot(schema.name, b, blob):
+                    return
+                stored[b] = digest_sum
+                budget -= len(blob)
 
     def digest_round(self) -> None:
         """The periodic anti-entropy round: a digest of every map to every peer we owe nothing
@@ -240,7 +303,10 @@ class Peering:
         return rows
 
     def queued(self) -> int:
-        """Records queued for the linked peer that has the fewest (0 when none is linked)."""
+        """Records queued for the linked peer that has the fewest (0 when none is linked);
+        on the bus, records waiting to be published."""
+        if self.bus is not None:
+            return len(self._bus_outbox)
         return min(
             (len(s.outbox) for peer, s in self.sessions.items() if peer in self._linked),
             default=0,
@@ -258,11 +324,19 @@ class Peering:
                 await asyncio.wait_for(self._sent.wait(), left)
 
     def connected(self) -> list[str]:
+        """Whom the node's readiness waits for (readiness.py Y1): the linked peers; on the
+        bus, the stream while it can be reached, and the one peer asked for what the stream
+        no longer held (``_streamed_all``)."""
+        if self.bus is not None:
+            peer = [self._stream_peer] if self._stream_peer in self._linked else []
+            return ([STREAM] if self.bus.connected else []) + peer
         return sorted(self._linked)
 
     def behind(self) -> bool:
         """Whether records wait for a linked peer: queued, unacknowledged, or a repair answer
         (for a peer that is down, they may wait for hours)."""
+        if self.bus is not None and (self._bus_outbox or self.bus.publish_backlog()):
+            return True
         return any(
             s.outbox or s.unacked or self._repairs.get(peer)
             for peer, s in self.sessions.items()
@@ -293,7 +367,9 @@ class Peering:
         self.metrics.peer_connected.labels(peer).set(1)
         self._linked.add(peer)
         log.info("peer up", extra={"peer": peer, "incarnation": hello.incarnation})
-        if s.take_repair() or self._catching_up():
+        if self.bus is not None:
+            s.take_repair()  # the stream catches us up; routine digests repair the rest
+        elif s.take_repair() or self._catching_up():
             self._send_digests(peer, urgent=True)  # until ready, any peer may catch us up
         elif self.catching:
             self._send_digests(peer, urgent=True, only=tuple(self.catching))
@@ -315,7 +391,10 @@ class Peering:
 
     def _announce_links(self, but: str) -> None:
         """Our links changed: tell the other peers at once (digests carry them), so they start
-        or stop relaying to us without waiting for the next digest round."""
+        or stop relaying to us without waiting for the next digest round. On the bus nothing
+        is relayed: every node reads every origin's batches from the stream."""
+        if self.bus is not None:
+            return
         for other in self._linked:
             if other != but:
                 self._send_digests(other)
@@ -357,6 +436,30 @@ class Peering:
         if s.take_repair():
             self._send_digests(peer, urgent=True)
 
+    def _streamed(self, sender: str, batch: Batch) -> None:
+        """A batch ``sender`` published for every node (the transport checked that it is a
+        member's, on its own subject). Merged like a peer's batch; nothing is relayed or
+        answered: every node reads the same stream, and digests repair the rest."""
+        self.last_batch_at = time.monotonic()
+        records = self._synced_here(batch.records)
+        if records:
+            self._on_records(sender, records, False)
+
+    def _streamed_all(self) -> None:
+        """The stream delivered everything it held when we first read it: every map is
+        caught up with it (readiness.py Y1, with the stream as a peer). What the stream no
+        longer held (past its retention) is asked of one linked peer, chosen at random, by
+        an urgent digest; readiness waits for its answer too. One peer, not every one: each
+        would answer the same differences."""
+        if self._stream_read:
+            return
+        self._stream_read = True
+        if self._linked and self._catching_up():
+            self._stream_peer = random.choice(sorted(self._linked))
+            self._send_digests(self._stream_peer, urgent=True)
+        for schema in self.schemas:
+            self._on_caught_up(schema.name, STREAM, 0)
+
     def _synced_here(self, records: Sequence[Record]) -> Sequence[Record]:
         """``records`` without those of ``absent`` maps (counted)."""
         if not self.absent:
@@ -373,6 +476,8 @@ class Peering:
     def _pass_on(self, sender: str, res: ApplyResult) -> None:
         """Relay what changed our state to peers cut off from its origin; reply to the sender
         where we hold something newer."""
+        if self.bus is not None:  # see _streamed
+            return
         relayed = False
         others = [(o, s, links) for o, s in self.sessions.items()
                   if o != sender and s.peer_incarnation is not None
@@ -522,7 +627,8 @@ class Peering:
     # --- flushing ------------------------------------------------------------------------------
 
     def _batch_bytes(self) -> int:
-        return min(_MAX_BATCH_BYTES, self.sync.max_message_bytes // 2)
+        limit = min(_MAX_BATCH_BYTES, self.sync.max_message_bytes // 2)
+        return limit if self.bus is None else min(limit, self.bus.max_message_bytes // 2)
 
     def _flush_soon(self) -> None:
         if self._flush_scheduled:
@@ -536,7 +642,7 @@ class Peering:
         the outbox, where later changes of the same key replace earlier ones."""
         self._flush_scheduled = False
         limit, nbytes = self.sync.max_batch_records, self._batch_bytes()
-        behind = False
+        behind = self._publish(limit, nbytes) if self.bus is not None else False
         for peer, s in self.sessions.items():
             while True:
                 backlog = self.transport.backlog(peer)
@@ -554,6 +660,35 @@ class Peering:
         if behind:
             asyncio.get_running_loop().call_later(0.002, self._flush_soon)
 
+    def _publish(self, limit: int, nbytes: int) -> bool:
+        """The bus outbox into the stream, while the stream keeps up; whether records wait.
+        A batch the transport refuses goes back into the outbox, where newer records of its
+        keys win."""
+        assert self.bus is not None
+        while self._bus_outbox:
+            if self.bus.publish_backlog() > _PUBLISH_BACKLOG:
+                return True
+            packed = self._bus_outbox.take_batch(limit, nbytes)
+            batch = Batch(self.node, 0, packed)
+            if not self.bus.publish(batch, self._published):
+                self._bus_outbox.add(packed)
+                return True
+        if self._bus_outbox.take_overflow():  # records were dropped: digests repair them
+            self.digest_round()
+        return False
 
-def _incarnation(ev: PeerUp | PeerDown | Received) -> int | None:
+    def _published(self, ok: bool) -> None:
+        self._sent.set()
+        if self._bus_outbox:
+            self._flush_soon()
+
+
+def _keeper(map: str, bucket: int, nodes: Sequence[str]) -> str:
+    """The node of ``nodes`` that keeps ``map``'s bucket's snapshot: the highest hash of the
+    (map, bucket, node) triple (rendezvous hashing: one node's leaving moves its buckets only)."""
+    return max(nodes, key=lambda n: hashlib.blake2b(
+        f"{map}\0{bucket}\0{n}".encode(), digest_size=8).digest())
+
+
+def _incarnation(ev: PeerUp | PeerDown | Received | Streamed) -> int | None:
     return ev.incarnation if isinstance(ev, Received) else None

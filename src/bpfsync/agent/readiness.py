@@ -5,7 +5,9 @@ what peering.py tells us (``answered``) and the clock:
   Y1  Ready once, for every map, every peer it is linked with right now (and at least one) has
       answered its first urgent digest. An answer's records precede its Answered on the same
       stream, so Answered means "caught up with that peer". Only the answer to a digest this
-      node sent counts (peering.py): a peer cannot declare us caught up unasked.
+      node sent counts (peering.py): a peer cannot declare us caught up unasked. On the NATS
+      bus the linked "peers" are the stream (caught up once it delivered what it held) and
+      the one peer asked for what the stream no longer held (peering.py ``connected``).
   Y2  Alone: when no peer is linked ``catchup_timeout`` after start, the node comes up alone:
       the first node of a cluster must still come up. "Start" is when the node can be dialed
       (``listening``), not when the agent was built: seeding or loading a million entries

@@ -252,6 +252,8 @@ def _check_watch(cfg: AgentConfig) -> Finding:
 def _check_tls(cfg: AgentConfig) -> Finding:
     finding = Finding("tls")
     tls = cfg.tls
+    if cfg.nats is not None:
+        return _check_nats_files(cfg, finding)
     if tls is None:
         where = "loopback only" if is_loopback(cfg.listen) else "insecure: true"
         finding.summary = f"off ({where}, listen {cfg.listen}): peers are not authenticated"
@@ -267,6 +269,26 @@ def _check_tls(cfg: AgentConfig) -> Finding:
                        f"valid until {until:%Y-%m-%d} UTC ({days} days)")
     return finding
 
+
+def _check_nats_files(cfg: AgentConfig, finding: Finding) -> Finding:
+    """transport: nats: the files the agent reads to reach the NATS servers (their servers'
+    answers are not checked: `bpfsync run` says at start whether they take the credentials)."""
+    nc = cfg.nats
+    assert nc is not None
+    files = [("nats.creds", nc.creds), ("nats.nkey_seed", nc.nkey_seed)]
+    if nc.tls is not None:
+        files += [("nats.tls.ca", nc.tls.ca), ("nats.tls.cert", nc.tls.cert),
+                  ("nats.tls.key", nc.tls.key)]
+    for what, path in files:
+        if path is not None and not os.access(path, os.R_OK):
+            finding.problems.append(f"{what}: {path} cannot be read")
+    finding.title = "NATS credentials and TLS files"
+    kind = ("creds file" if nc.creds else "nkey seed" if nc.nkey_seed else "token" if nc.token
+            else "user/password" if nc.user else "no credentials")
+    tls = f"TLS with the CA in {nc.tls.ca}" if nc.tls is not None else "no TLS"
+    finding.summary = (f"NATS {', '.join(nc.servers)} ({kind}, {tls}); the mesh's tls is not "
+                       "used")
+    return finding
 
 
 def _check_state(cfg: AgentConfig) -> Finding:

@@ -49,6 +49,10 @@ RUN_FLAGS: dict[str, str] = {
     "insecure": "--insecure",
     "allowed_nodes": "--allow-node",
     "state.dir": "--state-dir/--no-state",
+    "transport": "--transport",
+    "nats.servers": "--nats",
+    "nats.cluster": "--nats-cluster",
+    "nats.creds": "--nats-creds",
 }
 
 
@@ -192,6 +196,33 @@ def run(
         bool, typer.Option("--no-state", help="keep no state: a restart then takes what the "
                            "maps hold as older than any peer's record")
     ] = False,
+    transport: Annotated[
+        str | None,
+        typer.Option(help="how the nodes reach each other: grpc (default), the embedded full "
+                     "mesh of --listen and --peer, fine to ~30 nodes; or nats, through NATS "
+                     "JetStream servers (--nats), for larger clusters. E.g. --transport nats"),
+    ] = None,
+    nats: Annotated[
+        list[str] | None,
+        typer.Option("--nats", metavar="URL",
+                     help="a NATS server, nats://HOST:PORT or tls://HOST:PORT, for --transport "
+                     "nats; repeat for each server of the NATS cluster. E.g. --nats "
+                     "nats://10.0.0.5:4222 --nats nats://10.0.0.6:4222"),
+    ] = None,
+    nats_cluster: Annotated[
+        str | None,
+        typer.Option(metavar="NAME",
+                     help="prefix of the NATS subjects, streams and buckets this cluster uses, "
+                     "so that several clusters can share NATS servers (default bpfsync). E.g. "
+                     "--nats-cluster edge-eu"),
+    ] = None,
+    nats_creds: Annotated[
+        Path | None,
+        typer.Option(metavar="FILE",
+                     help="a NATS .creds file (the user's JWT and nkey seed, as `nsc` makes "
+                     "it), for NATS servers that authenticate clients. E.g. --nats-creds "
+                     "/etc/bpfsync/nats.creds"),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
 ) -> None:
     """Run the sync agent until SIGTERM or SIGINT; SIGHUP re-reads the TLS files.
@@ -205,6 +236,10 @@ def run(
     bpfsync run --node-id a --listen 10.0.0.1:7001 --peer b@10.0.0.2:7001
     --peer c@10.0.0.3:7001 --map /sys/fs/bpf/demo/m --tls-ca ca.pem --tls-cert a.pem
     --tls-key a.key
+
+    Through NATS JetStream, for larger clusters: every node lists the members, no peers:
+    bpfsync run --node-id a --transport nats --nats nats://10.0.0.5:4222 --allow-node a
+    --allow-node b --allow-node c --map /sys/fs/bpf/demo/m
 
     Flags given together with --config override the file's fields.
     """
@@ -243,6 +278,11 @@ def run(
             data["state"] = {**(current if isinstance(current, dict) else {}), "dir": None}
         if allow_node:
             data["allowed_nodes"] = tuple(allow_node)
+        if transport is not None:
+            data["transport"] = transport
+        # like the TLS files: the servers in a shared file, a node's own credentials by flag
+        _merge(data, "nats", servers=tuple(nats) if nats else None, cluster=nats_cluster,
+               creds=nats_creds and str(nats_creds))
         if "node_id" not in data:
             raise typer.BadParameter("give --node-id or a --config file with node_id")
         cfg = parse_config(data, f"{config} with the command line" if config else "command line")

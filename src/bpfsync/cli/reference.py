@@ -42,7 +42,9 @@ Every field of the YAML file that `bpfsync run --config FILE` reads, with its ty
 bounds; a flag of `bpfsync run` that sets the same field overrides the file. A wrong or unknown
 field is an error naming it. `bpfsync check --config FILE` also checks the file against this
 machine (maps, policies, TLS files) without starting the agent.
-[examples/bpfsync.full.yaml](../examples/bpfsync.full.yaml) sets every field, each commented.
+[examples/bpfsync.full.yaml](../examples/bpfsync.full.yaml) sets every field, each commented, but
+those of `transport: nats`, which [examples/bpfsync.nats.yaml](../examples/bpfsync.nats.yaml)
+shows.
 """
 
 _SCALARS: dict[type, str] = {

@@ -154,6 +154,8 @@ class Node(AgentProcess):
         self.port = port
         self.peers: list[str] = []
         self.tls: tuple[Path, Issued] | None = None  # the CA's certificate, and this node's
+        # with NATS instead of the mesh: the servers, the cluster's subject prefix, the members
+        self.nats: tuple[tuple[str, ...], str, tuple[str, ...]] | None = None
         self.dir.mkdir(parents=True, exist_ok=True)
         self._entries = entries
         self._load()
@@ -195,6 +197,14 @@ class Node(AgentProcess):
     def command(self, extra: Sequence[str] = ()) -> list[str]:
         cmd = ["run", "--node-id", self.name, "--listen", self.address, "--map", str(self.pin),
                "--http", f"127.0.0.1:{self.http_port}"]
+        if self.nats is not None:
+            servers, prefix, members = self.nats
+            cmd += ["--transport", "nats", "--nats-cluster", prefix]
+            for url in servers:
+                cmd += ["--nats", url]
+            for member in members:
+                cmd += ["--allow-node", member]
+            return cmd + list(extra)
         for p in self.peers:
             cmd += ["--peer", p]
         if self.tls is not None:
@@ -260,12 +270,14 @@ class Cluster:
 
     ``tls``: the nodes run with mutual TLS, certificates issued by a CA made for the cluster
     (``issue`` makes more), and know their peers by id (``ID@HOST:PORT``). ``factory`` makes
-    each node from (name, root, port, http port), e.g. with a larger map.
+    each node from (name, root, port, http port), e.g. with a larger map. ``nats``: the nodes
+    sync through the NATS servers at these URLs (``transport: nats``), not a mesh.
     """
 
     def __init__(
         self, names: Sequence[str] = ("a", "b", "c"), tag: str | None = None, tls: bool = False,
         factory: Callable[[str, Path, int, int], Node] = Node,
+        nats: Sequence[str] | None = None,
     ) -> None:
         self.root = BPFFS / f"bpfsync-{tag or 'cluster'}-{uuid.uuid4().hex[:8]}"
         self.nodes: dict[str, Node] = {}
@@ -284,6 +296,8 @@ class Cluster:
         for node in self.nodes.values():
             node.peers = [f"{o.name}@{o.address}" if tls else o.address
                           for o in self.nodes.values() if o is not node]
+            if nats is not None:  # the cluster's own subjects: clusters may share servers
+                node.nats = (tuple(nats), f"bpfsync-{self.root.name[-8:]}", tuple(self.nodes))
 
     def issue(self, node: str, out: Path | None = None) -> Issued:
         """A certificate for ``node`` from the cluster's CA (in ``out``, default the CA's)."""

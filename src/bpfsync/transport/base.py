@@ -20,16 +20,17 @@ promises is per-link order and honesty about links:
   answer to input it refused as the peer's fault. Without authentication (plaintext) it ends
   only the streams that sent the input.
 
-Implementations: GrpcMesh (grpc_mesh.py) and MemoryNetwork/MemoryTransport (memory.py, for tests).
+Implementations: GrpcMesh (grpc_mesh.py), NatsBus (natsbus.py: also ``Streamed`` batches, which
+every node reads from a stream) and MemoryNetwork/MemoryTransport (memory.py, for tests).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from bpfsync.core.messages import Hello, Message
+from bpfsync.core.messages import Batch, Hello, Message
 from bpfsync.errors import BpfsyncError, OversizedMessageError
 
 __all__ = [
@@ -38,7 +39,10 @@ __all__ = [
     "PeerDown",
     "PeerState",
     "PeerUp",
+    "Publisher",
     "Received",
+    "StreamRead",
+    "Streamed",
     "Transport",
 ]
 
@@ -69,7 +73,21 @@ class Received:
     incarnation: int = 0
 
 
-Event = PeerUp | PeerDown | Received
+@dataclass(frozen=True, slots=True)
+class Streamed:
+    """A batch of changes ``peer`` published once for every node, read from a stream (the
+    NATS bus, natsbus.py): not bound to a link, numbered or acknowledged by the core."""
+
+    peer: str
+    message: Batch
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRead:
+    """Everything the stream held when this node first read it has been delivered (once)."""
+
+
+Event = PeerUp | PeerDown | Received | Streamed | StreamRead
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,4 +162,38 @@ class Transport(Protocol):
 
     async def close(self) -> None:
         """Close every link and stop accepting; ``events()`` ends. Idempotent."""
+        ...
+
+
+@runtime_checkable
+class Publisher(Protocol):
+    """A transport whose nodes all read one stream (NatsBus): a batch of this node's changes
+    is published once for every node, instead of sent to each peer."""
+
+    def publish(self, batch: Batch, done: Callable[[bool], None] | None = None) -> bool:
+        """Queue ``batch`` for the stream; False when the queue is full. ``done(True)`` once
+        the stream has stored it."""
+        ...
+
+    def publish_backlog(self) -> int:
+        """Encoded bytes of batches queued and not yet stored by the stream."""
+        ...
+
+    def put_snapshot(self, map: str, bucket: int, blob: bytes) -> bool:
+        """Queue the sealed registers of one digest bucket as its stored snapshot; False when
+        the queue is full."""
+        ...
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest message the stream takes."""
+        ...
+
+    @property
+    def connected(self) -> bool:
+        """Whether the stream can be reached now."""
+        ...
+
+    def describe(self) -> Mapping[str, object]:
+        """For /status: where the stream is, whether it is reached, what waits for it."""
         ...

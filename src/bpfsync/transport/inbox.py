@@ -14,7 +14,7 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
 
-from bpfsync.transport.base import Event, Received
+from bpfsync.transport.base import Event, Received, Streamed
 
 __all__ = ["Inbox"]
 
@@ -45,12 +45,12 @@ class Inbox:
         network to push back on).
         """
         if not self._closed:
-            if isinstance(event, Received):
+            if isinstance(event, Received | Streamed):
                 self._messages += 1
             self._queue.append((event, 0))
             self._nonempty.set()
 
-    async def put_message(self, event: Received, nbytes: int = 0) -> None:
+    async def put_message(self, event: Received | Streamed, nbytes: int = 0) -> None:
         """Queue a received message of ``nbytes`` (its frame), waiting while the queue holds
         ``max_messages`` of them or ``max_bytes``."""
         while not self._closed and (
@@ -76,7 +76,7 @@ class Inbox:
             self._nonempty.clear()
             await self._nonempty.wait()
         event, nbytes = self._queue.popleft()
-        if isinstance(event, Received):
+        if isinstance(event, Received | Streamed):
             self._messages -= 1
             self._bytes -= nbytes
             self._room.set()

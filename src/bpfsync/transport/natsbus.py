@@ -1,0 +1,698 @@
+"""The NATS transport: the cluster's changes published once into a JetStream stream, which the
+servers fan out to every node, and a node's own messages to one peer over core NATS.
+
+Subjects, under the cluster's prefix ``P`` (``nats.cluster``):
+
+    P.changes.<node>   Batches of changes <node> made, published once into the stream
+                       ``P-changes`` (limits-based retention: ``stream_max_age_s`` and
+                       ``stream_max_bytes``). Every node reads the whole stream with a durable
+                       pull consumer of its own, so a node that restarts goes on where it
+                       stopped, and one that joins reads everything the stream still holds.
+    P.hello            Each node's Hello, every ``hello_interval`` seconds: who is up.
+    P.to.<node>        Messages to one node (digests, pulls, repair answers, acks), each with
+                       the sender's id and incarnation in its headers.
+
+The key-value bucket ``P-snapshots`` holds a snapshot of every digest bucket of every map
+(key ``<map name in hex>.<bucket>``, value the bucket's registers as core/frozen.py seals
+them), written by whichever node the agent makes responsible (agent/peering.py). Any node's
+snapshot is valid, as the merge is state-based. A node without state of its own reads them
+all before the stream: that catches it up when every other agent is stopped and the stream
+no longer holds what happened before its retention.
+
+The rules it keeps, beyond base.py's (which it keeps for the messages to one node):
+
+- A peer is up while its Hellos arrive (within ``peer_timeout``). Its first Hello of an
+  incarnation is delivered as ``Received`` before its ``PeerUp``; a new incarnation is a
+  ``PeerDown`` first. Only members (core/membership.py) get that far: a Hello or message of
+  any other node is dropped and counted, before anything is kept for it.
+- A batch read from the stream is delivered as ``Streamed`` only when its subject names its
+  sender (the NATS account's publish permissions can then bind a node to its own subject) and
+  the sender is a member; others are counted and acknowledged unread. A stream message is
+  acknowledged once the agent has handled it (when it asks for the next event), so a crash
+  in between reads it again at the next start; the merge is idempotent.
+- ``StreamRead`` tells, once, that everything the stream held when this node first read it
+  (and, for a node without state, every snapshot before it) was delivered: a node catching
+  up is caught up then. A snapshot is delivered as a ``Streamed`` batch of ``SNAPSHOT``.
+- ``publish`` never blocks: a batch is queued for the stream, or refused (False) when the
+  queue is full; queued batches are published in order and retried while NATS is away, so
+  none is lost while the process lives. ``send`` to a peer is best effort, as on the mesh:
+  what is lost is repaired by digest.
+- NATS cannot tell which node a client is unless the servers' permissions say so: like the
+  plaintext mesh, ``disconnect`` only refuses that incarnation for a while.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
+from nats.js.kv import KeyValue
+
+from bpfsync.core.frozen import unseal
+from bpfsync.core.membership import Membership
+from bpfsync.core.messages import Batch, Hello, Message
+from bpfsync.core.register import Packed
+from bpfsync.errors import BpfsyncError, ConfigError, OversizedMessageError, TransportError
+from bpfsync.transport import codec
+from bpfsync.transport.base import (
+    Event,
+    PeerDown,
+    PeerState,
+    PeerUp,
+    Received,
+    Streamed,
+    StreamRead,
+)
+from bpfsync.transport.inbox import Inbox
+
+__all__ = ["SNAPSHOT", "NatsBus", "NatsOptions"]
+
+log = logging.getLogger("bpfsync.transport")
+
+_FROM, _INCARNATION = "Bpfsync-From", "Bpfsync-Incarnation"
+_FETCH = 64  # stream messages asked for at once: few enough to bound what waits unacked
+_FETCH_WAIT_S = 1.0
+_CLOSE_S = 2.0
+SNAPSHOT = "snapshot"  # the sender named in the batches that snapshots are delivered as
+
+
+@dataclass(frozen=True, slots=True)
+class NatsOptions:
+    """How the bus connects and what it accepts (agent/config.py's ``nats`` section)."""
+
+    servers: tuple[str, ...]
+    cluster: str = "bpfsync"
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds: Path | None = None
+    nkey_seed: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    stream_max_age_s: float = 3600.0
+    stream_max_bytes: int = 1 << 30
+    replicas: int = 1
+    connect_timeout_s: float = 5.0
+    # a peer is down when no Hello of it came for peer_timeout seconds
+    hello_interval: float = 1.0
+    peer_timeout: float = 3.5
+    # encoded bytes waiting to be sent to peers, and batches waiting for the stream: past
+    # either a send or publish is refused
+    max_queue_bytes: int = 64 << 20
+    # received messages waiting for the agent before the bus stops reading (inbox.py)
+    max_pending_messages: int = 1024
+    max_pending_bytes: int = 64 << 20
+    # an incarnation that sent input refused as its fault is ignored this long
+    penalty_s: float = 1.0
+    limits: codec.Limits = field(default_factory=codec.Limits)
+
+    @property
+    def stream(self) -> str:
+        return f"{self.cluster}-changes"
+
+    @property
+    def snapshots(self) -> str:
+        return f"{self.cluster}-snapshots"
+
+
+@dataclass(slots=True)
+class _Peer:
+    incarnation: int | None = None
+    hello: Hello | None = None
+    last_hello: float = 0.0
+    up: bool = False
+    messages_sent: int = 0
+    bytes_sent: int = 0
+    messages_received: int = 0
+    bytes_received: int = 0
+    reconnects: int = 0
+    dropped: int = 0
+    queued_bytes: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
+    connected_since: float | None = None
+
+
+class NatsBus:
+    """One node's link to the cluster through NATS; implements transport/base.py's Transport
+    for its messages to one peer, and ``publish`` for the stream."""
+
+    def __init__(self, hello: Hello, options: NatsOptions, members: Membership,
+                 *, fresh: bool = False) -> None:
+        """``fresh``: this node holds no state of its own (no state file, or none usable):
+        its stream consumer then starts again from the first message the stream holds."""
+        self.hello = hello
+        self.node = hello.node
+        self.options = options
+        self.members = members
+        self.fresh = fresh
+        self._prefix = options.cluster
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._inbox = Inbox(options.max_pending_messages, options.max_pending_bytes)
+        self._peers: dict[str, _Peer] = {}
+        self._refused: dict[tuple[str, int], float] = {}  # (node, incarnation) -> until
+        self._out: deque[tuple[str, bytes, dict[str, str], str | None]] = deque()
+        self._out_bytes = 0
+        self._out_ready = asyncio.Event()
+        self._publish: deque[tuple[bytes, Callable[[bool], None] | None]] = deque()
+        self._publish_bytes = 0
+        self._publish_ready = asyncio.Event()
+        self._to_ack: deque[Msg] = deque()
+        self._kv: KeyValue | None = None
+        self._snap: deque[tuple[str, bytes]] = deque()
+        self._snap_bytes = 0
+        self._snap_ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self._stats: Counter[str] = Counter()
+        self.stream_read = False  # StreamRead was delivered
+        self.last_error: str | None = None
+        self.hello_frame = codec.encode(hello)
+
+    # --- life ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, make the stream and this node's consumer if they are not there, and start
+        the loops. Raises ConfigError when no server accepts the connection (wrong address or
+        credentials), saying what the servers answered."""
+        self._nc = await self._connect()
+        self._js = self._nc.jetstream()
+        await self._ensure_stream()
+        self._kv = await self._ensure_snapshots()
+        p = self._prefix
+        await self._nc.subscribe(f"{p}.hello", cb=self._on_hello)
+        await self._nc.subscribe(f"{p}.to.{self.node}", cb=self._on_direct)
+        sub = await self._consumer()
+        loops: list[tuple[str, Any]] = [
+            ("nats-send", self._send_loop()), ("nats-publish", self._publish_loop()),
+            ("nats-hello", self._hello_loop()), ("nats-read", self._read_loop(sub)),
+            ("nats-snapshot", self._snapshot_loop()),
+        ]
+        self._tasks = [asyncio.create_task(coro, name=name) for name, coro in loops]
+        await self._nc.publish(f"{p}.hello", self.hello_frame)
+
+    async def _connect(self) -> Client:
+        o = self.options
+        errors: list[str] = []
+
+        refused = asyncio.Event()
+
+        async def on_error(err: Exception) -> None:
+            errors.append(str(err) or type(err).__name__)
+            self.last_error = errors[-1]
+            self._stats["errors"] += 1
+            if "authorization violation" in errors[-1].lower():
+                refused.set()
+
+        async def on_disconnected() -> None:
+            self._stats["disconnects"] += 1
+            log.warning("NATS connection lost; reconnecting", extra={"error": self.last_error})
+
+        async def on_reconnected() -> None:
+            url = self._nc.connected_url.netloc if self._nc and self._nc.connected_url else None
+            log.info("NATS connection back", extra={"server": url})
+
+        kwargs: dict[str, Any] = {
+            "servers": list(o.servers), "name": f"bpfsync {self.node}",
+            "connect_timeout": o.connect_timeout_s, "allow_reconnect": True,
+            "max_reconnect_attempts": -1, "reconnect_time_wait": 0.5,
+            "error_cb": on_error, "disconnected_cb": on_disconnected,
+            "reconnected_cb": on_reconnected,
+        }
+        if o.user is not None:
+            kwargs.update(user=o.user, password=o.password)
+        if o.token is not None:
+            kwargs["token"] = o.token
+        if o.creds is not None:
+            kwargs["user_credentials"] = str(o.creds)
+        if o.nkey_seed is not None:
+            kwargs["nkeys_seed"] = str(o.nkey_seed)
+        if o.tls_ca is not None:
+            ctx = ssl.create_default_context(cafile=str(o.tls_ca))
+            if o.tls_cert is not None and o.tls_key is not None:
+                ctx.load_cert_chain(str(o.tls_cert), str(o.tls_key))
+            kwargs["tls"] = ctx
+        # nats-py retries a refused login like a lost connection, for ever with the reconnect
+        # settings a running node needs: the first refusal ends the start instead
+        connecting = asyncio.ensure_future(nats.connect(**kwargs))
+        refusal = asyncio.ensure_future(refused.wait())
+        try:
+            await asyncio.wait([connecting, refusal], return_when=asyncio.FIRST_COMPLETED,
+                               timeout=o.connect_timeout_s * (len(o.servers) + 1))
+        finally:
+            refusal.cancel()
+        if connecting.done() and connecting.exception() is None:
+            nc: Client = connecting.result()
+            return nc
+        connecting.cancel()
+        with contextlib.suppress(BaseException):
+            await connecting
+        err = connecting.exception() if connecting.done() and not connecting.cancelled() else None
+        # a refused login is the cause, even when a reset of that connection came after it
+        refusals = [e for e in errors if "authorization violation" in e.lower()]
+        why = (refusals or errors or [str(err) if err else "no server answered in time"])[-1]
+        raise ConfigError(
+            f"cannot connect to the NATS servers {', '.join(o.servers)}: {why}. Check "
+            "nats.servers and the credentials (nats.user/password, token, creds or "
+            "nkey_seed)")
+
+    async def _ensure_stream(self) -> None:
+        assert self._js is not None
+        o = self.options
+        config = StreamConfig(
+            name=o.stream, subjects=[f"{self._prefix}.changes.>"],
+            max_age=o.stream_max_age_s, max_bytes=o.stream_max_bytes,
+            num_replicas=o.replicas,
+        )
+        try:
+            await self._js.add_stream(config)
+        except nats.js.errors.BadRequestError:
+            # it exists with other settings (another node's config, or an older one): this
+            # node's retention applies from now on
+            await self._js.update_stream(config)
+
+    async def _ensure_snapshots(self) -> KeyValue:
+        assert self._js is not None
+        name = self.options.snapshots
+        try:
+            return await self._js.key_value(name)
+        except nats.js.errors.BucketNotFoundError:
+            return await self._js.create_key_value(
+                bucket=name, history=1, replicas=self.options.replicas,
+                description="bpfsync: a snapshot of every digest bucket of every map")
+
+    async def _consumer(self) -> JetStreamContext.PullSubscription:
+        assert self._js is not None
+        durable = "n" + self.node.encode().hex()  # consumer names take no '.'
+        if self.fresh:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await self._js.delete_consumer(self.options.stream, durable)
+        else:
+            try:
+                await self._js.consumer_info(self.options.stream, durable)
+            except nats.js.errors.NotFoundError:
+                # the servers forgot where this node stopped (it was away past the consumer's
+                # inactive threshold, or the stream is new): what it missed may be in the
+                # snapshots alone
+                self.fresh = True
+        config = ConsumerConfig(
+            durable_name=durable, ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL, max_ack_pending=4 * _FETCH,
+            # a node away this long is forgotten by the servers: it reads from the start then
+            inactive_threshold=max(3600.0, 2 * self.options.stream_max_age_s),
+        )
+        return await self._js.pull_subscribe(
+            f"{self._prefix}.changes.>", durable=durable, stream=self.options.stream,
+            config=config, pending_bytes_limit=self.options.max_pending_bytes)
+
+    async def close(self) -> None:
+        """Publish what is queued while NATS answers (for at most ``_CLOSE_S``: a batch not
+        stored by then is this node's state, which its peers' digests repair), then close."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + _CLOSE_S
+        while (self._publish or self._snap) and self.connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.close()  # no drain: it waits for the pending pull of the stream
+        self._inbox.close()
+
+    # --- what the agent calls -----------------------------------------------------------------
+
+    def send(self, peer: str, message: Message) -> bool:
+        frame = self._frame(message)
+        return self._queue(peer, frame)
+
+    def broadcast(self, message: Message, to: Iterable[str] | None = None) -> list[str]:
+        frame = self._frame(message)
+        targets = [p for p, s in self._peers.items() if s.up] if to is None else list(to)
+        return [p for p in targets if self._queue(p, frame)]
+
+    def publish(self, batch: Batch, done: Callable[[bool], None] | None = None) -> bool:
+        """Queue ``batch`` (this node's changes) for the stream; False when the queue is full.
+        ``done(True)`` once the stream has stored it."""
+        frame = self._frame(batch)
+        if self._publish and self._publish_bytes + len(frame) > self.options.max_queue_bytes:
+            self._stats["publish_refused"] += 1
+            return False
+        self._publish.append((frame, done))
+        self._publish_bytes += len(frame)
+        self._publish_ready.set()
+        return True
+
+    def put_snapshot(self, map: str, bucket: int, blob: bytes) -> bool:
+        """Queue the sealed registers of ``map``'s digest bucket ``bucket`` for the snapshot
+        bucket, replacing the one stored; False when the queue is full."""
+        if self._snap and self._snap_bytes + len(blob) > self.options.max_queue_bytes:
+            self._stats["snapshot_refused"] += 1
+            return False
+        self._snap.append((f"{map.encode().hex()}.{bucket}", blob))
+        self._snap_bytes += len(blob)
+        self._snap_ready.set()
+        return True
+
+    def publish_backlog(self) -> int:
+        """Encoded bytes of batches not yet stored by the stream."""
+        return self._publish_bytes
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest message the servers take (their max_payload)."""
+        return self._nc.max_payload if self._nc is not None else 1 << 20
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    def describe(self) -> Mapping[str, object]:
+        url = self._nc.connected_url if self._nc is not None else None
+        return {
+            "kind": "nats", "servers": list(self.options.servers),
+            "connected": self.connected, "server": url.netloc if url and self.connected else None,
+            "stream": self.options.stream, "stream_read": self.stream_read,
+            "published": self._stats["published"], "publish_backlog_bytes": self._publish_bytes,
+            "last_error": self.last_error,
+        }
+
+    def backlog(self, peer: str) -> int | None:
+        s = self._peers.get(peer)
+        return s.queued_bytes if s is not None and s.up else None
+
+    async def events(self) -> AsyncIterator[Event]:
+        async for ev in self._inbox:
+            yield ev
+            if isinstance(ev, Streamed) and self._to_ack:  # handled: the stream may forget it
+                msg = self._to_ack.popleft()
+                with contextlib.suppress(Exception):
+                    await msg.ack()
+
+    def peers(self) -> list[PeerState]:
+        return [
+            PeerState(
+                address=None, node=node, connected=s.up, inbound=s.up,
+                incarnation=s.incarnation, last_error=s.last_error,
+                messages_sent=s.messages_sent, bytes_sent=s.bytes_sent,
+                messages_received=s.messages_received, bytes_received=s.bytes_received,
+                reconnects=s.reconnects, queued_bytes=s.queued_bytes, dropped=s.dropped,
+                last_error_at=s.last_error_at, connected_since=s.connected_since,
+            )
+            for node, s in sorted(self._peers.items())
+        ]
+
+    def disconnect(self, peer: str, error: BpfsyncError, incarnation: int | None = None) -> float:
+        s = self._peers.get(peer)
+        inc = incarnation if incarnation is not None else (s.incarnation if s else None)
+        if inc is not None:
+            self._refused[(peer, inc)] = time.monotonic() + self.options.penalty_s
+        self._stats["disconnected"] += 1
+        if s is not None and s.up and s.incarnation == inc:
+            self._down(peer, s, error)
+        return 0.0
+
+    @property
+    def stats(self) -> Mapping[str, int]:
+        return dict(self._stats)
+
+    # --- sending ------------------------------------------------------------------------------
+
+    def _frame(self, message: Message) -> bytes:
+        frame = codec.encode(message)
+        limit = self.max_message_bytes
+        if len(frame) > limit:
+            self._stats["send_oversized"] += 1
+            raise OversizedMessageError(
+                f"a {type(message).__name__} of {len(frame)} bytes exceeds the NATS servers'"
+                f" max_payload of {limit} bytes")
+        return frame
+
+    def _queue(self, peer: str, frame: bytes) -> bool:
+        s = self._peers.get(peer)
+        if s is None or not s.up or self._out_bytes + len(frame) > self.options.max_queue_bytes:
+            self._stats["send_refused"] += 1
+            if s is not None:
+                s.dropped += 1
+            return False
+        headers = {_FROM: self.node, _INCARNATION: str(self.hello.incarnation)}
+        self._out.append((f"{self._prefix}.to.{peer}", frame, headers, peer))
+        self._out_bytes += len(frame)
+        s.queued_bytes += len(frame)
+        self._out_ready.set()
+        return True
+
+    async def _send_loop(self) -> None:
+        while True:
+            await self._out_ready.wait()
+            while self._out:
+                subject, frame, headers, peer = self._out.popleft()
+                self._out_bytes -= len(frame)
+                s = self._peers.get(peer) if peer is not None else None
+                if s is not None:
+                    s.queued_bytes -= len(frame)
+                try:
+                    assert self._nc is not None
+                    await self._nc.publish(subject, frame, headers=headers)
+                except Exception as err:  # NATS away: the core repairs by digest
+                    self._stats["send_failed"] += 1
+                    if s is not None:
+                        s.dropped += 1
+                        self._error(s, f"send: {err or type(err).__name__}")
+                    continue
+                if s is not None:
+                    s.messages_sent += 1
+                    s.bytes_sent += len(frame)
+            self._out_ready.clear()
+
+    async def _publish_loop(self) -> None:
+        assert self._js is not None
+        subject = f"{self._prefix}.changes.{self.node}"
+        number = 0
+        while True:
+            await self._publish_ready.wait()
+            while self._publish:
+                frame, done = self._publish[0]
+                # a retry after a lost acknowledgement (a server that died with it) carries
+                # the same id, which the stream drops as a duplicate
+                msg_id = f"{self.node}/{self.hello.incarnation}/{number}"
+                try:
+                    await self._js.publish(subject, frame, timeout=5.0, stream=self.options.stream,
+                                           headers={"Nats-Msg-Id": msg_id})
+                except Exception as err:  # kept, in order, until the stream takes it
+                    self._stats["publish_retries"] += 1
+                    self.last_error = f"publish: {err or type(err).__name__}"
+                    await asyncio.sleep(0.25)
+                    continue
+                self._publish.popleft()
+                number += 1
+                self._publish_bytes -= len(frame)
+                self._stats["published"] += 1
+                self._stats["published_bytes"] += len(frame)
+                if done is not None:
+                    done(True)
+            self._publish_ready.clear()
+
+    async def _snapshot_loop(self) -> None:
+        while True:
+            await self._snap_ready.wait()
+            while self._snap:
+                key, blob = self._snap[0]
+                try:
+                    assert self._kv is not None
+                    await self._kv.put(key, blob)
+                except Exception as err:  # kept until the bucket takes it
+                    self._stats["snapshot_retries"] += 1
+                    self.last_error = f"snapshot: {err or type(err).__name__}"
+                    await asyncio.sleep(0.25)
+                    continue
+                self._snap.popleft()
+                self._snap_bytes -= len(blob)
+                self._stats["snapshots_stored"] += 1
+            self._snap_ready.clear()
+
+    # --- receiving ----------------------------------------------------------------------------
+
+    async def _read_snapshots(self) -> None:
+        """Every stored snapshot of a map this node syncs, as ``Streamed`` batches (a damaged
+        or foreign one is counted and skipped: the stream and digests make up for it)."""
+        assert self._kv is not None
+        sizes = {m.name.encode().hex(): (m.name, m.key_size) for m in self.hello.maps}
+        try:
+            keys = await self._kv.keys()
+        except nats.js.errors.NoKeysError:
+            return
+        for key in keys:
+            hexname, _, _ = key.partition(".")
+            if hexname not in sizes:
+                continue
+            name, key_size = sizes[hexname]
+            entry = await self._kv.get(key)
+            try:
+                regs, _ = unseal(entry.value or b"", key_size)
+            except ValueError as err:
+                self._stats["snapshots_damaged"] += 1
+                log.warning("snapshot %s of map %s refused: %s", key, name, err)
+                continue
+            keys_, packs = regs.keys(), regs.values()
+            if not keys_:
+                continue
+            batch = Batch(SNAPSHOT, 0, Packed([name] * len(keys_), keys_, packs))
+            self._stats["snapshots_read"] += 1
+            await self._inbox.put_message(Streamed(SNAPSHOT, batch), len(entry.value or b""))
+
+    async def _hello_loop(self) -> None:
+        assert self._nc is not None
+        while True:
+            await asyncio.sleep(self.options.hello_interval)
+            with contextlib.suppress(Exception):
+                await self._nc.publish(f"{self._prefix}.hello", self.hello_frame)
+            now = time.monotonic()
+            for node, s in list(self._peers.items()):
+                if s.up and now - s.last_hello > self.options.peer_timeout:
+                    self._down(node, s, TransportError(
+                        f"no Hello from {node} for {self.options.peer_timeout:.1f} s"))
+            for key, until in list(self._refused.items()):
+                if until <= now:
+                    del self._refused[key]
+
+    async def _on_hello(self, msg: Msg) -> None:
+        try:
+            hello = codec.decode(msg.data, self.options.limits)
+        except BpfsyncError:
+            self._stats["frames_malformed"] += 1
+            return
+        if not isinstance(hello, Hello):
+            self._stats["frames_malformed"] += 1
+            return
+        node = hello.node
+        if node == self.node:
+            if hello.incarnation != self.hello.incarnation:
+                self._stats["dialed_self"] += 1  # another process claims this node's id
+            return
+        if not self.members.admits(node):
+            self._stats["rejected_not_member"] += 1
+            return
+        if (node, hello.incarnation) in self._refused:
+            self._stats["rejected_backed_off"] += 1
+            return
+        s = self._peers.setdefault(node, _Peer())
+        s.last_hello = time.monotonic()
+        if s.up and s.incarnation == hello.incarnation:
+            return
+        if s.up:  # a new incarnation: the peer restarted
+            self._down(node, s, TransportError(f"{node} restarted"))
+        if s.connected_since is not None:
+            s.reconnects += 1
+        s.incarnation, s.hello, s.up = hello.incarnation, hello, True
+        s.connected_since = time.time()
+        self._inbox.put_event(Received(node, hello, hello.incarnation))
+        self._inbox.put_event(PeerUp(node, hello))
+
+    def _down(self, node: str, s: _Peer, error: BpfsyncError | None) -> None:
+        s.up = False
+        s.connected_since = None
+        if error is not None:
+            self._error(s, str(error))
+        self._inbox.put_event(PeerDown(node, error))
+
+    async def _on_direct(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        node = headers.get(_FROM, "")
+        try:
+            incarnation = int(headers.get(_INCARNATION, ""))
+        except ValueError:
+            self._stats["rejected_no_hello"] += 1
+            return
+        s = self._peers.get(node)
+        if s is None or not s.up or s.incarnation != incarnation:
+            self._stats["rejected_no_hello"] += 1  # not a member, or not up: nothing is kept
+            return
+        try:
+            message = codec.decode(msg.data, self.options.limits, node)
+        except BpfsyncError as err:
+            self._stats["frames_malformed"] += 1
+            self._error(s, f"malformed message: {err}")
+            return
+        s.messages_received += 1
+        s.bytes_received += len(msg.data)
+        await self._inbox.put_message(Received(node, message, incarnation), len(msg.data))
+
+    async def _read_loop(self, sub: JetStreamContext.PullSubscription) -> None:
+        changes = f"{self._prefix}.changes."
+        while self.fresh:
+            try:
+                await self._read_snapshots()
+                break
+            except Exception as err:  # NATS away: read them once it is back
+                self.last_error = f"snapshots: {err or type(err).__name__}"
+                await asyncio.sleep(0.25)
+        while True:
+            try:
+                msgs = await sub.fetch(_FETCH, timeout=_FETCH_WAIT_S)
+            except nats.errors.TimeoutError:
+                msgs = []
+            except Exception as err:  # NATS away: read again once it is back
+                self.last_error = f"read: {err or type(err).__name__}"
+                await asyncio.sleep(0.25)
+                continue
+            pending = None
+            for m in msgs:
+                pending = m.metadata.num_pending
+                sender = m.subject.removeprefix(changes)
+                batch = self._stream_batch(sender, m.data)
+                if batch is None:
+                    with contextlib.suppress(Exception):
+                        await m.ack()
+                    continue
+                self._to_ack.append(m)
+                self._stats["streamed"] += 1
+                await self._inbox.put_message(Streamed(sender, batch), len(m.data))
+            if not self.stream_read and (not msgs or pending == 0):
+                self.stream_read = True
+                self._inbox.put_event(StreamRead())
+
+    def _stream_batch(self, sender: str, data: bytes) -> Batch | None:
+        """The batch a stream message holds, when it is one to deliver (module docstring)."""
+        if sender == self.node:
+            return None  # our own
+        if not self.members.admits(sender):
+            self._stats["rejected_not_member"] += 1
+            log.warning("a batch on the change stream from %s, who is no member, was refused",
+                        sender)
+            return None
+        try:
+            batch = codec.decode(data, self.options.limits, sender)
+        except BpfsyncError as err:
+            self._stats["frames_malformed"] += 1
+            log.warning("a malformed batch on the change stream from %s was refused: %s",
+                        sender, err)
+            return None
+        if not isinstance(batch, Batch) or batch.sender != sender:
+            self._stats["rejected_spoofed"] += 1
+            log.warning("a message on %s's subject of the change stream that is not %s's batch"
+                        " was refused", sender, sender)
+            return None
+        return batch
+
+    def _error(self, s: _Peer, why: str) -> None:
+        s.last_error, s.last_error_at = why, time.time()
