@@ -88,7 +88,8 @@ _FROM, _INCARNATION = "Bpfsync-From", "Bpfsync-Incarnation"
 _FETCH = 64  # stream messages asked for at once: few enough to bound what waits unacked
 _FETCH_WAIT_S = 1.0
 _CLOSE_S = 2.0
-SNAPSHOT = "snapshot"  # the sender named in the batches that snapshots are delivered as
+# the sender named in the batches that snapshots are delivered as: no node id can be it
+SNAPSHOT = "(snapshot)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,7 +404,8 @@ class NatsBus:
     async def events(self) -> AsyncIterator[Event]:
         async for ev in self._inbox:
             yield ev
-            if isinstance(ev, Streamed) and self._to_ack:  # handled: the stream may forget it
+            # handled: the stream may forget it (a snapshot is no stream message)
+            if isinstance(ev, Streamed) and ev.peer != SNAPSHOT and self._to_ack:
                 msg = self._to_ack.popleft()
                 with contextlib.suppress(Exception):
                     await msg.ack()
