@@ -76,6 +76,10 @@ def test_random_writes_on_three_nodes_converge_over_nats(bus_cluster: Cluster) -
     # batch of changes went to b or c directly
     assert _transport(a)["published"] > 0
     assert all(p["unacked_batches"] == 0 for p in st["peers"])
+    shown = subprocess.run(
+        [sys.executable, "-m", "bpfsync.cli.main", "status", "--http",
+         f"127.0.0.1:{a.http_port}"], capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert "NATS nats://" in shown.stdout and "connected to" in shown.stdout, shown.stdout
 
 
 def test_concurrent_writes_of_one_key_settle_over_nats(bus_cluster: Cluster) -> None:

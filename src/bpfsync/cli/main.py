@@ -423,8 +423,16 @@ def status(
         until = time.strftime("%Y-%m-%d", time.gmtime(tls.get("not_after", 0)))
         out.print(f"mutual TLS, certificate {str(tls.get('fingerprint'))[:16]} valid until "
                   f"{until}; members ({sec.get('membership')}): {members}", highlight=False)
-    elif sec:
+    elif sec and not state.get("stream"):
         out.print(f"[yellow]TLS off[/]; members ({sec.get('membership')}): {members}",
+                  highlight=False)
+    stream = state.get("stream")
+    if stream:  # transport: nats
+        reached = (f"[green]connected[/] to {stream.get('server')}" if stream.get("connected")
+                   else f"[red]no NATS server reached[/] ({stream.get('last_error') or '-'})")
+        out.print(f"NATS {', '.join(stream.get('servers') or [])}: {reached}; stream "
+                  f"{stream.get('stream')}, {stream.get('published', 0)} batches published, "
+                  f"{stream.get('publish_backlog_bytes', 0)} bytes waiting; members: {members}",
                   highlight=False)
     now = time.time()
     peers = Table("peer", "node", "connected", "lag", "sent", "received", "reconnects",
