@@ -21,7 +21,7 @@ from natslab import NatsCluster, NatsServer, UserPassword
 from test_cluster import _mixed_writes
 
 from bpfsync.core.messages import Batch, Record, Stamp
-from bpfsync.demo.cluster import KEY, Cluster, Node, session
+from bpfsync.demo.cluster import KEY, Cluster, Node, free_port, session
 from bpfsync.transport import codec
 
 CONVERGE_S = 60.0
@@ -165,6 +165,39 @@ def test_wrong_nats_credentials_are_a_clear_start_up_error(tmp_path: Path) -> No
     assert took < 30, took  # the first refusal ends the start; no retry loop
 
 
+def test_an_agent_waits_for_jetstream_and_a_stop_meanwhile_ends_it_cleanly(
+    tmp_path: Path,
+) -> None:
+    """A server without JetStream (or a cluster still electing its leaders) does not answer
+    the stream's creation: the agent says so, stays up and not ready, asks again, and is
+    ready once JetStream answers; a SIGTERM while it waits stops it at once."""
+    port = free_port()
+    plain = subprocess.Popen(["nats-server", "-a", "127.0.0.1", "-p", str(port)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with Cluster(("a",), tag="natsjs", nats=[f"nats://127.0.0.1:{port}"]) as c:
+            a = c["a"]
+            text = "allowed_nodes: [a, b]\n"  # the flags name the server
+            time.sleep(0.5)  # the plain server listening
+            _start_with_config(a, text, tmp_path)
+            _wait(lambda: "JetStream does not answer" in a.log(), 30, "a says it waits")
+            assert a.running and not a.is_ready()
+            stopping = time.monotonic()
+            assert a.stop() == 0, a.log()
+            assert time.monotonic() - stopping < 5
+            assert "Traceback" not in a.log() and "agent stopped" in a.log(), a.log()
+            # again, and JetStream comes while it waits
+            _start_with_config(a, text, tmp_path)
+            _wait(lambda: a.log().count("JetStream does not answer") >= 2, 30, "a waits again")
+            plain.terminate()
+            plain.wait(10)
+            with NatsServer(port=port):
+                assert c.wait_ready(30), a.log()
+    finally:
+        plain.kill()
+        plain.wait(10)
+
+
 def test_records_a_non_member_publishes_on_the_stream_are_refused_and_counted(
     bus_cluster: Cluster, nats_server: NatsServer,
 ) -> None:
@@ -219,7 +252,8 @@ def test_ten_agents_on_a_three_server_nats_cluster_lose_nothing(
                 f"  servers: [{', '.join(settings_nodes)}]\n  replicas: 3\n")  # fmt: skip
         for node in c:
             _start_with_config(node, text, tmp_path)
-        assert c.wait_ready(90), "agents did not report ready"
+        ready = c.wait_ready(90)
+        assert ready, "\n".join(f"--- {n.name}\n{n.log()[-2000:]}" for n in c if not n.is_ready())
         rng = random.Random(3)
         nodes = list(c)
         written: dict[int, bytes] = {}

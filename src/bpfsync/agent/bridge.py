@@ -182,4 +182,5 @@ class WatchBridge:
     def close(self) -> None:
         self._closed.set()
         self._watcher.close()
-        self._thread.join(timeout=5)
+        if self._thread.ident is not None:  # an agent stopped while starting never ran it
+            self._thread.join(timeout=5)

@@ -248,7 +248,17 @@ class Agent:
         # until ready, kernel writes go to a thread of their own (applier.py), so a catch-up
         # merges its next batch while the kernel takes the last
         self.applier.start_background()
-        await self.transport.start()
+        # a transport may wait for its servers (natsbus.py): a stop meanwhile ends the start
+        starting = asyncio.ensure_future(self.transport.start())
+        stopping = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            await self._shutdown()
+            return
+        starting.result()
         self.catchup.listening(time.monotonic())
         if self.cfg.tls is None and self.cfg.transport == "grpc":
             log.warning(

@@ -49,10 +49,10 @@ import logging
 import ssl
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 import nats.errors
@@ -90,6 +90,11 @@ _FETCH_WAIT_S = 1.0
 _CLOSE_S = 2.0
 # the sender named in the batches that snapshots are delivered as: no node id can be it
 SNAPSHOT = "(snapshot)"
+# what JetStream answers while it cannot yet: asked again (NatsBus._until_answered)
+_UNANSWERED = (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+               nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError,
+               nats.js.errors.ServiceUnavailableError, nats.js.errors.ServerError)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,12 +200,12 @@ class NatsBus:
         credentials), saying what the servers answered."""
         self._nc = await self._connect()
         self._js = self._nc.jetstream()
-        await self._ensure_stream()
-        self._kv = await self._ensure_snapshots()
+        await self._until_answered("the stream", self._ensure_stream)
+        self._kv = await self._until_answered("the snapshot bucket", self._ensure_snapshots)
         p = self._prefix
         await self._nc.subscribe(f"{p}.hello", cb=self._on_hello)
         await self._nc.subscribe(f"{p}.to.{self.node}", cb=self._on_direct)
-        sub = await self._consumer()
+        sub = await self._until_answered("this node's consumer", self._consumer)
         loops: list[tuple[str, Any]] = [
             ("nats-send", self._send_loop()), ("nats-publish", self._publish_loop()),
             ("nats-hello", self._hello_loop()), ("nats-read", self._read_loop(sub)),
@@ -224,6 +229,8 @@ class NatsBus:
 
         async def on_disconnected() -> None:
             self._stats["disconnects"] += 1
+            if self._closed:
+                return  # this node is stopping: no loss to report
             log.warning("NATS connection lost; reconnecting", extra={"error": self.last_error})
 
         async def on_reconnected() -> None:
@@ -273,6 +280,29 @@ class NatsBus:
             f"cannot connect to the NATS servers {', '.join(o.servers)}: {why}. Check "
             "nats.servers and the credentials (nats.user/password, token, creds or "
             "nkey_seed)")
+
+    async def _until_answered(self, what: str, step: Callable[[], Awaitable[_T]]) -> _T:
+        """``step()``, again while JetStream does not answer: a cluster that is forming, or
+        electing a leader for what many nodes create at once, times out or answers 503 for a
+        while. A refusal (the servers' settings forbid it) is a ConfigError saying so."""
+        wait, said = 0.25, False
+        while True:
+            try:
+                return await step()
+            except _UNANSWERED as err:
+                self.last_error = f"{what}: {err or type(err).__name__}"
+                self._stats["setup_retries"] += 1
+                if not said:
+                    said = True
+                    log.warning("JetStream does not answer for %s yet; asking again", what,
+                                extra={"error": self.last_error})
+            except nats.js.errors.APIError as err:
+                raise ConfigError(
+                    f"the NATS servers refused {what}: {err.description or err}. Check "
+                    "nats.replicas (at most the number of JetStream servers), nats.cluster and"
+                    " the account's JetStream limits") from err
+            await asyncio.sleep(wait)
+            wait = min(2 * wait, 2.0)
 
     async def _ensure_stream(self) -> None:
         assert self._js is not None
