@@ -403,9 +403,11 @@ class NatsCluster:
         seen = {s.meta_leader() for s in self.running()}
         return seen.pop() if len(seen) == 1 else None
 
-    def formed(self) -> bool:
+    def formed(self, current: bool = True) -> bool:
         """Every running member names one meta leader, that leader reports every other running
-        member current and the configured size, and each running member is healthy."""
+        member current and the configured size, and each running member is healthy: with
+        ``current``, also every stream and consumer replica it holds is current (a consumer
+        whose client is busy catching up may stay behind for a while)."""
         running = self.running()
         leader = self.meta_leader()
         if not running or leader is None:
@@ -420,13 +422,13 @@ class NatsCluster:
                    if r.get("current") and not r.get("offline")}
         if not {s.server_name for s in running} - {leader} <= current:
             return False
-        return all(s.healthz() for s in running)
+        return all(s.healthz(js_enabled_only=not current) for s in running)
 
-    def wait_formed(self, timeout: float = START_TIMEOUT) -> str:
-        """Wait until ``formed()``; returns the meta leader's server_name. On timeout raises
+    def wait_formed(self, timeout: float = START_TIMEOUT, current: bool = True) -> str:
+        """Wait until ``formed(current)``; returns the meta leader's server_name. On timeout raises
         NatsLabError with what each member reports and the tail of each log."""
         deadline = time.monotonic() + timeout
-        while not self.formed():
+        while not self.formed(current):
             if time.monotonic() > deadline:
                 reports = "\n".join(
                     f"--- {s.server_name} ({'running' if s.running else 'stopped'}): "

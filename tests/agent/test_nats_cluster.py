@@ -114,10 +114,11 @@ def test_a_killed_node_catches_up_from_the_stream_before_ready(bus_cluster: Clus
 def test_a_new_node_catches_up_from_jetstream_while_every_other_agent_is_stopped(
     nats_server: NatsServer, tmp_path: Path,
 ) -> None:
-    """The stream keeps 2 s of changes here, so after a while it holds nothing of the first
-    writes: the new node has the snapshots alone for them, the stream for the last ones."""
+    """The stream keeps 4 s of changes here, so after a while it holds nothing of the first
+    writes: the new node has the snapshots alone for them, the stream for the last ones (it
+    reads the snapshots before it makes its consumer: the stream must still hold them then)."""
     settings = (f"transport: nats\nallowed_nodes: [a, b, c]\nnats:\n"
-                f"  servers: [{nats_server.url}]\n  stream_max_age_s: 2\n"
+                f"  servers: [{nats_server.url}]\n  stream_max_age_s: 4\n"
                 f"  snapshot_interval_s: 0.5\n")  # fmt: skip
     with Cluster(tag="natsalone", nats=[nats_server.url]) as c:
         a, b, new = c["a"], c["b"], c["c"]
@@ -128,7 +129,7 @@ def test_a_new_node_catches_up_from_jetstream_while_every_other_agent_is_stopped
             (a if k % 2 else b).put(k, session(k))
         _wait(lambda: a.content() == b.content() and len(a.content()) == 2000, CONVERGE_S,
               "a and b converged")
-        time.sleep(3.5)  # the stream forgets those writes; the snapshots were stored by now
+        time.sleep(5.5)  # the stream forgets those writes; the snapshots were stored by now
         for k in range(2000, 2100):
             a.put(k, session(k))
         _wait(lambda: len(b.content()) == 2100, CONVERGE_S, "b has the last writes")
@@ -282,7 +283,7 @@ def test_ten_agents_on_a_three_server_nats_cluster_lose_nothing(
             c["b"].put(k, session(k))  # written while no server runs
         assert all(n.content() == want for n in nodes if n.name != "b")  # they keep their maps
         nats_cluster.start_all()
-        nats_cluster.wait_formed()
+        nats_cluster.wait_formed(current=False)  # the agents bring their consumers current
         assert c.wait_converged(CONVERGE_S), "maps differ after NATS came back"
         assert KEY.pack(2099) in c["j"].content()
 

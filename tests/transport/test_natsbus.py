@@ -33,9 +33,9 @@ def record(key: int, value: int, node: str = "a") -> Record:
 
 
 def bus(server: NatsServer, node: str, incarnation: int = 1, *, fresh: bool = False,
-        cluster: str = "t") -> NatsBus:
+        cluster: str = "t", buckets: int = 1024) -> NatsBus:
     options = NatsOptions(servers=(server.url,), cluster=cluster, hello_interval=0.2,
-                          peer_timeout=1.0)
+                          peer_timeout=1.0, digest_buckets=buckets)
     return NatsBus(Hello(node, incarnation, MAPS), options, Membership(node, MEMBERS),
                    fresh=fresh)
 
@@ -158,6 +158,48 @@ def test_a_node_without_state_reads_the_snapshots_before_the_stream(
                                           if isinstance(x, StreamRead))  # fmt: skip
         await a.close()
         await new.close()
+
+    run(body, timeout=60)
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_a_fresh_node_skips_the_stream_every_snapshot_holds(
+    nats_server: NatsServer, complete: bool,
+) -> None:
+    """Snapshots carry the stream sequence their writer had handled: a node without state
+    starts its consumer after the lowest, when every digest bucket has a snapshot; with one
+    missing it reads the whole stream."""
+    async def body() -> None:
+        a, b = bus(nats_server, "a", buckets=2), bus(nats_server, "b", buckets=2)
+        await both(a.start(), b.start())
+        eb = Events(b)
+        await eb.until(lambda s: any(isinstance(x, StreamRead) for x in s))
+        for k in range(3):
+            assert a.publish(Batch("a", 0, (record(k, k),)))
+        await eb.until(lambda s: len([x for x in s if isinstance(x, Streamed)]) == 3)
+        await asyncio.sleep(0.3)  # b asked for its next event: all three are handled
+        held = [record(k, k) for k in range(3)]
+        blob = seal(records_layout([r.key for r in held],
+                                   [pack(r.stamp, r.value) for r in held], 4), 0)
+        for bucket in (0, 1) if complete else (0,):
+            assert b.put_snapshot("m", bucket, blob)
+        assert a.publish(Batch("a", 0, (record(9, 9),)))  # after the snapshots
+        await eb.until(lambda s: len([x for x in s if isinstance(x, Streamed)]) == 4)
+        await asyncio.sleep(0.3)
+        new = bus(nats_server, "c", fresh=True, buckets=2)
+        await new.start()
+        ec = Events(new)
+        await ec.until(lambda s: any(isinstance(x, StreamRead) for x in s))
+        streamed = [r.key for ev in ec.streamed() if ev.peer != SNAPSHOT
+                    for r in ev.message.records]
+        if complete:
+            assert new.stats["stream_skipped_to"] == 3, new.stats
+            assert streamed == [(9).to_bytes(4, "little")]  # only what the snapshots lack
+        else:
+            assert "stream_skipped_to" not in new.stats
+            assert len(streamed) == 4
+        for x in (a, b, new):
+            await x.close()
 
     run(body, timeout=60)
 

@@ -175,7 +175,7 @@ class Agent:
             tls_ca=nc.tls.ca if nc.tls else None, tls_cert=nc.tls.cert if nc.tls else None,
             tls_key=nc.tls.key if nc.tls else None, stream_max_age_s=nc.stream_max_age_s,
             stream_max_bytes=nc.stream_max_bytes, replicas=nc.replicas,
-            connect_timeout_s=nc.connect_timeout_s,
+            connect_timeout_s=nc.connect_timeout_s, digest_buckets=self.cfg.sync.digest_buckets,
         )
         # a node that took nothing from a state file reads the stream from its first message
         fresh = self.replica.stats["restart.loaded"] == 0

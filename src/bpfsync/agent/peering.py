@@ -102,6 +102,7 @@ _CROSSED_S = 5.0  # a peer's Pull this soon after our answer to its digest answe
 _MAX_ASKED = 8  # digests of one map counted as awaiting an answer, at most, per peer
 STREAM = "stream"  # who answered a catch-up from the stream (readiness.py counts it as a peer)
 _PUBLISH_BACKLOG = 8 << 20  # bytes of batches waiting for the stream before more wait here
+_SNAPSHOT_AGAIN_S = 1.0  # the next round, when a round's budget ended it
 _SNAPSHOT_BYTES = 4 << 20  # snapshots one round stores at most (a 40 MB map: ten rounds)
 
 # (peer, records, whether they are a repair: a digest's or a pull's answer) -> what merging them
@@ -244,7 +245,9 @@ class Peering:
     def snapshot_round(self, now: float) -> None:
         """On the bus, every ``snapshot_every`` seconds: the snapshots this node keeps up to
         date, of the buckets whose digest sum moved since it last stored them, at most
-        ``_SNAPSHOT_BYTES`` a round (the rest waits for the next). Each bucket is kept by one
+        ``_SNAPSHOT_BYTES`` a round (the rest waits for the next, within a second: a node
+        without state skips the stream only as far as every bucket's snapshot holds it,
+        natsbus.py). Each bucket is kept by one
         of the nodes up (rendezvous hashing over this node and the peers whose Hellos
         arrive), so the servers store each change once, not once per node; while two nodes
         see different peers up, both may store a bucket, which is harmless (any node's
@@ -266,6 +269,7 @@ class Peering:
             for b in moved:  # one at a time: the budget may end the round before the last
                 ((_, digest_sum, blob),) = self.replica.snapshot(schema.name, [b])
                 if budget <= 0 or not self.bus.put_snapshot(schema.name, b, blob):
+                    self._next_snapshot = now + min(_SNAPSHOT_AGAIN_S, self._snapshot_every)
                     return
                 stored[b] = digest_sum
                 budget -= len(blob)

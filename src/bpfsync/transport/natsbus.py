@@ -17,7 +17,9 @@ The key-value bucket ``P-snapshots`` holds a snapshot of every digest bucket of 
 them), written by whichever node the agent makes responsible (agent/peering.py). Any node's
 snapshot is valid, as the merge is state-based. A node without state of its own reads them
 all before the stream: that catches it up when every other agent is stopped and the stream
-no longer holds what happened before its retention.
+no longer holds what happened before its retention. Each snapshot also says up to which
+stream sequence its writer had handled the stream; when every bucket's does, the new node's
+consumer starts after the lowest, instead of reading again what the snapshots hold.
 
 The rules it keeps, beyond base.py's (which it keeps for the messages to one node):
 
@@ -90,6 +92,9 @@ _FETCH_WAIT_S = 1.0
 _CLOSE_S = 2.0
 # the sender named in the batches that snapshots are delivered as: no node id can be it
 SNAPSHOT = "(snapshot)"
+# a snapshot's value: this magic, the stream sequence up to which the node that stored it
+# had handled the stream (8 bytes, big-endian), then the bucket's sealed registers
+_SEQ_MAGIC = b"BSQ1"
 # what JetStream answers while it cannot yet: asked again (NatsBus._until_answered)
 _UNANSWERED = (nats.errors.TimeoutError, nats.errors.NoRespondersError,
                nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError,
@@ -126,6 +131,9 @@ class NatsOptions:
     max_pending_bytes: int = 64 << 20
     # an incarnation that sent input refused as its fault is ignored this long
     penalty_s: float = 1.0
+    # buckets per map (sync.digest_buckets): a fresh node skips the stream the snapshots of
+    # all of them hold
+    digest_buckets: int = 1024
     limits: codec.Limits = field(default_factory=codec.Limits)
 
     @property
@@ -180,7 +188,12 @@ class NatsBus:
         self._publish: deque[tuple[bytes, Callable[[bool], None] | None]] = deque()
         self._publish_bytes = 0
         self._publish_ready = asyncio.Event()
-        self._to_ack: deque[Msg] = deque()
+        # stream messages delivered and not yet handled, in stream order, with their sequence;
+        # None for one skipped (acked unread) behind them
+        self._to_ack: deque[tuple[Msg | None, int]] = deque()
+        # every stream message up to this sequence is in this node's state: the snapshots it
+        # stores say so, and a fresh node's consumer starts after the lowest of them
+        self._handled = 0
         self._kv: KeyValue | None = None
         self._snap: deque[tuple[str, bytes]] = deque()
         self._snap_bytes = 0
@@ -205,7 +218,9 @@ class NatsBus:
         p = self._prefix
         await self._nc.subscribe(f"{p}.hello", cb=self._on_hello)
         await self._nc.subscribe(f"{p}.to.{self.node}", cb=self._on_direct)
-        sub = await self._until_answered("this node's consumer", self._consumer)
+        # a node with state resumes its consumer; one without reads the snapshots first, and
+        # its consumer starts after the stream position they all hold (_read_loop)
+        sub = await self._until_answered("this node's consumer", self._resume)
         loops: list[tuple[str, Any]] = [
             ("nats-send", self._send_loop()), ("nats-publish", self._publish_loop()),
             ("nats-hello", self._hello_loop()), ("nats-read", self._read_loop(sub)),
@@ -329,28 +344,42 @@ class NatsBus:
                 bucket=name, history=1, replicas=self.options.replicas,
                 description="bpfsync: a snapshot of every digest bucket of every map")
 
-    async def _consumer(self) -> JetStreamContext.PullSubscription:
+    @property
+    def _durable(self) -> str:
+        return "n" + self.node.encode().hex()  # consumer names take no '.'
+
+    async def _resume(self) -> JetStreamContext.PullSubscription | None:
+        """This node's consumer where it stopped; None when there is none to resume (a fresh
+        node, or one the servers forgot), which is then made fresh: its old consumer gone."""
         assert self._js is not None
-        durable = "n" + self.node.encode().hex()  # consumer names take no '.'
-        if self.fresh:
-            with contextlib.suppress(nats.js.errors.NotFoundError):
-                await self._js.delete_consumer(self.options.stream, durable)
-        else:
+        if not self.fresh:
             try:
-                await self._js.consumer_info(self.options.stream, durable)
+                await self._js.consumer_info(self.options.stream, self._durable)
+                return await self._consumer(0)
             except nats.js.errors.NotFoundError:
                 # the servers forgot where this node stopped (it was away past the consumer's
                 # inactive threshold, or the stream is new): what it missed may be in the
                 # snapshots alone
                 self.fresh = True
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self._js.delete_consumer(self.options.stream, self._durable)
+        return None
+
+    async def _consumer(self, after: int) -> JetStreamContext.PullSubscription:
+        """This node's durable consumer (made if the servers have none): from the stream's
+        first message, or after sequence ``after`` when that is > 0."""
+        assert self._js is not None
+        start = ({"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": after + 1}
+                 if after > 0 else {"deliver_policy": DeliverPolicy.ALL})
         config = ConsumerConfig(
-            durable_name=durable, ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL, max_ack_pending=4 * _FETCH,
+            durable_name=self._durable, ack_policy=AckPolicy.EXPLICIT,
+            max_ack_pending=4 * _FETCH,
             # a node away this long is forgotten by the servers: it reads from the start then
             inactive_threshold=max(3600.0, 2 * self.options.stream_max_age_s),
+            **start,
         )
         return await self._js.pull_subscribe(
-            f"{self._prefix}.changes.>", durable=durable, stream=self.options.stream,
+            f"{self._prefix}.changes.>", durable=self._durable, stream=self.options.stream,
             config=config, pending_bytes_limit=self.options.max_pending_bytes)
 
     async def close(self) -> None:
@@ -399,8 +428,9 @@ class NatsBus:
         if self._snap and self._snap_bytes + len(blob) > self.options.max_queue_bytes:
             self._stats["snapshot_refused"] += 1
             return False
-        self._snap.append((f"{map.encode().hex()}.{bucket}", blob))
-        self._snap_bytes += len(blob)
+        value = _SEQ_MAGIC + self._handled.to_bytes(8, "big") + blob
+        self._snap.append((f"{map.encode().hex()}.{bucket}", value))
+        self._snap_bytes += len(value)
         self._snap_ready.set()
         return True
 
@@ -436,9 +466,12 @@ class NatsBus:
             yield ev
             # handled: the stream may forget it (a snapshot is no stream message)
             if isinstance(ev, Streamed) and ev.peer != SNAPSHOT and self._to_ack:
-                msg = self._to_ack.popleft()
-                with contextlib.suppress(Exception):
-                    await msg.ack()
+                msg, self._handled = self._to_ack.popleft()
+                if msg is not None:  # always: a delivered one heads it
+                    with contextlib.suppress(Exception):
+                        await msg.ack()
+                while self._to_ack and self._to_ack[0][0] is None:  # skipped after it
+                    _, self._handled = self._to_ack.popleft()
 
     def peers(self) -> list[PeerState]:
         return [
@@ -564,33 +597,52 @@ class NatsBus:
 
     # --- receiving ----------------------------------------------------------------------------
 
-    async def _read_snapshots(self) -> None:
+    async def _read_snapshots(self) -> int:
         """Every stored snapshot of a map this node syncs, as ``Streamed`` batches (a damaged
-        or foreign one is counted and skipped: the stream and digests make up for it)."""
+        or foreign one is counted and skipped: the stream and digests make up for it). Returns
+        the stream sequence every map's state is complete up to: the lowest of the snapshots'
+        when every digest bucket of every map has one that says it, else 0 (the whole
+        stream is read then)."""
         assert self._kv is not None
         sizes = {m.name.encode().hex(): (m.name, m.key_size) for m in self.hello.maps}
         try:
             keys = await self._kv.keys()
         except nats.js.errors.NoKeysError:
-            return
+            return 0
+        # (map in hex, bucket) -> the sequence its snapshot holds the stream up to
+        held: dict[tuple[str, int], int] = {}
         for key in keys:
-            hexname, _, _ = key.partition(".")
+            hexname, _, bucket = key.partition(".")
             if hexname not in sizes:
                 continue
             name, key_size = sizes[hexname]
             entry = await self._kv.get(key)
+            value = entry.value or b""
+            if value.startswith(_SEQ_MAGIC) and len(value) >= len(_SEQ_MAGIC) + 8:
+                at = len(_SEQ_MAGIC)
+                seq, value = int.from_bytes(value[at:at + 8], "big"), value[at + 8:]
+            else:
+                seq = 0  # stored without its sequence: it says nothing of the stream
             try:
-                regs, _ = unseal(entry.value or b"", key_size)
+                regs, _ = unseal(value, key_size)
             except ValueError as err:
                 self._stats["snapshots_damaged"] += 1
                 log.warning("snapshot %s of map %s refused: %s", key, name, err)
                 continue
+            if bucket.isdigit() and seq > 0:
+                held[hexname, int(bucket)] = seq
             keys_, packs = regs.keys(), regs.values()
             if not keys_:
                 continue
             batch = Batch(SNAPSHOT, 0, Packed([name] * len(keys_), keys_, packs))
             self._stats["snapshots_read"] += 1
             await self._inbox.put_message(Streamed(SNAPSHOT, batch), len(entry.value or b""))
+        wanted = [(h, b) for h in sizes for b in range(self.options.digest_buckets)]
+        if not wanted or any(w not in held for w in wanted):
+            return 0
+        after = min(held[w] for w in wanted)
+        self._stats["stream_skipped_to"] = after
+        return after
 
     async def _hello_loop(self) -> None:
         assert self._nc is not None
@@ -669,12 +721,12 @@ class NatsBus:
         s.bytes_received += len(msg.data)
         await self._inbox.put_message(Received(node, message, incarnation), len(msg.data))
 
-    async def _read_loop(self, sub: JetStreamContext.PullSubscription) -> None:
+    async def _read_loop(self, sub: JetStreamContext.PullSubscription | None) -> None:
         changes = f"{self._prefix}.changes."
-        while self.fresh:
+        while sub is None:
             try:
-                await self._read_snapshots()
-                break
+                after = await self._read_snapshots()
+                sub = await self._consumer(after)
             except Exception as err:  # NATS away: read them once it is back
                 self.last_error = f"snapshots: {err or type(err).__name__}"
                 await asyncio.sleep(0.25)
@@ -692,11 +744,16 @@ class NatsBus:
                 pending = m.metadata.num_pending
                 sender = m.subject.removeprefix(changes)
                 batch = self._stream_batch(sender, m.data)
+                seq = m.metadata.sequence.stream
                 if batch is None:
                     with contextlib.suppress(Exception):
                         await m.ack()
+                    if self._to_ack:
+                        self._to_ack.append((None, seq))
+                    else:
+                        self._handled = seq
                     continue
-                self._to_ack.append(m)
+                self._to_ack.append((m, seq))
                 self._stats["streamed"] += 1
                 await self._inbox.put_message(Streamed(sender, batch), len(m.data))
             if not self.stream_read and (not msgs or pending == 0):
