@@ -177,7 +177,8 @@ class Agent:
             stream_max_bytes=nc.stream_max_bytes, replicas=nc.replicas,
             connect_timeout_s=nc.connect_timeout_s, digest_buckets=self.cfg.sync.digest_buckets,
         )
-        # a node that took nothing from a state file reads the stream from its first message
+        # a node that took nothing from a state file reads the snapshots, then the stream after
+        # what they hold (natsbus.py)
         fresh = self.replica.stats["restart.loaded"] == 0
         return NatsBus(hello, opts, self.members, fresh=fresh)
 
