@@ -609,8 +609,9 @@ class NatsBus:
             keys = await self._kv.keys()
         except nats.js.errors.NoKeysError:
             return 0
-        # (map in hex, bucket) -> the sequence its snapshot holds the stream up to
-        held: dict[tuple[str, int], int] = {}
+        # (map in hex, bucket as its key spells it) -> the sequence its snapshot holds the
+        # stream up to; the keys are compared as written, never parsed (a peer wrote them)
+        held: dict[tuple[str, str], int] = {}
         for key in keys:
             hexname, _, bucket = key.partition(".")
             if hexname not in sizes:
@@ -629,15 +630,15 @@ class NatsBus:
                 self._stats["snapshots_damaged"] += 1
                 log.warning("snapshot %s of map %s refused: %s", key, name, err)
                 continue
-            if bucket.isdigit() and seq > 0:
-                held[hexname, int(bucket)] = seq
+            if seq > 0:
+                held[hexname, bucket] = seq
             keys_, packs = regs.keys(), regs.values()
             if not keys_:
                 continue
             batch = Batch(SNAPSHOT, 0, Packed([name] * len(keys_), keys_, packs))
             self._stats["snapshots_read"] += 1
             await self._inbox.put_message(Streamed(SNAPSHOT, batch), len(entry.value or b""))
-        wanted = [(h, b) for h in sizes for b in range(self.options.digest_buckets)]
+        wanted = [(h, str(b)) for h in sizes for b in range(self.options.digest_buckets)]
         if not wanted or any(w not in held for w in wanted):
             return 0
         after = min(held[w] for w in wanted)
