@@ -14,12 +14,15 @@ for each cluster. The phases, each bounded (~60 s; --quick ~30 s):
            just before), the CPU of all agents and of the nats-server; bytes a sent (mesh: its
            links' bytes_sent; NATS: what it published) and, over NATS, what the server
            delivered to the other nodes (its /connz)
-  lat      1k one-key writes/s on a for 10 s (--quick 5 s), each value its monotonic write
-           time, seen on b through this process's bpf(2) hooks (bench/phases.py's latency)
+  lat      1k, then 10k, one-key writes/s on a for 10 s (--quick 5 s), each value its
+           monotonic write time, seen on b through this process's bpf(2) hooks
+           (bench/phases.py's latency)
   rate     50k writes/s offered on a for 10 s (--quick 5 s), keys cycled over the map: writes/s
            absorbed end to end, until every node holds a's final content
-  catchup  NATS, N = 3 only: a 1M-entry map filled on a and read by b; every agent stopped;
-           a fresh c (--no-state) started: spawn -> /readyz 200 and -> identical to a
+  catchup  NATS, N = 3 only, twice: a 1M-entry map filled on a and read by b; every agent
+           stopped, right after b read the fill (c replays the stream) and once a's and b's
+           snapshots hold it (c reads them and skips the stream they cover); a fresh c
+           (--no-state) started: spawn -> /readyz 200 and -> identical to a
 
 The agents' scans run every 5 s (watch.poll_interval), not 0.25 s: every write here is a
 user-space one, which the bpf(2) hooks see at once, and at N = 10 the idle scans of ten maps
@@ -41,7 +44,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -62,12 +65,14 @@ from fixtures import (
 )
 from phases import RESTART_CATCHUP_S, WRITE_TICK, latency
 
+from bpfsync.agent.config import SyncConfig
 from bpfsync.demo.cluster import Cluster, Node, free_port, stop_process
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 KEYSPACE = 1 << 18  # every map's max_entries: the cpu phase's keys and the rate phase's cycle
 POLL_S = 5.0  # the agents' watch.poll_interval (module docstring)
 PROJECT_N = (100, 1000)
+DIGEST_BUCKETS = SyncConfig().digest_buckets  # the agents' (the bench leaves it as it is)
 
 
 # --- a nats-server of our own ------------------------------------------------------------------
@@ -309,19 +314,22 @@ def rate_phase(c: ScaleCluster, rate: float, seconds: float, wait_max: float,
             "writes_per_s": written / total if ok else None}
 
 
-def catchup_phase(server: NatsServer, entries: int, wait_max: float,
-                  keep_logs: bool) -> dict[str, Any]:
-    """NATS, a, b, c: ``entries`` on a, read by b; a and b stopped; a fresh c started."""
-    with ScaleCluster(("a", "b", "c"), "scale-catchup", 1 << 20, nats=[server.url]) as c:
+def catchup_phase(server: NatsServer, entries: int, wait_max: float, keep_logs: bool,
+                  settled: bool) -> dict[str, Any]:
+    """NATS, a, b, c: ``entries`` on a, read by b; a and b stopped (``settled``: once their
+    snapshots hold the fill, else at once); a fresh c started."""
+    tag = "scale-catchup-" + ("settled" if settled else "burst")
+    with ScaleCluster(("a", "b", "c"), tag, 1 << 20, nats=[server.url]) as c:
         a, b, cc = c["a"], c["b"], c["c"]
         c.start_with(POLL_S, [a, b])
-        res: dict[str, Any] = {"entries": entries}
+        res: dict[str, Any] = {"entries": entries, "settled": settled}
         if not c.wait_ready(60, [a, b]):
             problems = log_problems([a, b], 0.0)
             return {**res, "ready_ab": False, "problems": problems,
                     "logs": tidy_logs(list(c), problems, True)}
         since = time.time()
         ap0 = applied(b)
+        stored0 = _settle_snapshots((a, b), wait_max)
         keys = np.arange(entries, dtype=np.uint32)
         vals = np.zeros((entries, 2), dtype=np.uint64)
         vals[:, 0] = np.arange(entries, dtype=np.uint64) * 1500
@@ -331,6 +339,12 @@ def catchup_phase(server: NatsServer, entries: int, wait_max: float,
         filled = c.wait(lambda: applied(b) - ap0 >= entries, wait_max, every=0.2)
         res["b_read_s"] = time.perf_counter() - t
         res["b_identical"] = filled and same_content(a, [b])
+        if settled:  # every digest bucket changed: each is stored again by its keeper
+            t = time.perf_counter()
+            res["snapshots_current"] = c.wait(
+                lambda: _snapshots_stored((a, b)) - stored0 >= DIGEST_BUCKETS, wait_max,
+                every=0.2)
+            res["snapshots_s"] = time.perf_counter() - t
         res["stored"] = {n.name: {k: (n.status() or {}).get("transport", {}).get(k, 0)
                                   for k in ("published", "snapshots_stored")} for n in (a, b)}
         for n in (a, b):
@@ -362,6 +376,25 @@ def catchup_phase(server: NatsServer, entries: int, wait_max: float,
                 "c_rss_mb": c_rss, "problems": problems,
                 "logs": tidy_logs(list(c), problems, keep_logs),
                 "server_problems": server.problems()[:6]}
+
+
+def _settle_snapshots(nodes: Sequence[Node], wait_max: float) -> int:
+    """The snapshots ``nodes`` stored, once they stopped storing (their first round stores
+    every bucket, empty or not)."""
+    t, last, same_since = time.perf_counter(), -1, time.perf_counter()
+    while time.perf_counter() - t < wait_max:
+        now = _snapshots_stored(nodes)
+        if now != last:
+            last, same_since = now, time.perf_counter()
+        elif now >= DIGEST_BUCKETS and time.perf_counter() - same_since > 2.0:
+            break
+        time.sleep(0.2)
+    return last
+
+
+def _snapshots_stored(nodes: Sequence[Node]) -> int:
+    return sum((n.status() or {}).get("transport", {}).get("snapshots_stored", 0)
+               for n in nodes)
 
 
 def run_cluster(transport: str, n: int, args: argparse.Namespace, q: bool) -> dict[str, Any]:
@@ -418,10 +451,13 @@ def _phases(c: ScaleCluster, server: NatsServer | None, args: argparse.Namespace
         res["cpu"] = cpu_phase(c, server, args.changes, 30 if q else 60, 1.0 if q else 2.0)
         log(f"  cpu: {_brief(res['cpu'])}")
     if "lat" not in args.skip:
-        # poll only sets how long b is watched after the last write: max(2, 10 poll) s
-        r = latency(c, 0.2, 1000.0, 5.0 if q else 10.0)
-        res["lat"] = {k: r[k] for k in ("written", "observed", "p50", "p99", "p999", "max")}
-        log(f"  lat: {res['lat']}")
+        for key, rate in (("lat", 1000.0), ("lat10k", 10_000.0)):
+            seconds = 5.0 if q else 10.0
+            # poll only sets how long b is watched after the last write: max(2, 10 poll) s;
+            # every write its own key, so none hides another
+            r = latency(c, 0.2, rate, seconds, keyspace=min(KEYSPACE, int(rate * seconds)))
+            res[key] = {k: r[k] for k in ("written", "observed", "p50", "p99", "p999", "max")}
+            log(f"  {key}: {res[key]}")
     if "rate" not in args.skip:
         res["rate"] = rate_phase(c, 50_000.0, 5.0 if q else 10.0, 25 if q else 50, 1 << 40)
         log(f"  rate: {res['rate']}")
@@ -450,11 +486,11 @@ def _cell(r: dict[str, Any] | None, metric: str) -> str:
         return f"NOT ready in {r['start_s']:.0f} s ({len(r['not_ready'])} agents{gone})"
     if metric == "start":
         return f"{r['start_s']:.1f} s"
-    found: dict[str, Any] | None = r.get({"lat": "lat", "rate": "rate"}.get(metric, "cpu"))
+    found: dict[str, Any] | None = r.get(metric if metric in _OWN_PHASE else "cpu")
     if found is None:
         return "skipped"
     p = found
-    if metric not in ("lat", "rate") and not p["done"]:
+    if metric not in _OWN_PHASE and not p["done"]:
         return f"NOT done in {p['seconds']:.0f} s"
     match metric:
         case "cpu_a":
@@ -473,7 +509,7 @@ def _cell(r: dict[str, Any] | None, metric: str) -> str:
             return s
         case "rss":
             return f"{p['rss_mb_mean']:.0f} / {p['rss_mb_max']:.0f} MB"
-        case "lat":
+        case "lat" | "lat10k":
             return (f"{p['p50']:.1f} / {p['p99']:.1f} ms ({p['observed']:,} of "
                     f"{p['written']:,} seen)")
         case "rate":
@@ -485,6 +521,7 @@ def _cell(r: dict[str, Any] | None, metric: str) -> str:
     return "?"
 
 
+_OWN_PHASE = ("lat", "lat10k", "rate")  # metrics with a phase of their own (else the cpu one)
 _METRICS = (
     ("start", "agents start -> all ready"),
     ("cpu_a", "origin a: CPU per change, net of its idle CPU"),
@@ -493,6 +530,7 @@ _METRICS = (
     ("cpu_bytes", "bytes per change sent by a, per copy"),
     ("rss", "agent RSS mean / max, map of {k}"),
     ("lat", "latency a -> b at 1k/s: p50 / p99"),
+    ("lat10k", "latency a -> b at 10k/s: p50 / p99"),
     ("rate", "50k writes/s offered: writes/s absorbed by every node"),
 )
 
@@ -554,7 +592,34 @@ def projection(R: dict[str, dict[int, dict[str, Any]]], ns: Sequence[int]) -> li
     return rows
 
 
-def report(R: dict[str, dict[int, dict[str, Any]]], cu: dict[str, Any] | None,
+def _c_read(r: dict[str, Any]) -> str:
+    tr, rep = r["c_transport"] or {}, r["c_replica"] or {}
+    stored = ", ".join(f"{n} {v['snapshots_stored']}" for n, v in r["stored"].items())
+    return (f"{tr.get('snapshots_read', 0)} bucket snapshots (stored by then: {stored}, empty "
+            f"ones included), {tr.get('streamed', 0)} stream messages (skipped up to "
+            f"{tr.get('stream_skipped_to', 0)}); records applied "
+            f"{rep.get('received.applied', 0):,}, ignored {rep.get('received.ignored', 0):,}; "
+            f"RSS {r['c_rss_mb']:.0f} MB")
+
+
+def _c_ready(r: dict[str, Any]) -> str:
+    why = r["events"].get("ready", {}).get("why")
+    return _f(r["ready_s"], "{:.2f}", " s") + (f" ({why})" if why else "")
+
+
+_CATCHUP_ROWS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+    ("entries: a -> b (while both run)",
+     lambda r: f"{r['entries']:,} in {r['b_read_s']:.1f} s, identical {r['b_identical']}"),
+    ("a's and b's snapshots stored again after b read the fill",
+     lambda r: (f"{r['snapshots_s']:.1f} s, complete {r['snapshots_current']}"
+                if r["settled"] else "not waited for")),
+    ("c: spawn -> /readyz 200 (target <= 3 s)", _c_ready),
+    ("c: spawn -> identical to a", lambda r: _f(r["identical_s"], "{:.2f}", " s")),
+    ("c: what it read", _c_read),
+]
+
+
+def report(R: dict[str, dict[int, dict[str, Any]]], cu: list[dict[str, Any]],
            ns: Sequence[int], changes: int, argv: list[str], took: float,
            load: tuple[str, str]) -> None:
     k = f"{changes // 1000}k" if changes % 1000 == 0 else f"{changes:,}"
@@ -564,24 +629,16 @@ def report(R: dict[str, dict[int, dict[str, Any]]], cu: dict[str, Any] | None,
             label = label.format(k=k)
             print(f"| {label} | {_cell(R.get('mesh', {}).get(n), key)} | "
                   f"{_cell(R.get('nats', {}).get(n), key)} |")
-    if cu is not None:
-        print("\nNATS catch-up of a fresh node (c, --no-state), every other agent stopped\n")
-        print("| metric | value |\n|---|---|")
-        if "ready_s" not in cu:
-            print(f"| catch-up | NOT measured: {cu.get('error') or 'a and b not ready'} |")
-        else:
-            why = cu["events"].get("ready", {}).get("why")
-            print(f"| {cu['entries']:,} entries: a -> b (while both run) | "
-                  f"{cu['b_read_s']:.1f} s, identical {cu['b_identical']} |")
-            print(f"| c: spawn -> /readyz 200 (target <= 3 s) | {_f(cu['ready_s'], '{:.2f}', ' s')}"
-                  f"{f' ({why})' if why else ''} |")
-            print(f"| c: spawn -> identical to a | {_f(cu['identical_s'], '{:.2f}', ' s')} |")
-            tr, rep = cu["c_transport"] or {}, cu["c_replica"] or {}
-            stored = ", ".join(f"{n} {v['snapshots_stored']}" for n, v in cu["stored"].items())
-            print(f"| c: what it read | {tr.get('snapshots_read', 0)} bucket snapshots (stored "
-                  f"before the stop: {stored}, empty ones included), {tr.get('streamed', 0)} "
-                  f"stream messages; records applied {rep.get('received.applied', 0):,}, "
-                  f"ignored {rep.get('received.ignored', 0):,}; RSS {cu['c_rss_mb']:.0f} MB |")
+    if cu:
+        print("\nNATS catch-up of a fresh node (c, --no-state), every other agent stopped: right "
+              "after the fill, and once a's and b's snapshots hold it\n")
+        print("| metric | " + " | ".join(
+            "snapshots current" if r["settled"] else "right after the fill" for r in cu)
+            + " |\n|---|" + "---|" * len(cu))
+        for label, cell in _CATCHUP_ROWS:
+            print(f"| {label} | " + " | ".join(
+                cell(r) if "ready_s" in r else
+                f"NOT measured: {r.get('error') or 'a and b not ready'}" for r in cu) + " |")
     print("\nProjection per change. 'measured': this run's cpu phase at that N. 'projected': "
           "copies by design; bytes = the measured bytes per copy (mean over the N measured) "
           "times the copies; CPU = a least-squares line in N-1 through the measured N (flat "
@@ -591,9 +648,8 @@ def report(R: dict[str, dict[int, dict[str, Any]]], cu: dict[str, Any] | None,
         print("| " + " | ".join(row) + " |")
     problems = [(f"{tr} N={n}", r.get("problems"), r.get("server_problems"), r.get("logs"))
                 for tr in R for n, r in R[tr].items()]
-    if cu is not None:
-        problems.append(("nats catch-up", cu.get("problems"), cu.get("server_problems"),
-                         cu.get("logs")))
+    problems += [(f"nats catch-up ({'settled' if r['settled'] else 'burst'})",
+                  r.get("problems"), r.get("server_problems"), r.get("logs")) for r in cu]
     print("\nWarnings and errors in the logs")
     for where, p, sp, logs in problems:
         if (p and p["counts"]) or sp:
@@ -641,15 +697,20 @@ def main() -> None:
         for tr in args.transports.split(","):
             log(f"{tr}, {n} nodes")
             R.setdefault(tr, {})[n] = run_cluster(tr, n, args, q)
-    cu = None
+    cu: list[dict[str, Any]] = []
     if "catchup" not in args.skip and "nats" in args.transports.split(","):
-        log(f"NATS catch-up of a fresh node on {args.catchup_entries:,} entries")
-        try:
-            with NatsServer() as server:
-                cu = catchup_phase(server, args.catchup_entries, 30 if q else 60, args.keep_logs)
-        except Exception as err:
-            cu = {"entries": args.catchup_entries, "error": f"{type(err).__name__}: {err}"}
-        log(f"  {cu}")
+        for settled in (False, True):
+            when = "once the snapshots hold the fill" if settled else "right after the fill"
+            log(f"NATS catch-up of a fresh node on {args.catchup_entries:,} entries, {when}")
+            try:
+                with NatsServer() as server:
+                    r = catchup_phase(server, args.catchup_entries, 30 if q else 60,
+                                      args.keep_logs, settled)
+            except Exception as err:
+                r = {"entries": args.catchup_entries, "settled": settled,
+                     "error": f"{type(err).__name__}: {err}"}
+            log(f"  {r}")
+            cu.append(r)
     report(R, cu, ns, args.changes, sys.argv, time.perf_counter() - t0, (load0, _load()))
 
 

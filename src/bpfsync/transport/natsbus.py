@@ -89,7 +89,9 @@ log = logging.getLogger("bpfsync.transport")
 _FROM, _INCARNATION = "Bpfsync-From", "Bpfsync-Incarnation"
 _FETCH = 64  # stream messages asked for at once: few enough to bound what waits unacked
 _FETCH_WAIT_S = 1.0
+_JOINED_RECORDS = 1 << 19  # records one Streamed event joins at most (_deliver)
 _CLOSE_S = 2.0
+_SNAPSHOT_WAIT_S = 5.0  # the longest a snapshot read waits for its next value before retrying
 # the sender named in the batches that snapshots are delivered as: no node id can be it
 SNAPSHOT = "(snapshot)"
 # a snapshot's value: this magic, the stream sequence up to which the node that stored it
@@ -188,9 +190,9 @@ class NatsBus:
         self._publish: deque[tuple[bytes, Callable[[bool], None] | None]] = deque()
         self._publish_bytes = 0
         self._publish_ready = asyncio.Event()
-        # stream messages delivered and not yet handled, in stream order, with their sequence;
-        # None for one skipped (acked unread) behind them
-        self._to_ack: deque[tuple[Msg | None, int]] = deque()
+        # per Streamed event delivered and not yet handled, in stream order: its messages and
+        # the sequence handled once it is; no messages for a fetch with none to deliver
+        self._to_ack: deque[tuple[list[Msg], int]] = deque()
         # every stream message up to this sequence is in this node's state: the snapshots it
         # stores say so, and a fresh node's consumer starts after the lowest of them
         self._handled = 0
@@ -305,7 +307,7 @@ class NatsBus:
             try:
                 return await step()
             except _UNANSWERED as err:
-                self.last_error = f"{what}: {err or type(err).__name__}"
+                self.last_error = f"{what}: {str(err) or type(err).__name__}"
                 self._stats["setup_retries"] += 1
                 if not said:
                     said = True
@@ -354,8 +356,15 @@ class NatsBus:
         assert self._js is not None
         if not self.fresh:
             try:
-                await self._js.consumer_info(self.options.stream, self._durable)
-                return await self._consumer(0)
+                info = await self._js.consumer_info(self.options.stream, self._durable)
+                if not info.num_ack_pending:
+                    return await self._consumer(0)
+                # the last run was given messages it never handled: the servers would give
+                # them again only after their ack wait (30 s), after this node said it is
+                # ready; a consumer made anew from its ack floor has them first
+                floor = info.ack_floor.stream_seq if info.ack_floor else 0
+                await self._js.delete_consumer(self.options.stream, self._durable)
+                return await self._consumer(floor)
             except nats.js.errors.NotFoundError:
                 # the servers forgot where this node stopped (it was away past the consumer's
                 # inactive threshold, or the stream is new): what it missed may be in the
@@ -466,12 +475,13 @@ class NatsBus:
             yield ev
             # handled: the stream may forget it (a snapshot is no stream message)
             if isinstance(ev, Streamed) and ev.peer != SNAPSHOT and self._to_ack:
-                msg, self._handled = self._to_ack.popleft()
-                if msg is not None:  # always: a delivered one heads it
+                msgs, handled = self._to_ack.popleft()
+                for msg in msgs:
                     with contextlib.suppress(Exception):
                         await msg.ack()
-                while self._to_ack and self._to_ack[0][0] is None:  # skipped after it
-                    _, self._handled = self._to_ack.popleft()
+                self._handled = max(self._handled, handled)
+                while self._to_ack and not self._to_ack[0][0]:  # none delivered after it
+                    self._handled = max(self._handled, self._to_ack.popleft()[1])
 
     def peers(self) -> list[PeerState]:
         return [
@@ -542,7 +552,7 @@ class NatsBus:
                     self._stats["send_failed"] += 1
                     if s is not None:
                         s.dropped += 1
-                        self._error(s, f"send: {err or type(err).__name__}")
+                        self._error(s, f"send: {str(err) or type(err).__name__}")
                     continue
                 if s is not None:
                     s.messages_sent += 1
@@ -565,7 +575,7 @@ class NatsBus:
                                            headers={"Nats-Msg-Id": msg_id})
                 except Exception as err:  # kept, in order, until the stream takes it
                     self._stats["publish_retries"] += 1
-                    self.last_error = f"publish: {err or type(err).__name__}"
+                    self.last_error = f"publish: {str(err) or type(err).__name__}"
                     await asyncio.sleep(0.25)
                     continue
                 self._publish.popleft()
@@ -587,7 +597,7 @@ class NatsBus:
                     await self._kv.put(key, blob)
                 except Exception as err:  # kept until the bucket takes it
                     self._stats["snapshot_retries"] += 1
-                    self.last_error = f"snapshot: {err or type(err).__name__}"
+                    self.last_error = f"snapshot: {str(err) or type(err).__name__}"
                     await asyncio.sleep(0.25)
                     continue
                 self._snap.popleft()
@@ -605,45 +615,50 @@ class NatsBus:
         stream is read then)."""
         assert self._kv is not None
         sizes = {m.name.encode().hex(): (m.name, m.key_size) for m in self.hello.maps}
-        try:
-            keys = await self._kv.keys()
-        except nats.js.errors.NoKeysError:
-            return 0
         # (map in hex, bucket as its key spells it) -> the sequence its snapshot holds the
         # stream up to; the keys are compared as written, never parsed (a peer wrote them)
         held: dict[tuple[str, str], int] = {}
-        for key in keys:
-            hexname, _, bucket = key.partition(".")
-            if hexname not in sizes:
-                continue
-            name, key_size = sizes[hexname]
-            entry = await self._kv.get(key)
-            value = entry.value or b""
-            if value.startswith(_SEQ_MAGIC) and len(value) >= len(_SEQ_MAGIC) + 8:
-                at = len(_SEQ_MAGIC)
-                seq, value = int.from_bytes(value[at:at + 8], "big"), value[at + 8:]
-            else:
-                seq = 0  # stored without its sequence: it says nothing of the stream
-            try:
-                regs, _ = unseal(value, key_size)
-            except ValueError as err:
-                self._stats["snapshots_damaged"] += 1
-                log.warning("snapshot %s of map %s refused: %s", key, name, err)
-                continue
-            if seq > 0:
-                held[hexname, bucket] = seq
-            keys_, packs = regs.keys(), regs.values()
-            if not keys_:
-                continue
-            batch = Batch(SNAPSHOT, 0, Packed([name] * len(keys_), keys_, packs))
-            self._stats["snapshots_read"] += 1
-            await self._inbox.put_message(Streamed(SNAPSHOT, batch), len(entry.value or b""))
+        # one watch delivers every key's latest value in a single flow (a get per key would
+        # wait a round trip each: 1,024 buckets cost a second); it ends with None
+        watcher = await self._kv.watchall(ignore_deletes=True)
+        try:
+            while (entry := await watcher.updates(timeout=_SNAPSHOT_WAIT_S)) is not None:
+                hexname, _, bucket = entry.key.partition(".")
+                if hexname not in sizes:
+                    continue
+                seq = await self._read_snapshot(entry.key, entry.value or b"", *sizes[hexname])
+                if seq > 0:
+                    held[hexname, bucket] = seq
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
         wanted = [(h, str(b)) for h in sizes for b in range(self.options.digest_buckets)]
         if not wanted or any(w not in held for w in wanted):
             return 0
         after = min(held[w] for w in wanted)
         self._stats["stream_skipped_to"] = after
         return after
+
+    async def _read_snapshot(self, key: str, value: bytes, name: str, key_size: int) -> int:
+        """One stored snapshot delivered as a ``Streamed`` batch; returns the stream sequence
+        it holds the stream up to (0: none said, or refused)."""
+        if value.startswith(_SEQ_MAGIC) and len(value) >= len(_SEQ_MAGIC) + 8:
+            at = len(_SEQ_MAGIC)
+            seq, sealed = int.from_bytes(value[at:at + 8], "big"), value[at + 8:]
+        else:
+            seq, sealed = 0, value  # stored without its sequence: it says nothing of the stream
+        try:
+            regs, _ = unseal(sealed, key_size)
+        except ValueError as err:
+            self._stats["snapshots_damaged"] += 1
+            log.warning("snapshot %s of map %s refused: %s", key, name, err)
+            return 0
+        keys, packs = regs.keys(), regs.values()
+        if keys:
+            batch = Batch(SNAPSHOT, 0, Packed([name] * len(keys), keys, packs))
+            self._stats["snapshots_read"] += 1
+            await self._inbox.put_message(Streamed(SNAPSHOT, batch), len(value))
+        return seq
 
     async def _hello_loop(self) -> None:
         assert self._nc is not None
@@ -729,37 +744,69 @@ class NatsBus:
                 after = await self._read_snapshots()
                 sub = await self._consumer(after)
             except Exception as err:  # NATS away: read them once it is back
-                self.last_error = f"snapshots: {err or type(err).__name__}"
+                self.last_error = f"snapshots: {str(err) or type(err).__name__}"
                 await asyncio.sleep(0.25)
+        # a consumer with nothing pending has read the stream: say so now, not after a fetch
+        # that waits out its timeout
+        with contextlib.suppress(Exception):
+            if not self.stream_read and (await sub.consumer_info()).num_pending == 0:
+                self._stream_read()
         while True:
             try:
                 msgs = await sub.fetch(_FETCH, timeout=_FETCH_WAIT_S)
             except nats.errors.TimeoutError:
                 msgs = []
             except Exception as err:  # NATS away: read again once it is back
-                self.last_error = f"read: {err or type(err).__name__}"
+                self.last_error = f"read: {str(err) or type(err).__name__}"
                 await asyncio.sleep(0.25)
                 continue
-            pending = None
-            for m in msgs:
-                pending = m.metadata.num_pending
-                sender = m.subject.removeprefix(changes)
-                batch = self._stream_batch(sender, m.data)
-                seq = m.metadata.sequence.stream
-                if batch is None:
-                    with contextlib.suppress(Exception):
-                        await m.ack()
-                    if self._to_ack:
-                        self._to_ack.append((None, seq))
-                    else:
-                        self._handled = seq
-                    continue
-                self._to_ack.append((m, seq))
-                self._stats["streamed"] += 1
-                await self._inbox.put_message(Streamed(sender, batch), len(m.data))
+            await self._deliver(msgs, changes)
+            pending = msgs[-1].metadata.num_pending if msgs else None
             if not self.stream_read and (not msgs or pending == 0):
-                self.stream_read = True
-                self._inbox.put_event(StreamRead())
+                self._stream_read()
+
+    def _stream_read(self) -> None:
+        self.stream_read = True
+        self._inbox.put_event(StreamRead())
+
+    async def _deliver(self, msgs: list[Msg], changes: str) -> None:
+        """One fetch's stream messages as one ``Streamed`` per sender, its batches joined (up
+        to ``_JOINED_RECORDS``): the merge of a big batch fills each digest bucket at once,
+        where 64 batches spread over 1,024 buckets would go record by record (a catch-up
+        replaying the stream ran at a third of the speed). The merge is state-based, so the
+        order across senders does not matter; the fetch counts as handled once all are."""
+        joined: dict[str, tuple[list[Msg], Packed]] = {}
+        out: list[tuple[str, list[Msg], Packed]] = []
+        last = self._handled
+        for m in msgs:
+            last = m.metadata.sequence.stream
+            sender = m.subject.removeprefix(changes)
+            batch = self._stream_batch(sender, m.data)
+            if batch is None:
+                with contextlib.suppress(Exception):
+                    await m.ack()
+                continue
+            self._stats["streamed"] += 1
+            records = Packed.of(batch.records)
+            if sender in joined and len(joined[sender][1]) + len(records) <= _JOINED_RECORDS:
+                joined[sender][0].append(m)
+                joined[sender][1].extend(records)
+            else:
+                if sender in joined:
+                    out.append((sender, *joined[sender]))
+                joined[sender] = ([m], records)
+        out += [(sender, ms, records) for sender, (ms, records) in joined.items()]
+        if not out:  # nothing to wait for before these count as handled
+            if self._to_ack:
+                self._to_ack.append(([], last))
+            else:
+                self._handled = last
+            return
+        for i, (sender, ms, records) in enumerate(out):
+            # handled up to the fetch's last message once its last event is
+            self._to_ack.append((ms, last if i == len(out) - 1 else self._handled))
+            await self._inbox.put_message(Streamed(sender, Batch(sender, 0, records)),
+                                          sum(len(m.data) for m in ms))
 
     def _stream_batch(self, sender: str, data: bytes) -> Batch | None:
         """The batch a stream message holds, when it is one to deliver (module docstring)."""
