@@ -23,11 +23,12 @@ from bpfsync.transport.memory import MemoryNetwork
 SCHEMA = MapSchema("m", 4, 8)
 
 
-def node(net: MemoryNetwork, name: str) -> tuple[Peering, Replica]:
+def node(net: MemoryNetwork, name: str, sync: SyncConfig | None = None,
+         ) -> tuple[Peering, Replica]:
     replica = Replica(name, [SCHEMA], 3600 * 10**9)
     transport = net.transport(Hello(name, 1, (SCHEMA,)))
     p = Peering(
-        name, replica, [SCHEMA], transport, SyncConfig(), AgentMetrics(),
+        name, replica, [SCHEMA], transport, sync or SyncConfig(), AgentMetrics(),
         outbox_records=1 << 16,
         on_records=lambda peer, recs, repair: replica.receive(recs, time.time_ns(), peer,
                                                              replies=not repair),
@@ -98,6 +99,53 @@ def test_one_routine_answer_repairs_a_bounded_number_of_buckets() -> None:
         assert ra.content("m") == rb.content("m")
 
     with_pair(body)
+
+
+def test_a_routine_round_goes_to_fanout_peers_at_random_and_repairs_every_node() -> None:
+    """Six nodes, fanout 2: each round sends a's digests to two peers, a different pair from
+    round to round (every peer within a few rounds); what one node alone holds reaches every
+    other through the peers that compare with it, whether or not a's round named them."""
+    names = ["a", "b", "c", "d", "e", "f"]
+
+    async def main() -> None:
+        net = MemoryNetwork()
+        nodes = [node(net, n, SyncConfig(digest_fanout=2)) for n in names]
+        for p, _ in nodes:
+            await p.transport.start()
+        tasks = [asyncio.create_task(p.run()) for p, _ in nodes]
+        await asyncio.sleep(0.1)  # links up, first-contact (urgent) repairs done
+        a = nodes[0][0]
+        try:
+            to: list[str] = []
+            original = a.transport.send
+            a.transport.send = lambda peer, msg: (  # type: ignore[method-assign]
+                to.append(peer) if type(msg).__name__ == "Digest" else None,
+                original(peer, msg))[1]
+            met: set[str] = set()
+            for _ in range(40):
+                to.clear()
+                a.digest_round()
+                assert len(set(to)) == 2, to
+                met |= set(to)
+            assert met == set(names[1:])  # 40 rounds of 2 of 5: one missed has p 5 * 0.6^40
+            to.clear()
+            a.digest_round(every=True)
+            assert set(to) == set(names[1:])
+            a.transport.send = original  # type: ignore[method-assign]
+            diverge(nodes[-1][1], range(50))  # f alone holds 50 records
+            for _ in range(100):
+                if all(r.registers("m") == 50 for _, r in nodes):
+                    break
+                for p, _ in nodes:
+                    p.digest_round()
+                await asyncio.sleep(0.02)
+            assert [r.registers("m") for _, r in nodes] == [50] * 6
+        finally:
+            for p, _ in nodes:
+                await p.transport.close()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
 
 
 def test_no_routine_digest_while_records_for_the_peer_wait() -> None:

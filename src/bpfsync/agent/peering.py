@@ -12,7 +12,9 @@ Rules of this module (the core's rules are in core/session.py and core/replica.p
   (catch-up). The Pull goes first so the asker answers it from its own state, not from the
   records we are about to send it (the other order sent a fresh node's whole catch-up back).
   Urgent digests (catch-up, gap repair) are answered for every differing bucket. Routine ones
-  (the periodic backstop) only for buckets that differ *stably*: the same hash on both sides as
+  (the periodic backstop, to ``sync.digest_fanout`` random peers a round: what one node
+  lacks reaches it from whichever peer compares with it, since an answer carries state, not
+  messages) only for buckets that differ *stably*: the same hash on both sides as
   at the peer's previous digest. While changes flow, buckets differ by what is in flight, and
   answering those would send each other whole maps of records both are about to receive; a
   bucket that stays different while neither side changes it is a real divergence. And no
@@ -274,12 +276,17 @@ class Peering:
                 stored[b] = digest_sum
                 budget -= len(blob)
 
-    def digest_round(self) -> None:
-        """The periodic anti-entropy round: a digest of every map to every peer we owe nothing
-        (see the module docstring)."""
-        for peer, s in self.sessions.items():
-            if not (s.outbox or s.unacked):
-                self._send_digests(peer)
+    def digest_round(self, *, every: bool = False) -> None:
+        """The periodic anti-entropy round: a digest of every map to ``sync.digest_fanout``
+        peers we owe nothing, at random (``every``: to all of them; see the module
+        docstring)."""
+        owed_nothing = [peer for peer, s in self.sessions.items()
+                        if not (s.outbox or s.unacked)]
+        fanout = self.sync.digest_fanout
+        if not every and 0 < fanout < len(owed_nothing):
+            owed_nothing = random.sample(owed_nothing, fanout)
+        for peer in owed_nothing:
+            self._send_digests(peer)
 
     def peers(self) -> list[dict[str, Any]]:
         """One row per peer the transport knows, for /status; sets the per-peer lag gauge on
@@ -678,7 +685,7 @@ class Peering:
                 self._bus_outbox.add(packed)
                 return True
         if self._bus_outbox.take_overflow():  # records were dropped: digests repair them
-            self.digest_round()
+            self.digest_round(every=True)
         return False
 
     def _published(self, ok: bool) -> None:

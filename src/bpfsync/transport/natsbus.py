@@ -35,6 +35,10 @@ The rules it keeps, beyond base.py's (which it keeps for the messages to one nod
 - ``StreamRead`` tells, once, that everything the stream held when this node first read it
   (and, for a node without state, every snapshot before it) was delivered: a node catching
   up is caught up then. A snapshot is delivered as a ``Streamed`` batch of ``SNAPSHOT``.
+  It comes no sooner than ``hello_interval`` after this node's first Hello, and a node
+  answers a peer's first Hello of an incarnation with its own at once: the peers up are
+  then ``PeerUp`` before ``StreamRead``, so the agent can ask one of them for what the stream
+  no longer holds (agent/peering.py) instead of reporting ready without it.
 - ``publish`` never blocks: a batch is queued for the stream, or refused (False) when the
   queue is full; queued batches are published in order and retried while NATS is away, so
   none is lost while the process lives. ``send`` to a peer is best effort, as on the mesh:
@@ -204,6 +208,7 @@ class NatsBus:
         self._closed = False
         self._stats: Counter[str] = Counter()
         self.stream_read = False  # StreamRead was delivered
+        self._hello_at = 0.0  # when this node's first Hello was published
         self.last_error: str | None = None
         self.hello_frame = codec.encode(hello)
 
@@ -228,8 +233,9 @@ class NatsBus:
             ("nats-hello", self._hello_loop()), ("nats-read", self._read_loop(sub)),
             ("nats-snapshot", self._snapshot_loop()),
         ]
-        self._tasks = [asyncio.create_task(coro, name=name) for name, coro in loops]
+        self._hello_at = time.monotonic()
         await self._nc.publish(f"{p}.hello", self.hello_frame)
+        self._tasks = [asyncio.create_task(coro, name=name) for name, coro in loops]
 
     async def _connect(self) -> Client:
         o = self.options
@@ -707,6 +713,10 @@ class NatsBus:
         s.connected_since = time.time()
         self._inbox.put_event(Received(node, hello, hello.incarnation))
         self._inbox.put_event(PeerUp(node, hello))
+        # a node that just started learns now, not within hello_interval, that we are up
+        assert self._nc is not None
+        with contextlib.suppress(Exception):
+            await self._nc.publish(f"{self._prefix}.hello", self.hello_frame)
 
     def _down(self, node: str, s: _Peer, error: BpfsyncError | None) -> None:
         s.up = False
@@ -750,7 +760,7 @@ class NatsBus:
         # that waits out its timeout
         with contextlib.suppress(Exception):
             if not self.stream_read and (await sub.consumer_info()).num_pending == 0:
-                self._stream_read()
+                await self._stream_read()
         while True:
             try:
                 msgs = await sub.fetch(_FETCH, timeout=_FETCH_WAIT_S)
@@ -763,9 +773,11 @@ class NatsBus:
             await self._deliver(msgs, changes)
             pending = msgs[-1].metadata.num_pending if msgs else None
             if not self.stream_read and (not msgs or pending == 0):
-                self._stream_read()
+                await self._stream_read()
 
-    def _stream_read(self) -> None:
+    async def _stream_read(self) -> None:
+        # the peers up have answered our first Hello by now (module docstring)
+        await asyncio.sleep(self._hello_at + self.options.hello_interval - time.monotonic())
         self.stream_read = True
         self._inbox.put_event(StreamRead())
 
