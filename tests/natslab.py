@@ -67,6 +67,7 @@ __all__ = [
     "NatsServer",
     "Token",
     "UserPassword",
+    "Users",
     "nats_cluster",
     "nats_server",
 ]
@@ -96,7 +97,15 @@ class Token:
     token: str
 
 
-Auth: TypeAlias = UserPassword | Token
+@dataclass(frozen=True)
+class Users:
+    """An ``authorization`` block given whole (``bpfsync nats-users`` prints one): the
+    harness itself connects as no one, so each test logs in as one of its users."""
+
+    block: str
+
+
+Auth: TypeAlias = UserPassword | Token | Users
 
 
 @dataclass(frozen=True)
@@ -201,6 +210,8 @@ class NatsServer:
                           f"  password: {_quote(password)}", "}"]
             case Token(token):
                 lines += ["authorization {", f"  token: {_quote(token)}", "}"]
+            case Users(block):
+                lines += [block]
         if self.cluster is not None:
             lines += ["cluster {", f"  name: {_quote(self.cluster.name)}",
                       f"  listen: {_quote(f'{HOST}:{self.cluster_port}')}", "  routes: ["]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from typing import Any
 
 import nats
 import pytest
-from natslab import NatsCluster, NatsServer, UserPassword
+from natslab import NatsCluster, NatsServer, UserPassword, Users
 from test_cluster import _mixed_writes
 
 from bpfsync.core.messages import Batch, Record, Stamp
@@ -329,3 +330,91 @@ def test_what_the_stream_no_longer_holds_is_repaired_by_a_peer_before_ready(
         _wait(late.is_ready, 30, "c ready")
         assert len(late.content()) == 300, "c reported ready without what it missed"
         assert _transport(late).get("streamed", 0) == 0  # it came from the peer, not the stream
+
+
+def _nats_users(prefix: str, nodes: Sequence[str]) -> tuple[str, dict[str, str]]:
+    """``bpfsync nats-users``'s block for ``nodes``, and each node's password in it."""
+    res = subprocess.run(
+        [sys.executable, "-m", "bpfsync.cli.main", "nats-users", *nodes, "--cluster", prefix],
+        capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    passwords = dict(re.findall(r'\{user: "([^"]+)", password: "([^"]+)"', res.stdout))
+    assert sorted(passwords) == sorted(nodes), res.stdout
+    return res.stdout, passwords
+
+
+def test_nodes_with_their_own_nats_users_sync_and_cannot_speak_for_each_other(
+    tmp_path: Path,
+) -> None:
+    """Each node logs in as the user ``bpfsync nats-users`` made for it. Those permissions
+    carry everything an agent does (the stream, its consumer, Hellos, digests, snapshots
+    and a fresh node's catch-up from them); a's user cannot publish b's changes or Hellos,
+    read b's messages, or read through b's consumer: the servers refuse each one."""
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+    with Cluster(tag="natsusers", nats=[url]) as c:
+        a, b, late = c["a"], c["b"], c["c"]
+        prefix = a.nats[1] if a.nats else ""
+        block, passwords = _nats_users(prefix, ["a", "b", "c"])
+        with NatsServer(auth=Users(block), port=port):  # started by entering
+            def start(node: Node) -> None:
+                _start_with_config(node, (
+                    f"transport: nats\nallowed_nodes: [a, b, c]\nnats:\n  servers: [{url}]\n"
+                    f"  user: {node.name}\n  password: {passwords[node.name]}\n"
+                    f"  snapshot_interval_s: 0.5\n"), tmp_path)  # fmt: skip
+
+            for node in (a, b):
+                start(node)
+            _wait(lambda: a.is_ready() and b.is_ready(), 30, "a and b ready")
+            for k in range(200):
+                (a if k % 2 else b).put(k, session(k))
+            _wait(lambda: len(a.content()) == len(b.content()) == 200, CONVERGE_S,
+                  "a and b converged")
+            _wait(lambda: _transport(a).get("snapshots_stored", 0)
+                  + _transport(b).get("snapshots_stored", 0) > 0, 20, "snapshots stored")
+            start(late)  # a node without state: it reads the snapshots first
+            _wait(late.is_ready, 30, "c ready")
+            _wait(lambda: late.content() == a.content(), CONVERGE_S, "c caught up")
+            assert _transport(late).get("snapshots_read", 0) > 0, _transport(late)
+            for node in c:  # the agents asked for nothing their users may not do
+                assert "permission_denied" not in _transport(node), node.log()[-3000:]
+
+            hex_b = b"b".hex()
+            attempts = [
+                ("publish", f"{prefix}.changes.b",
+                 codec.encode(Batch("b", 0, (Record("sessions", KEY.pack(9001), session(1),
+                                                    Stamp(time.time_ns(), 0, "b")),)))),
+                ("publish", f"{prefix}.hello.b", b"x"),
+                ("publish", f"{prefix}.to.{b'c'.hex()}.{hex_b}", b"x"),
+                ("publish", f"$JS.API.CONSUMER.MSG.NEXT.{prefix}-changes.n{hex_b}", b"1"),
+                ("publish", f"$JS.API.STREAM.DELETE.{prefix}-changes", b""),
+                ("subscribe", f"{prefix}.to.{hex_b}.*", b""),
+            ]
+
+            async def as_a() -> list[str]:
+                errors: list[str] = []
+
+                async def on_error(e: Exception) -> None:
+                    errors.append(str(e))
+
+                nc = await nats.connect(url, user="a", password=passwords["a"],
+                                        error_cb=on_error, allow_reconnect=False)
+                for kind, subject, data in attempts:
+                    if kind == "publish":
+                        await nc.publish(subject, data)
+                    else:
+                        await nc.subscribe(subject)
+                    await nc.flush()
+                await asyncio.sleep(0.5)
+                await nc.close()
+                return errors
+
+            errors = asyncio.run(as_a())
+            for kind, subject, _ in attempts:
+                said = f"{'subscription' if kind == 'subscribe' else kind} to \"{subject}\""
+                assert any(said.lower() in e.lower() for e in errors), (subject, errors)
+            time.sleep(1.0)
+            for node in c:
+                assert KEY.pack(9001) not in node.content(), node.name
+                assert node.is_ready(), node.name
+            _wait(lambda: a.content() == b.content() == late.content(), CONVERGE_S,
+                  "still converged")

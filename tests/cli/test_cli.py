@@ -222,3 +222,20 @@ def test_busy_http_port_is_a_clear_error(node: Node) -> None:
         )
     assert res.returncode == 2, res.stderr
     assert f"http_listen 127.0.0.1:{port}" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_nats_users_gives_each_node_its_own_password_and_refuses_bad_names() -> None:
+    res = subprocess.run([*BPFSYNC, "nats-users", "a", "b.x", "--cluster", "prod"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    users = re.findall(r'\{user: "([^"]+)", password: "([^"]+)"', res.stdout)
+    assert [u for u, _ in users] == ["a", "b.x"]
+    assert len({p for _, p in users}) == 2 and all(len(p) >= 32 for _, p in users)
+    # b.x's direct messages are bound by its id in hex: one subject token
+    assert '"prod.to.*.622e78"' in res.stdout and '"prod.changes.b.x"' in res.stdout
+    for args, said in [(["a", "b c"], "not node ids"), (["a", "a"], "named twice"),
+                       (["a", "--cluster", "a.b"], "--cluster: must be 1-32")]:
+        res = subprocess.run([*BPFSYNC, "nats-users", *args], capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+        assert res.returncode == 2 and said in res.stderr, (args, res.stderr)
+        assert "Traceback" not in res.stderr and not res.stdout

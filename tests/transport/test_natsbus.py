@@ -250,16 +250,23 @@ def test_it_refuses_batches_of_non_members_and_on_other_nodes_subjects(
         await js.publish("t.changes.mallory", codec.encode(Batch("mallory", 0, (record(1, 1),))))
         await js.publish("t.changes.c", codec.encode(Batch("a", 0, (record(2, 2),))))
         await js.publish("t.changes.a", b"not a frame")
-        await nc.publish("t.hello", codec.encode(Hello("mallory", 9, MAPS)))
+        await nc.publish("t.hello.mallory", codec.encode(Hello("mallory", 9, MAPS)))
+        await nc.publish("t.hello.c", codec.encode(Hello("a", 9, MAPS)))  # on c's subject
+        # a message to b on a's subject, for a that is not up, and one naming no sender
+        await nc.publish(f"t.to.{b'b'.hex()}.{b'a'.hex()}", b"x",
+                         headers={"Bpfsync-Incarnation": "9"})
+        await nc.publish(f"t.to.{b'b'.hex()}.zz", b"x", headers={"Bpfsync-Incarnation": "9"})
         await nc.close()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not (
-            b.stats.get("rejected_not_member", 0) >= 2 and b.stats.get("rejected_spoofed")
-            and b.stats.get("frames_malformed")
+            b.stats.get("rejected_not_member", 0) >= 2 and b.stats.get("rejected_spoofed", 0) >= 2
+            and b.stats.get("frames_malformed") and b.stats.get("rejected_no_hello", 0) >= 2
         ):
             await asyncio.sleep(0.05)
         assert b.stats["rejected_not_member"] >= 2, b.stats  # the batch and the Hello
-        assert b.stats["rejected_spoofed"] == 1 and b.stats["frames_malformed"] == 1, b.stats
+        # the batch on c's subject and a's Hello on c's
+        assert b.stats["rejected_spoofed"] == 2 and b.stats["frames_malformed"] == 1, b.stats
+        assert b.stats["rejected_no_hello"] == 2, b.stats
         assert not eb.streamed() and not any(isinstance(x, PeerUp) for x in eb.seen)
         await b.close()
 

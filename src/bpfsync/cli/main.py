@@ -396,6 +396,57 @@ def certs_node(
     print(f"{issued.cert}\n{issued.key}")
 
 
+@app.command("nats-users")
+def nats_users(
+    nodes: Annotated[list[str], typer.Argument(metavar="NODE_ID...", help="the cluster's nodes")],
+    cluster: Annotated[str, typer.Option(help="the cluster's nats.cluster (--nats-cluster)")
+                       ] = "bpfsync",
+) -> None:
+    """Print a nats-server `authorization` block: one user per node, with a fresh random
+    password, allowed only that node's subjects.
+
+    With it, a node cannot publish another's changes or Hellos, message its peers under
+    another id, or move another node's consumer: the servers refuse it, as mutual TLS does
+    on the mesh. Include the block in nats-server's config, and give each node its
+    `nats.user` and `nats.password` (docs/security.md):
+
+      bpfsync nats-users a b c --cluster prod > /etc/nats/bpfsync-users.conf
+    """
+    import secrets
+
+    from pydantic import ValidationError
+
+    from bpfsync.agent.config import NatsConfig
+    from bpfsync.core.messages import NODE_ID_RULE, is_node_id
+    from bpfsync.transport.natsbus import NatsOptions
+
+    try:
+        NatsConfig(servers=("nats://127.0.0.1:4222",), cluster=cluster)  # its rule alone
+    except ValidationError as e:
+        why = e.errors()[0]["msg"].removeprefix("Value error, ")
+        raise _fail(BpfsyncError(f"--cluster: {why}")) from e
+    bad = [n for n in nodes if not is_node_id(n)]
+    if bad:
+        raise _fail(BpfsyncError(f"not node ids ({NODE_ID_RULE}): {', '.join(bad)}"))
+    if len(set(nodes)) != len(nodes):
+        raise _fail(BpfsyncError("a node is named twice"))
+    options = NatsOptions(servers=(), cluster=cluster)
+    print(f"# bpfsync cluster {cluster!r}: one NATS user per node (bpfsync nats-users)")
+    print("authorization {\n  users = [")
+    for node in nodes:
+        allowed = options.permissions(node)
+        print(f"    {{user: {json.dumps(node)}, "
+              f"password: {json.dumps(secrets.token_urlsafe(24))},")
+        print("     permissions: {")
+        for kind in ("publish", "subscribe"):
+            print(f"       {kind}: {{allow: [")
+            print("".join(f"         {json.dumps(subject)}\n" for subject in allowed[kind]),
+                  end="")
+            print("       ]}")
+        print("     }}")
+    print("  ]\n}")
+
+
 @app.command()
 def status(
     http: Annotated[str, typer.Option(help="the agent's --http address")] = "127.0.0.1:9100",

@@ -8,9 +8,14 @@ Subjects, under the cluster's prefix ``P`` (``nats.cluster``):
                        ``stream_max_bytes``). Every node reads the whole stream with a durable
                        pull consumer of its own, so a node that restarts goes on where it
                        stopped, and one that joins reads everything the stream still holds.
-    P.hello            Each node's Hello, every ``hello_interval`` seconds: who is up.
-    P.to.<node>        Messages to one node (digests, pulls, repair answers, acks), each with
-                       the sender's id and incarnation in its headers.
+    P.hello.<node>     <node>'s Hello, every ``hello_interval`` seconds: who is up.
+    P.to.<to>.<from>   Messages to one node (digests, pulls, repair answers, acks), both ids
+                       in hex (one subject token each, whatever '.' an id holds), the
+                       sender's incarnation in a header.
+
+Every subject a node publishes on names it, so the servers' permissions can bind each node's
+NATS user to its own id (``NatsOptions.permissions``); a message whose subject and content
+name different nodes is refused and counted (``rejected_spoofed``).
 
 The key-value bucket ``P-snapshots`` holds a snapshot of every digest bucket of every map
 (key ``<map name in hex>.<bucket>``, value the bucket's registers as core/frozen.py seals
@@ -90,7 +95,7 @@ __all__ = ["SNAPSHOT", "NatsBus", "NatsOptions"]
 
 log = logging.getLogger("bpfsync.transport")
 
-_FROM, _INCARNATION = "Bpfsync-From", "Bpfsync-Incarnation"
+_INCARNATION = "Bpfsync-Incarnation"
 _FETCH = 64  # stream messages asked for at once: few enough to bound what waits unacked
 _FETCH_WAIT_S = 1.0
 _JOINED_RECORDS = 1 << 19  # records one Streamed event joins at most (_deliver)
@@ -149,6 +154,61 @@ class NatsOptions:
     @property
     def snapshots(self) -> str:
         return f"{self.cluster}-snapshots"
+
+    def changes(self, node: str) -> str:
+        return f"{self.cluster}.changes.{node}"
+
+    def hello_subject(self, node: str) -> str:
+        return f"{self.cluster}.hello.{node}"
+
+    def direct(self, to: str, sender: str) -> str:
+        return f"{self.cluster}.to.{_token(to)}.{_token(sender)}"
+
+    def inbox(self, node: str) -> str:
+        """What ``node`` subscribes to for the messages sent to it."""
+        return f"{self.cluster}.to.{_token(node)}.*"
+
+    def permissions(self, node: str) -> dict[str, list[str]]:
+        """The subjects ``node``'s NATS user needs, and no other node's: publish on its own
+        subjects, run its own consumer, keep the shared stream and snapshot bucket, and read
+        the Hellos and its messages. Granting only these binds the user to the node: the
+        stream's batches, Hellos and messages it sends all name it (module docstring)."""
+        stream, kv, durable = self.stream, f"KV_{self.snapshots}", durable_name(node)
+        api = "$JS.API"
+        return {
+            "publish": [
+                self.changes(node), self.hello_subject(node),
+                f"{self.cluster}.to.*.{_token(node)}",
+                f"{api}.INFO",
+                # the stream and the bucket: made by the first node, retention set by each
+                f"{api}.STREAM.INFO.{stream}", f"{api}.STREAM.CREATE.{stream}",
+                f"{api}.STREAM.UPDATE.{stream}",
+                f"{api}.STREAM.INFO.{kv}", f"{api}.STREAM.CREATE.{kv}",
+                # this node's durable consumer only: no other node's position can be moved
+                f"{api}.CONSUMER.*.{stream}.{durable}", f"{api}.CONSUMER.*.{stream}.{durable}.>",
+                f"{api}.CONSUMER.DURABLE.CREATE.{stream}.{durable}",
+                f"{api}.CONSUMER.MSG.NEXT.{stream}.{durable}",
+                f"$JS.ACK.{stream}.{durable}.>",
+                # the snapshots: any node may store any bucket (the merge is state-based); a
+                # watch reads them with an ephemeral consumer
+                f"$KV.{self.snapshots}.>", f"{api}.CONSUMER.CREATE.{kv}",
+                f"{api}.CONSUMER.CREATE.{kv}.>", f"{api}.CONSUMER.DELETE.{kv}.*",
+                f"{api}.CONSUMER.INFO.{kv}.*", "$JS.FC.>",
+            ],
+            "subscribe": [
+                f"{self.cluster}.hello.>", self.inbox(node), "_INBOX.>",
+            ],
+        }
+
+
+def durable_name(node: str) -> str:
+    """``node``'s durable consumer of the stream (consumer names take no '.')."""
+    return "n" + _token(node)
+
+
+def _token(node: str) -> str:
+    """``node`` as one subject token: an id may hold '.', which separates tokens."""
+    return node.encode().hex()
 
 
 @dataclass(slots=True)
@@ -209,8 +269,10 @@ class NatsBus:
         self._stats: Counter[str] = Counter()
         self.stream_read = False  # StreamRead was delivered
         self._hello_at = 0.0  # when this node's first Hello was published
+        self._denied: set[str] = set()  # permission refusals logged
         self.last_error: str | None = None
         self.hello_frame = codec.encode(hello)
+        self._hello_subject = options.hello_subject(self.node)
 
     # --- life ---------------------------------------------------------------------------------
 
@@ -223,8 +285,8 @@ class NatsBus:
         await self._until_answered("the stream", self._ensure_stream)
         self._kv = await self._until_answered("the snapshot bucket", self._ensure_snapshots)
         p = self._prefix
-        await self._nc.subscribe(f"{p}.hello", cb=self._on_hello)
-        await self._nc.subscribe(f"{p}.to.{self.node}", cb=self._on_direct)
+        await self._nc.subscribe(f"{p}.hello.>", cb=self._on_hello)
+        await self._nc.subscribe(self.options.inbox(self.node), cb=self._on_direct)
         # a node with state resumes its consumer; one without reads the snapshots first, and
         # its consumer starts after the stream position they all hold (_read_loop)
         sub = await self._until_answered("this node's consumer", self._resume)
@@ -234,7 +296,7 @@ class NatsBus:
             ("nats-snapshot", self._snapshot_loop()),
         ]
         self._hello_at = time.monotonic()
-        await self._nc.publish(f"{p}.hello", self.hello_frame)
+        await self._nc.publish(self._hello_subject, self.hello_frame)
         self._tasks = [asyncio.create_task(coro, name=name) for name, coro in loops]
 
     async def _connect(self) -> Client:
@@ -247,8 +309,17 @@ class NatsBus:
             errors.append(str(err) or type(err).__name__)
             self.last_error = errors[-1]
             self._stats["errors"] += 1
-            if "authorization violation" in errors[-1].lower():
+            said = errors[-1].lower()
+            if "authorization violation" in said:
                 refused.set()
+            elif "permissions violation" in said:
+                # this node's NATS user lacks a subject it needs: said once per subject, as
+                # it repeats (a Hello every second)
+                self._stats["permission_denied"] += 1
+                if said not in self._denied and len(self._denied) < 64:
+                    self._denied.add(said)
+                    log.warning("the NATS servers refused this node: %s. Check its NATS "
+                                "user's permissions (bpfsync nats-users)", errors[-1])
 
         async def on_disconnected() -> None:
             self._stats["disconnects"] += 1
@@ -354,7 +425,7 @@ class NatsBus:
 
     @property
     def _durable(self) -> str:
-        return "n" + self.node.encode().hex()  # consumer names take no '.'
+        return durable_name(self.node)
 
     async def _resume(self) -> JetStreamContext.PullSubscription | None:
         """This node's consumer where it stopped; None when there is none to resume (a fresh
@@ -535,8 +606,8 @@ class NatsBus:
             if s is not None:
                 s.dropped += 1
             return False
-        headers = {_FROM: self.node, _INCARNATION: str(self.hello.incarnation)}
-        self._out.append((f"{self._prefix}.to.{peer}", frame, headers, peer))
+        headers = {_INCARNATION: str(self.hello.incarnation)}
+        self._out.append((self.options.direct(peer, self.node), frame, headers, peer))
         self._out_bytes += len(frame)
         s.queued_bytes += len(frame)
         self._out_ready.set()
@@ -567,7 +638,7 @@ class NatsBus:
 
     async def _publish_loop(self) -> None:
         assert self._js is not None
-        subject = f"{self._prefix}.changes.{self.node}"
+        subject = self.options.changes(self.node)
         number = 0
         while True:
             await self._publish_ready.wait()
@@ -671,7 +742,7 @@ class NatsBus:
         while True:
             await asyncio.sleep(self.options.hello_interval)
             with contextlib.suppress(Exception):
-                await self._nc.publish(f"{self._prefix}.hello", self.hello_frame)
+                await self._nc.publish(self._hello_subject, self.hello_frame)
             now = time.monotonic()
             for node, s in list(self._peers.items()):
                 if s.up and now - s.last_hello > self.options.peer_timeout:
@@ -691,6 +762,9 @@ class NatsBus:
             self._stats["frames_malformed"] += 1
             return
         node = hello.node
+        if msg.subject != self.options.hello_subject(node):
+            self._stats["rejected_spoofed"] += 1  # another node's Hello, or on its subject
+            return
         if node == self.node:
             if hello.incarnation != self.hello.incarnation:
                 self._stats["dialed_self"] += 1  # another process claims this node's id
@@ -716,7 +790,7 @@ class NatsBus:
         # a node that just started learns now, not within hello_interval, that we are up
         assert self._nc is not None
         with contextlib.suppress(Exception):
-            await self._nc.publish(f"{self._prefix}.hello", self.hello_frame)
+            await self._nc.publish(self._hello_subject, self.hello_frame)
 
     def _down(self, node: str, s: _Peer, error: BpfsyncError | None) -> None:
         s.up = False
@@ -726,11 +800,10 @@ class NatsBus:
         self._inbox.put_event(PeerDown(node, error))
 
     async def _on_direct(self, msg: Msg) -> None:
-        headers = msg.headers or {}
-        node = headers.get(_FROM, "")
-        try:
-            incarnation = int(headers.get(_INCARNATION, ""))
-        except ValueError:
+        try:  # the sender is the subject's last token (P.to.<us>.<sender>, in hex)
+            node = bytes.fromhex(msg.subject.rpartition(".")[2]).decode()
+            incarnation = int((msg.headers or {}).get(_INCARNATION, ""))
+        except ValueError:  # UnicodeDecodeError included
             self._stats["rejected_no_hello"] += 1
             return
         s = self._peers.get(node)
