@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
 
+import pytest
 from aio import eventually
 
 from bpfsync.agent import peering as peering_mod
@@ -18,7 +20,7 @@ from bpfsync.agent.metrics import AgentMetrics
 from bpfsync.agent.peering import Peering
 from bpfsync.core.messages import Batch, Hello, MapSchema, Record, Stamp
 from bpfsync.core.replica import Replica
-from bpfsync.transport.memory import MemoryNetwork
+from bpfsync.transport.memory import MemoryNetwork, MemoryTransport
 
 SCHEMA = MapSchema("m", 4, 8)
 
@@ -339,3 +341,55 @@ def test_divergent_buckets_are_those_stable_at_the_peers_routine_digest() -> Non
         assert sample(b, "bpfsync_divergent_buckets", peer="a", map="m") is None
 
     with_pair(body)
+
+
+class ShelfBus(MemoryTransport):
+    """A memory transport that is also a bus (a Publisher): it keeps each snapshot given."""
+
+    def __init__(self, net: MemoryNetwork, hello: Hello) -> None:
+        super().__init__(net, hello)
+        self.shelf: dict[int, int] = Counter()  # bucket -> times stored
+
+    def publish(self, batch: Batch, done: Callable[[bool], None] | None = None) -> bool:
+        return True
+
+    def publish_backlog(self) -> int:
+        return 0
+
+    def put_snapshot(self, map: str, bucket: int, blob: bytes) -> bool:
+        self.shelf[bucket] += 1
+        return True
+
+    @property
+    def max_message_bytes(self) -> int:
+        return 1 << 20
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    def describe(self) -> Mapping[str, object]:
+        return {"kind": "shelf"}
+
+
+def test_snapshot_rounds_cut_by_their_budget_store_every_bucket_while_all_keep_moving(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Writes land in every bucket between two rounds, and a round's budget holds a few
+    buckets: the rounds still go round every bucket, the longest unstored first."""
+    monkeypatch.setattr(peering_mod, "_SNAPSHOT_BYTES", 1)  # one bucket a round
+    buckets = 16
+    replica = Replica("a", [SCHEMA], 3600 * 10**9, digest_buckets=buckets)
+    bus = ShelfBus(MemoryNetwork(), Hello("a", 1, (SCHEMA,)))
+    p = Peering(
+        "a", replica, [SCHEMA], bus, SyncConfig(digest_buckets=buckets), AgentMetrics(),
+        outbox_records=1 << 16, on_records=lambda *_: None, on_caught_up=lambda *_: None,
+        catching_up=lambda: False, snapshot_every=1.0,
+    )  # fmt: skip
+    assert p.bus is bus
+    rounds = 2 * buckets
+    for r in range(rounds):
+        diverge(replica, range(r * 400, (r + 1) * 400))  # every bucket moves
+        p.snapshot_round(float(2 * r))
+    assert sorted(bus.shelf) == list(range(buckets)), bus.shelf
+    assert max(bus.shelf.values()) - min(bus.shelf.values()) <= 1, bus.shelf  # round robin

@@ -173,6 +173,8 @@ class Peering:
         self._snapshot_every = snapshot_every
         self._next_snapshot = 0.0
         self._snapshotted: dict[str, dict[int, int]] = defaultdict(dict)  # map -> bucket -> sum
+        self._snapshotted_at: dict[str, dict[int, int]] = defaultdict(dict)  # -> its round
+        self._snapshot_rounds = 0
 
     # --- what the agent calls ------------------------------------------------------------------
 
@@ -246,35 +248,41 @@ class Peering:
 
     def snapshot_round(self, now: float) -> None:
         """On the bus, every ``snapshot_every`` seconds: the snapshots this node keeps up to
-        date, of the buckets whose digest sum moved since it last stored them, at most
-        ``_SNAPSHOT_BYTES`` a round (the rest waits for the next, within a second: a node
-        without state skips the stream only as far as every bucket's snapshot holds it,
-        natsbus.py). Each bucket is kept by one
-        of the nodes up (rendezvous hashing over this node and the peers whose Hellos
-        arrive), so the servers store each change once, not once per node; while two nodes
-        see different peers up, both may store a bucket, which is harmless (any node's
-        snapshot is valid). A node takes over the buckets of one that went away."""
+        date, of the buckets whose digest sum moved since it last stored them, the longest
+        unstored first, at most ``_SNAPSHOT_BYTES`` a round (the rest waits for the next,
+        within a second: a node without state skips the stream only as far as every
+        bucket's snapshot holds it, natsbus.py). Each bucket is kept by one of the nodes up
+        (rendezvous hashing over this node and the peers whose Hellos arrive), so the
+        servers store each change once, not once per node; while two nodes see different
+        peers up, both may store a bucket, which is harmless (any node's snapshot is valid).
+        A node takes over the buckets of one that went away."""
         if self.bus is None or self._snapshot_every is None or now < self._next_snapshot:
             return
         if not self.bus.connected:
             return
         self._next_snapshot = now + self._snapshot_every
+        self._snapshot_rounds += 1
         up = sorted({self.node, *self._linked})
-        budget = _SNAPSHOT_BYTES
+        moved: list[tuple[int, str, int]] = []  # (round last stored, map, bucket)
         for schema in self.schemas:
             if schema.name in self.absent:
                 continue
-            sums = self.replica.bucket_sums(schema.name)
-            stored = self._snapshotted[schema.name]
-            moved = [b for b, digest_sum in enumerate(sums)
-                     if stored.get(b) != digest_sum and _keeper(schema.name, b, up) == self.node]
-            for b in moved:  # one at a time: the budget may end the round before the last
-                ((_, digest_sum, blob),) = self.replica.snapshot(schema.name, [b])
-                if budget <= 0 or not self.bus.put_snapshot(schema.name, b, blob):
-                    self._next_snapshot = now + min(_SNAPSHOT_AGAIN_S, self._snapshot_every)
-                    return
-                stored[b] = digest_sum
-                budget -= len(blob)
+            stored, at = self._snapshotted[schema.name], self._snapshotted_at[schema.name]
+            moved += [(at.get(b, -1), schema.name, b)
+                      for b, digest_sum in enumerate(self.replica.bucket_sums(schema.name))
+                      if stored.get(b) != digest_sum and _keeper(schema.name, b, up) == self.node]
+        # the longest unstored first: under steady writes every bucket moves each round, and
+        # a round in bucket order would store the same first ones each time, never the rest
+        moved.sort()
+        budget = _SNAPSHOT_BYTES
+        for _, name, b in moved:  # one at a time: the budget may end the round before the last
+            ((_, digest_sum, blob),) = self.replica.snapshot(name, [b])
+            if budget <= 0 or not self.bus.put_snapshot(name, b, blob):
+                self._next_snapshot = now + min(_SNAPSHOT_AGAIN_S, self._snapshot_every)
+                return
+            self._snapshotted[name][b] = digest_sum
+            self._snapshotted_at[name][b] = self._snapshot_rounds
+            budget -= len(blob)
 
     def digest_round(self, *, every: bool = False) -> None:
         """The periodic anti-entropy round: a digest of every map to ``sync.digest_fanout``
