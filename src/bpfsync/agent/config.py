@@ -294,10 +294,10 @@ class SyncConfig(_Strict):
         "purged at the same pace."))] = 2.0
     digest_fanout: Annotated[int, Field(ge=0, le=1000, description=(
         "Peers a routine digest round goes to, chosen at random each round among those "
-        "owed nothing; 0: every peer. A repair carries state, so what one node lacks spreads "
-        "from whichever peer compares with it, and every pair still meets every few rounds; "
-        "every peer would cost each node N-1 digests a round, a million a round across a "
-        "thousand nodes. Catch-up and gap-repair digests go to every peer they need."))] = 4
+        "owed nothing; 0: every peer. A repair carries state, so what one node lacks reaches "
+        "it from whichever peer that holds it compares with it, and most peers do; every "
+        "peer would cost each node N-1 digests a round, a million a round across a thousand "
+        "nodes. Catch-up and gap-repair digests go to every peer they need."))] = 4
     catchup_timeout_s: Annotated[float, Field(gt=0, description=(
         "Seconds a starting node waits for a peer to answer its catch-up digest: a node that "
         "reaches no peer in that time reports ready alone (the first node of a cluster must "
