@@ -377,15 +377,16 @@ class NatsCluster:
     def auth_options(self) -> dict[str, str]:
         return self.servers[0].auth_options()
 
-    def start_all(self, timeout: float = START_TIMEOUT) -> None:
+    def start_all(self, timeout: float = START_TIMEOUT, current: bool = True) -> None:
         """Start every stopped member (all spawned first, then waited for) and wait until the
-        cluster is formed."""
+        cluster is formed (``wait_formed(current)``: with False, not for its streams and
+        consumers to be current, which may take their clients)."""
         stopped = [s for s in self.servers if not s.running]
         for s in stopped:
             s.spawn()
         for s in stopped:
             s.wait_serving(timeout)
-        self.wait_formed(timeout)
+        self.wait_formed(timeout, current)
 
     def start(self, i: int, timeout: float = START_TIMEOUT) -> NatsServer:
         """Start member ``i`` (it keeps its store and ports) and wait until it serves; call
