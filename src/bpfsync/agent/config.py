@@ -407,6 +407,14 @@ NATS_CREDENTIALS: tuple[tuple[str, ...], ...] = (
 _NATS_CLUSTER = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 
+def nats_cluster_name(v: str) -> str:
+    """``v`` if it may be ``nats.cluster``, else ValueError saying why."""
+    if not _NATS_CLUSTER.fullmatch(v):
+        raise ValueError(f"must be 1-32 letters, digits, _ or -, got {v!r}: it begins NATS "
+                         "subject, stream and bucket names, which cannot hold . * > or spaces")
+    return v
+
+
 class NatsConfig(_Strict):
     """The NATS JetStream transport (transport: nats): the servers, the names this cluster uses
     on them, the node's credentials, and the change stream's retention (docs/scaling.md)."""
@@ -481,11 +489,7 @@ class NatsConfig(_Strict):
     @field_validator("cluster")
     @classmethod
     def _cluster(cls, v: str) -> str:
-        if not _NATS_CLUSTER.fullmatch(v):
-            raise ValueError(f"must be 1-32 letters, digits, _ or -, got {v!r}: it begins "
-                             "NATS subject, stream and bucket names, which cannot hold . * > "
-                             "or spaces")
-        return v
+        return nats_cluster_name(v)
 
     @field_validator("user", "password", "token")
     @classmethod

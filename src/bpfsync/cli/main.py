@@ -414,17 +414,14 @@ def nats_users(
     """
     import secrets
 
-    from pydantic import ValidationError
-
-    from bpfsync.agent.config import NatsConfig
+    from bpfsync.agent.config import nats_cluster_name
     from bpfsync.core.messages import NODE_ID_RULE, is_node_id
     from bpfsync.transport.natsbus import NatsOptions
 
     try:
-        NatsConfig(servers=("nats://127.0.0.1:4222",), cluster=cluster)  # its rule alone
-    except ValidationError as e:
-        why = e.errors()[0]["msg"].removeprefix("Value error, ")
-        raise _fail(BpfsyncError(f"--cluster: {why}")) from e
+        nats_cluster_name(cluster)
+    except ValueError as e:
+        raise _fail(BpfsyncError(f"--cluster: {e}")) from e
     bad = [n for n in nodes if not is_node_id(n)]
     if bad:
         raise _fail(BpfsyncError(f"not node ids ({NODE_ID_RULE}): {', '.join(bad)}"))

@@ -155,11 +155,20 @@ class NatsOptions:
     def snapshots(self) -> str:
         return f"{self.cluster}-snapshots"
 
+    @property
+    def changes_prefix(self) -> str:
+        """Each node's changes are on this prefix, then its id (the stream captures them)."""
+        return f"{self.cluster}.changes."
+
     def changes(self, node: str) -> str:
-        return f"{self.cluster}.changes.{node}"
+        return self.changes_prefix + node
+
+    @property
+    def hellos_prefix(self) -> str:
+        return f"{self.cluster}.hello."
 
     def hello_subject(self, node: str) -> str:
-        return f"{self.cluster}.hello.{node}"
+        return self.hellos_prefix + node
 
     def direct(self, to: str, sender: str) -> str:
         return f"{self.cluster}.to.{_token(to)}.{_token(sender)}"
@@ -196,7 +205,7 @@ class NatsOptions:
                 f"{api}.CONSUMER.INFO.{kv}.*", "$JS.FC.>",
             ],
             "subscribe": [
-                f"{self.cluster}.hello.>", self.inbox(node), "_INBOX.>",
+                self.hellos_prefix + ">", self.inbox(node), "_INBOX.>",
             ],
         }
 
@@ -209,6 +218,11 @@ def durable_name(node: str) -> str:
 def _token(node: str) -> str:
     """``node`` as one subject token: an id may hold '.', which separates tokens."""
     return node.encode().hex()
+
+
+def _sender(direct: str) -> str:
+    """The sender a ``NatsOptions.direct`` subject names; ValueError when it names none."""
+    return bytes.fromhex(direct.rpartition(".")[2]).decode()  # UnicodeDecodeError: a ValueError
 
 
 @dataclass(slots=True)
@@ -242,7 +256,6 @@ class NatsBus:
         self.options = options
         self.members = members
         self.fresh = fresh
-        self._prefix = options.cluster
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._inbox = Inbox(options.max_pending_messages, options.max_pending_bytes)
@@ -284,8 +297,7 @@ class NatsBus:
         self._js = self._nc.jetstream()
         await self._until_answered("the stream", self._ensure_stream)
         self._kv = await self._until_answered("the snapshot bucket", self._ensure_snapshots)
-        p = self._prefix
-        await self._nc.subscribe(f"{p}.hello.>", cb=self._on_hello)
+        await self._nc.subscribe(self.options.hellos_prefix + ">", cb=self._on_hello)
         await self._nc.subscribe(self.options.inbox(self.node), cb=self._on_direct)
         # a node with state resumes its consumer; one without reads the snapshots first, and
         # its consumer starts after the stream position they all hold (_read_loop)
@@ -402,7 +414,7 @@ class NatsBus:
         assert self._js is not None
         o = self.options
         config = StreamConfig(
-            name=o.stream, subjects=[f"{self._prefix}.changes.>"],
+            name=o.stream, subjects=[o.changes_prefix + ">"],
             max_age=o.stream_max_age_s, max_bytes=o.stream_max_bytes,
             num_replicas=o.replicas,
         )
@@ -465,7 +477,7 @@ class NatsBus:
             **start,
         )
         return await self._js.pull_subscribe(
-            f"{self._prefix}.changes.>", durable=self._durable, stream=self.options.stream,
+            self.options.changes_prefix + ">", durable=self._durable, stream=self.options.stream,
             config=config, pending_bytes_limit=self.options.max_pending_bytes)
 
     async def close(self) -> None:
@@ -800,10 +812,10 @@ class NatsBus:
         self._inbox.put_event(PeerDown(node, error))
 
     async def _on_direct(self, msg: Msg) -> None:
-        try:  # the sender is the subject's last token (P.to.<us>.<sender>, in hex)
-            node = bytes.fromhex(msg.subject.rpartition(".")[2]).decode()
+        try:
+            node = _sender(msg.subject)
             incarnation = int((msg.headers or {}).get(_INCARNATION, ""))
-        except ValueError:  # UnicodeDecodeError included
+        except ValueError:
             self._stats["rejected_no_hello"] += 1
             return
         s = self._peers.get(node)
@@ -821,7 +833,6 @@ class NatsBus:
         await self._inbox.put_message(Received(node, message, incarnation), len(msg.data))
 
     async def _read_loop(self, sub: JetStreamContext.PullSubscription | None) -> None:
-        changes = f"{self._prefix}.changes."
         while sub is None:
             try:
                 after = await self._read_snapshots()
@@ -843,7 +854,7 @@ class NatsBus:
                 self.last_error = f"read: {str(err) or type(err).__name__}"
                 await asyncio.sleep(0.25)
                 continue
-            await self._deliver(msgs, changes)
+            await self._deliver(msgs)
             pending = msgs[-1].metadata.num_pending if msgs else None
             if not self.stream_read and (not msgs or pending == 0):
                 await self._stream_read()
@@ -854,7 +865,7 @@ class NatsBus:
         self.stream_read = True
         self._inbox.put_event(StreamRead())
 
-    async def _deliver(self, msgs: list[Msg], changes: str) -> None:
+    async def _deliver(self, msgs: list[Msg]) -> None:
         """One fetch's stream messages as one ``Streamed`` per sender, its batches joined (up
         to ``_JOINED_RECORDS``): the merge of a big batch fills each digest bucket at once,
         where 64 batches spread over 1,024 buckets would go record by record (a catch-up
@@ -862,7 +873,7 @@ class NatsBus:
         order across senders does not matter; the fetch counts as handled once all are."""
         joined: dict[str, tuple[list[Msg], Packed]] = {}
         out: list[tuple[str, list[Msg], Packed]] = []
-        last = self._handled
+        last, changes = self._handled, self.options.changes_prefix
         for m in msgs:
             last = m.metadata.sequence.stream
             sender = m.subject.removeprefix(changes)
